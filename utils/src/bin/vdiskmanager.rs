@@ -1,0 +1,454 @@
+//! `vdiskmanager`: create, inspect and convert virtual disks.
+//!
+//! Accepts vmware-vdiskmanager's syntax (`vdiskmanager -c -s 64MB -a lsilogic -t 0
+//! disk.vmdk`) and subcommands (`info`, `convert`, `map`, `meta`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use vdisk::{
+    convert, create, AdapterType, CreateOptions, Disk, DiskType, ImageFormat, OpenOptions,
+    RangeKind,
+};
+use vdisk_utils::{human_bytes, parse_size, progress_bar};
+
+/// vmware-vdiskmanager style invocation (one operation per call).
+#[derive(Parser, Debug)]
+#[command(
+    name = "vdiskmanager",
+    about = "Create, inspect and convert VMware virtual disks",
+    after_help = "Subcommands: info [--json] DISK | convert -f FMT -O FMT [-t N] SRC DST | map [--json] DISK | meta list|get KEY|set KEY VALUE DISK\n\
+                  Disk types (-t): 0 monolithicSparse, 1 twoGbMaxExtentSparse, 2 monolithicFlat, 3 twoGbMaxExtentFlat, 4 vmfs, 5 streamOptimized, 6 vmfsThin"
+)]
+struct VmwareArgs {
+    /// Create a disk (needs -s and -t; -a optional).
+    #[arg(short = 'c')]
+    create: bool,
+    /// Capacity: a number with KB, MB, GB or TB, or a count of sectors.
+    #[arg(short = 's', value_name = "SIZE")]
+    size: Option<String>,
+    /// Adapter type: ide, buslogic, lsilogic, lsisas, pvscsi, legacyESX.
+    #[arg(short = 'a', value_name = "ADAPTER", default_value = "lsilogic")]
+    adapter: String,
+    /// Disk type number (0-6).
+    #[arg(short = 't', value_name = "TYPE")]
+    disk_type: Option<String>,
+    /// Virtual hardware version to record (`ddb.virtualHWVersion`).
+    #[arg(long = "hwversion", value_name = "N", default_value_t = vdisk::ops::create::DEFAULT_HW_VERSION)]
+    hw_version: u32,
+    /// Do not print messages.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The disk.
+    disk: Option<PathBuf>,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "vdiskmanager")]
+struct SubArgs {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Raw,
+    Vmdk,
+}
+
+impl From<Format> for ImageFormat {
+    fn from(f: Format) -> ImageFormat {
+        match f {
+            Format::Raw => ImageFormat::Raw,
+            Format::Vmdk => ImageFormat::Vmdk,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show capacity, type, geometry, adapter, CIDs, extents and allocation.
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The disk.
+        disk: PathBuf,
+    },
+    /// Convert between raw images and VMDK disks.
+    Convert {
+        /// Source format.
+        #[arg(short = 'f', value_enum, default_value = "vmdk")]
+        from: Format,
+        /// Destination format.
+        #[arg(short = 'O', value_enum, default_value = "vmdk")]
+        to: Format,
+        /// Destination disk type (0-6 or a type name) when writing VMDK.
+        #[arg(short = 't', default_value = "0")]
+        disk_type: String,
+        /// Adapter type of a VMDK destination.
+        #[arg(short = 'a', default_value = "lsilogic")]
+        adapter: String,
+        /// Do not show progress.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Source.
+        src: PathBuf,
+        /// Destination (must not exist).
+        dst: PathBuf,
+    },
+    /// Show which ranges hold data, zeros or nothing.
+    Map {
+        /// Print JSON (like `qemu-img map --output=json`).
+        #[arg(long)]
+        json: bool,
+        /// The disk.
+        disk: PathBuf,
+    },
+    /// List, read or write disk database (DDB) entries.
+    Meta {
+        #[command(subcommand)]
+        action: MetaAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MetaAction {
+    /// List every key and value.
+    List {
+        /// The disk.
+        disk: PathBuf,
+    },
+    /// Print one value.
+    Get {
+        /// Key (with or without `ddb.`).
+        key: String,
+        /// The disk.
+        disk: PathBuf,
+    },
+    /// Set one value.
+    Set {
+        /// Key (with or without `ddb.`).
+        key: String,
+        /// Value.
+        value: String,
+        /// The disk.
+        disk: PathBuf,
+    },
+}
+
+type CliResult = Result<(), String>;
+
+/// `println!` that exits quietly when stdout is closed (`vdiskmanager map | head`)
+/// instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            return Err(format!("cannot write output: {e}"));
+        }
+    }};
+}
+
+fn err(e: vdisk::Error) -> String {
+    e.to_string()
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let is_sub = args
+        .get(1)
+        .is_some_and(|a| matches!(a.as_str(), "info" | "convert" | "map" | "meta" | "help"));
+    let result = if is_sub {
+        match SubArgs::try_parse_from(&args) {
+            Ok(a) => run_sub(a.command),
+            Err(e) => e.exit(),
+        }
+    } else {
+        match VmwareArgs::try_parse_from(&args) {
+            Ok(a) => run_vmware(a),
+            Err(e) => e.exit(),
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("vdiskmanager: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_vmware(a: VmwareArgs) -> CliResult {
+    if !a.create {
+        return Err("no operation given (use -c to create, or a subcommand: info, convert, map, meta; see --help)".into());
+    }
+    let disk = a.disk.ok_or("-c needs a disk file name")?;
+    let size = parse_size(a.size.as_deref().ok_or("-c needs a capacity (-s SIZE)")?)?;
+    let disk_type: DiskType = a
+        .disk_type
+        .as_deref()
+        .ok_or("-c needs a disk type (-t 0..6)")?
+        .parse()
+        .map_err(err)?;
+    let adapter: AdapterType = a.adapter.parse().map_err(err)?;
+    let opts = CreateOptions {
+        disk_type,
+        capacity: size,
+        adapter,
+        hw_version: a.hw_version,
+    };
+    create(&disk, &opts).map_err(err)?;
+    if !a.quiet {
+        outln!(
+            "Virtual disk creation successful: {} ({disk_type}, {})",
+            disk.display(),
+            human_bytes(size)
+        );
+    }
+    Ok(())
+}
+
+fn run_sub(c: Command) -> CliResult {
+    match c {
+        Command::Info { json, disk } => info(&disk, json),
+        Command::Convert {
+            from,
+            to,
+            disk_type,
+            adapter,
+            quiet,
+            src,
+            dst,
+        } => {
+            let disk_type: DiskType = disk_type.parse().map_err(err)?;
+            let adapter: AdapterType = adapter.parse().map_err(err)?;
+            let target = CreateOptions {
+                disk_type,
+                capacity: 0,
+                adapter,
+                hw_version: vdisk::ops::create::DEFAULT_HW_VERSION,
+            };
+            let bar = progress_bar(0, quiet, "converting");
+            let mut progress = |done: u64, total: u64| {
+                bar.set_length(total);
+                bar.set_position(done);
+                true
+            };
+            let stats =
+                convert(&src, from.into(), &dst, to.into(), &target, &mut progress).map_err(err)?;
+            bar.finish_and_clear();
+            if !quiet {
+                outln!(
+                    "Converted {} to {} ({} virtual, {} of data written)",
+                    src.display(),
+                    dst.display(),
+                    human_bytes(stats.capacity),
+                    human_bytes(stats.written)
+                );
+            }
+            Ok(())
+        }
+        Command::Map { json, disk } => map(&disk, json),
+        Command::Meta { action } => meta(action),
+    }
+}
+
+fn hex(v: Option<u32>) -> Value {
+    v.map_or(Value::Null, |c| json!(format!("{c:08x}")))
+}
+
+fn info(path: &PathBuf, as_json: bool) -> CliResult {
+    let disk = Disk::open(path).map_err(err)?;
+    let i = disk.info().map_err(err)?;
+    if as_json {
+        let chain: Vec<Value> = i
+            .chain
+            .iter()
+            .map(|l| {
+                json!({
+                    "path": l.path.display().to_string(),
+                    "createType": l.create_type,
+                    "cid": hex(l.cid),
+                    "parentCID": hex(l.parent_cid),
+                    "parentFileNameHint": l.parent_file_name_hint,
+                    "extents": l.extents.iter().map(|e| json!({
+                        "access": e.access,
+                        "sectors": e.sectors,
+                        "type": e.kind,
+                        "file": e.file.as_ref().map(|f| f.display().to_string()),
+                        "fileBytes": e.file_bytes,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let geo = |g: Option<vdisk::Geometry>| {
+            g.map_or(
+                Value::Null,
+                |g| json!({"cylinders": g.cylinders, "heads": g.heads, "sectors": g.sectors}),
+            )
+        };
+        let v = json!({
+            "path": path.display().to_string(),
+            "capacity": i.capacity,
+            "capacitySectors": i.capacity / 512,
+            "diskType": i.disk_type.map(|t| t.name()),
+            "createType": i.create_type,
+            "adapterType": i.adapter_type,
+            "hwVersion": i.hw_version,
+            "geometry": geo(i.geometry),
+            "biosGeometry": geo(i.bios_geometry),
+            "uuid": i.uuid,
+            "cid": hex(i.cid),
+            "parentCID": hex(i.parent_cid),
+            "allocatedBytes": i.allocated_bytes,
+            "fileBytes": i.file_bytes,
+            "chain": chain,
+        });
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    outln!("Disk:             {}", path.display());
+    outln!(
+        "Type:             {}",
+        i.disk_type
+            .map_or_else(|| i.create_type.clone(), |t| t.name().to_string())
+    );
+    outln!(
+        "Capacity:         {} bytes ({}, {} sectors)",
+        i.capacity,
+        human_bytes(i.capacity),
+        i.capacity / 512
+    );
+    outln!(
+        "Adapter:          {}",
+        i.adapter_type.as_deref().unwrap_or("-")
+    );
+    outln!(
+        "Hardware version: {}",
+        i.hw_version.map_or("-".to_string(), |v| v.to_string())
+    );
+    if let Some(g) = i.geometry {
+        outln!(
+            "Geometry (C/H/S): {}/{}/{}",
+            g.cylinders,
+            g.heads,
+            g.sectors
+        );
+    }
+    outln!(
+        "CID:              {}",
+        i.cid.map_or("-".into(), |c| format!("{c:08x}"))
+    );
+    outln!(
+        "Parent CID:       {}",
+        i.parent_cid.map_or("-".into(), |c| format!("{c:08x}"))
+    );
+    outln!("UUID:             {}", i.uuid.as_deref().unwrap_or("-"));
+    outln!(
+        "Allocated:        {} bytes ({})",
+        i.allocated_bytes,
+        human_bytes(i.allocated_bytes)
+    );
+    outln!(
+        "Files on host:    {} bytes ({})",
+        i.file_bytes,
+        human_bytes(i.file_bytes)
+    );
+    for (depth, l) in i.chain.iter().enumerate() {
+        outln!(
+            "Link {depth}:           {} ({})",
+            l.path.display(),
+            l.create_type
+        );
+        for e in &l.extents {
+            outln!(
+                "  {} {} {} {} ({} bytes)",
+                e.access,
+                e.sectors,
+                e.kind,
+                e.file
+                    .as_ref()
+                    .map_or("-".into(), |f| format!("\"{}\"", f.display())),
+                e.file_bytes
+            );
+        }
+    }
+    Ok(())
+}
+
+fn map(path: &PathBuf, as_json: bool) -> CliResult {
+    let disk = Disk::open(path).map_err(err)?;
+    let ranges = disk.allocation_map(0, disk.capacity()).map_err(err)?;
+    if as_json {
+        let v: Vec<Value> = ranges
+            .iter()
+            .map(|r| {
+                json!({
+                    "start": r.offset,
+                    "length": r.length,
+                    "depth": r.depth,
+                    "present": r.kind != RangeKind::Unallocated,
+                    "zero": r.kind != RangeKind::Data,
+                    "data": r.kind == RangeKind::Data,
+                })
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    outln!(
+        "{:>20} {:>20} {:>12} {:>5}",
+        "Offset",
+        "Length",
+        "Kind",
+        "Depth"
+    );
+    for r in ranges {
+        let kind = match r.kind {
+            RangeKind::Data => "data",
+            RangeKind::Zero => "zero",
+            RangeKind::Unallocated => "unallocated",
+        };
+        outln!(
+            "{:>#20x} {:>#20x} {kind:>12} {:>5}",
+            r.offset,
+            r.length,
+            r.depth
+        );
+    }
+    Ok(())
+}
+
+fn meta(action: MetaAction) -> CliResult {
+    match action {
+        MetaAction::List { disk } => {
+            let d = Disk::open(&disk).map_err(err)?;
+            for k in d.metadata_keys().map_err(err)? {
+                let v = d.metadata(&k).map_err(err)?;
+                outln!("{k} = \"{v}\"");
+            }
+        }
+        MetaAction::Get { key, disk } => {
+            let d = Disk::open(&disk).map_err(err)?;
+            outln!("{}", d.metadata(&key).map_err(err)?);
+        }
+        MetaAction::Set { key, value, disk } => {
+            let d = OpenOptions::new().write(true).open(&disk).map_err(err)?;
+            d.set_metadata(&key, &value).map_err(err)?;
+            d.close().map_err(err)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! The grain-table cache: a bounded map from grain-directory index to the table's
+//! entries, least-recently-used eviction, and dirty tracking so that tables are
+//! written back in crash-consistent order by their owner.
+
+use std::collections::HashMap;
+
+/// One cached grain table.
+#[derive(Debug)]
+pub struct CachedTable {
+    /// The table's entries (sector numbers, or special values of the format).
+    pub entries: Vec<u32>,
+    /// Whether the entries differ from what is on disk.
+    pub dirty: bool,
+    last_used: u64,
+}
+
+/// A bounded LRU cache of grain tables.
+#[derive(Debug)]
+pub struct GtCache {
+    capacity: usize,
+    tables: HashMap<u64, CachedTable>,
+    tick: u64,
+}
+
+impl GtCache {
+    /// A cache holding at most `capacity` tables (at least one).
+    pub fn new(capacity: usize) -> GtCache {
+        GtCache {
+            capacity: capacity.max(1),
+            tables: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    fn touch(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// The table at directory index `index`, if cached (marks it recently used).
+    pub fn get(&mut self, index: u64) -> Option<&mut CachedTable> {
+        let t = self.touch();
+        let table = self.tables.get_mut(&index)?;
+        table.last_used = t;
+        Some(table)
+    }
+
+    /// Whether the table is cached.
+    pub fn contains(&self, index: u64) -> bool {
+        self.tables.contains_key(&index)
+    }
+
+    /// Removes and returns the least recently used table if the cache is full, so
+    /// that the caller can write it back (if dirty) before inserting another.
+    pub fn evict_if_full(&mut self) -> Option<(u64, CachedTable)> {
+        if self.tables.len() < self.capacity {
+            return None;
+        }
+        let (&victim, _) = self.tables.iter().min_by_key(|(_, t)| t.last_used)?;
+        self.tables.remove(&victim).map(|t| (victim, t))
+    }
+
+    /// Inserts a table; call [`GtCache::evict_if_full`] first.
+    pub fn insert(&mut self, index: u64, entries: Vec<u32>, dirty: bool) -> &mut CachedTable {
+        let last_used = self.touch();
+        self.tables.insert(
+            index,
+            CachedTable {
+                entries,
+                dirty,
+                last_used,
+            },
+        );
+        self.tables
+            .get_mut(&index)
+            .unwrap_or_else(|| unreachable!("table just inserted"))
+    }
+
+    /// Indexes of the dirty tables, ascending.
+    pub fn dirty_indexes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .tables
+            .iter()
+            .filter(|(_, t)| t.dirty)
+            .map(|(&i, _)| i)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Drops every cached table (used after the file was rewritten behind the cache).
+    pub fn clear(&mut self) {
+        self.tables.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let mut c = GtCache::new(2);
+        c.insert(1, vec![1], false);
+        c.insert(2, vec![2], true);
+        c.get(1);
+        let (idx, t) = c.evict_if_full().unwrap();
+        assert_eq!(idx, 2);
+        assert!(t.dirty);
+        assert!(c.evict_if_full().is_none());
+        assert!(c.contains(1));
+    }
+
+    #[test]
+    fn dirty_indexes_are_sorted() {
+        let mut c = GtCache::new(8);
+        c.insert(5, vec![], true);
+        c.insert(1, vec![], true);
+        c.insert(3, vec![], false);
+        assert_eq!(c.dirty_indexes(), vec![1, 5]);
+    }
+}

@@ -1,0 +1,552 @@
+//! [`Disk`]: the public handle. One loop walks the chain of links with "where does
+//! this range live?", splits the caller's buffer along the answers, reads coalesced
+//! file ranges and falls through to parents for unallocated ranges.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::descriptor::ExtentAccess;
+use crate::disk_type::DiskType;
+use crate::error::{Error, ErrorKind, Result};
+use crate::extent::ExtentMapping;
+use crate::geometry::Geometry;
+use crate::ids;
+use crate::limits::SECTOR_SIZE;
+use crate::link::{Link, LinkOpen};
+
+/// How to open a disk.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    read_only: bool,
+    lock: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: true,
+            lock: true,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Read-only, locked (shared) - the default.
+    pub fn new() -> OpenOptions {
+        OpenOptions::default()
+    }
+
+    /// Open for reading and writing (exclusive locks on every file).
+    pub fn write(mut self, yes: bool) -> OpenOptions {
+        self.read_only = !yes;
+        self
+    }
+
+    /// Take advisory locks (default). Without them, a reader ignores writers.
+    pub fn lock(mut self, yes: bool) -> OpenOptions {
+        self.lock = yes;
+        self
+    }
+
+    /// Opens the disk.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<Disk> {
+        Disk::open_with(path.as_ref(), self)
+    }
+}
+
+/// What a range of the disk is, as the allocation map reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeKind {
+    /// Stored data.
+    Data,
+    /// Reads as zeros because a link says so.
+    Zero,
+    /// No link stores it: reads as zeros.
+    Unallocated,
+}
+
+/// One run of the allocation map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapRange {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// What it is.
+    pub kind: RangeKind,
+    /// Which link answered (0 = the top link); for unallocated ranges the bottom link's depth
+    /// (as `qemu-img map` reports it).
+    pub depth: usize,
+}
+
+/// One extent as `info` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtentInfo {
+    /// Access word (`RW`, `RDONLY`, `NOACCESS`).
+    pub access: String,
+    /// Size in sectors.
+    pub sectors: u64,
+    /// Extent type (`SPARSE`, `FLAT`, ...).
+    pub kind: String,
+    /// File of the extent, if any.
+    pub file: Option<PathBuf>,
+    /// Size of that file in bytes.
+    pub file_bytes: u64,
+}
+
+/// One link as `info` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Descriptor (or monolithic file) path.
+    pub path: PathBuf,
+    /// `createType` as written.
+    pub create_type: String,
+    /// Content ID.
+    pub cid: Option<u32>,
+    /// Parent's content ID (`ffffffff` for none).
+    pub parent_cid: Option<u32>,
+    /// `parentFileNameHint`.
+    pub parent_file_name_hint: Option<String>,
+    /// Extents.
+    pub extents: Vec<ExtentInfo>,
+}
+
+/// What [`Disk::info`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Virtual size in bytes.
+    pub capacity: u64,
+    /// Disk type of the top link, if it is one of ours.
+    pub disk_type: Option<DiskType>,
+    /// `createType` of the top link.
+    pub create_type: String,
+    /// `ddb.adapterType`.
+    pub adapter_type: Option<String>,
+    /// `ddb.virtualHWVersion`.
+    pub hw_version: Option<u32>,
+    /// Physical geometry from `ddb.geometry.*`.
+    pub geometry: Option<Geometry>,
+    /// BIOS geometry from `ddb.geometry.bios*`.
+    pub bios_geometry: Option<Geometry>,
+    /// `ddb.uuid`.
+    pub uuid: Option<String>,
+    /// CID of the top link.
+    pub cid: Option<u32>,
+    /// parentCID of the top link.
+    pub parent_cid: Option<u32>,
+    /// Guest bytes stored as data somewhere in the chain.
+    pub allocated_bytes: u64,
+    /// Bytes of all files of the chain on the host.
+    pub file_bytes: u64,
+    /// The chain, top link first.
+    pub chain: Vec<LinkInfo>,
+}
+
+/// An open virtual disk (a chain of links; the top one takes writes).
+///
+/// `Disk` is `Send + Sync`; every I/O method takes `&self`.
+#[derive(Debug)]
+pub struct Disk {
+    links: Vec<Link>,
+    capacity: u64,
+    writable: bool,
+    cid_renewed: AtomicBool,
+    closed: AtomicBool,
+}
+
+fn ddb_u32(link: &Link, key: &str) -> Result<Option<u32>> {
+    Ok(link
+        .descriptor()?
+        .ddb(key)
+        .and_then(|v| v.trim().parse().ok()))
+}
+
+impl Disk {
+    /// Opens a disk read-only (shorthand for `OpenOptions::new().open(path)`).
+    pub fn open(path: impl AsRef<Path>) -> Result<Disk> {
+        OpenOptions::new().open(path)
+    }
+
+    fn open_with(path: &Path, opts: &OpenOptions) -> Result<Disk> {
+        let link = Link::open(
+            path,
+            LinkOpen {
+                writable: !opts.read_only,
+                lock: opts.lock,
+            },
+        )?;
+        let capacity = link.capacity();
+        Ok(Disk {
+            links: vec![link],
+            capacity,
+            writable: !opts.read_only,
+            cid_renewed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Virtual size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the disk is open for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The links, top first.
+    pub fn links(&self) -> &[Link] {
+        &self.links
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.capacity => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "access of {len} bytes at offset {offset} is beyond the end of the disk ({} bytes)",
+                    self.capacity
+                ),
+            )),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at byte `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        self.read_chain(0, offset, buf)
+    }
+
+    /// Reads from link `level` downwards.
+    fn read_chain(&self, level: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(link) = self.links.get(level) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let want = (buf.len() - pos) as u64;
+            let (ext, mapping, n) = link.map(offset + pos as u64, want)?;
+            let n = n as usize;
+            let piece = &mut buf[pos..pos + n];
+            match mapping {
+                ExtentMapping::Data { file_offset } => link.read_data(ext, file_offset, piece)?,
+                ExtentMapping::Zero => piece.fill(0),
+                ExtentMapping::Unallocated => {
+                    self.read_chain(level + 1, offset + pos as u64, piece)?
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at byte `offset` into the top link. The first write of an open
+    /// gives the link a new CID.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "the disk is open read-only",
+            ));
+        }
+        self.check_range(offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let top = &self.links[0];
+        if !self.cid_renewed.swap(true, Ordering::SeqCst) {
+            if let Err(e) = top.renew_cid() {
+                self.cid_renewed.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        let below = |off: u64, buf: &mut [u8]| self.read_chain(1, off, buf);
+        top.write(offset, data, &below)
+    }
+
+    /// Writes back all metadata and makes written data durable.
+    pub fn flush(&self) -> Result<()> {
+        if self.writable {
+            self.links[0].flush()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes cleanly (clears the unclean-shutdown marks). Dropping a
+    /// `Disk` does the same but can only log errors.
+    pub fn close(self) -> Result<()> {
+        self.close_ref()
+    }
+
+    fn close_ref(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) || !self.writable {
+            return Ok(());
+        }
+        self.links[0].flush()?;
+        self.links[0].close()
+    }
+
+    /// The allocation map of `[offset, offset+len)`: coalesced runs saying whether
+    /// each range is data, zero or unallocated, and at which depth of the chain.
+    pub fn allocation_map(&self, offset: u64, len: u64) -> Result<Vec<MapRange>> {
+        let len = len.min(self.capacity.saturating_sub(offset));
+        let mut out: Vec<MapRange> = Vec::new();
+        self.map_chain(0, offset, len, &mut out)?;
+        Ok(out)
+    }
+
+    fn map_chain(
+        &self,
+        level: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<MapRange>,
+    ) -> Result<()> {
+        let Some(link) = self.links.get(level) else {
+            push_range(
+                out,
+                MapRange {
+                    offset,
+                    length: len,
+                    kind: RangeKind::Unallocated,
+                    depth: level.saturating_sub(1),
+                },
+            );
+            return Ok(());
+        };
+        let mut pos = 0u64;
+        while pos < len {
+            let (_, mapping, n) = link.map(offset + pos, len - pos)?;
+            let kind = match mapping {
+                ExtentMapping::Data { .. } => RangeKind::Data,
+                ExtentMapping::Zero => RangeKind::Zero,
+                ExtentMapping::Unallocated => {
+                    self.map_chain(level + 1, offset + pos, n, out)?;
+                    pos += n;
+                    continue;
+                }
+            };
+            push_range(
+                out,
+                MapRange {
+                    offset: offset + pos,
+                    length: n,
+                    kind,
+                    depth: level,
+                },
+            );
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Capacity, geometry, adapter, hardware version, CIDs, extents and allocation.
+    pub fn info(&self) -> Result<DiskInfo> {
+        let top = &self.links[0];
+        let mut chain = Vec::with_capacity(self.links.len());
+        let mut file_bytes = 0u64;
+        for link in &self.links {
+            let d = link.descriptor()?;
+            let mut extents = Vec::new();
+            for e in link.extents() {
+                let bytes = e.extent.file_len()?;
+                file_bytes += bytes;
+                extents.push(ExtentInfo {
+                    access: e.line.access.as_str().to_string(),
+                    sectors: e.line.sectors,
+                    kind: e.line.kind.as_str().to_string(),
+                    file: e.path.clone(),
+                    file_bytes: bytes,
+                });
+            }
+            chain.push(LinkInfo {
+                path: link.path().to_path_buf(),
+                create_type: d
+                    .create_type()
+                    .map(|t| t.as_str().to_string())
+                    .unwrap_or_default(),
+                cid: d.cid(),
+                parent_cid: d.parent_cid(),
+                parent_file_name_hint: d.parent_file_name_hint().map(str::to_string),
+                extents,
+            });
+        }
+        let allocated_bytes = self
+            .allocation_map(0, self.capacity)?
+            .iter()
+            .filter(|r| r.kind == RangeKind::Data)
+            .map(|r| r.length)
+            .sum();
+        let geometry_of = |c: &str, h: &str, s: &str| -> Result<Option<Geometry>> {
+            Ok(
+                match (ddb_u32(top, c)?, ddb_u32(top, h)?, ddb_u32(top, s)?) {
+                    (Some(cylinders), Some(heads), Some(sectors)) => Some(Geometry {
+                        cylinders,
+                        heads,
+                        sectors,
+                    }),
+                    _ => None,
+                },
+            )
+        };
+        let d = top.descriptor()?;
+        let thin = d
+            .ddb("ddb.thinProvisioned")
+            .is_some_and(|v| v.trim() == "1");
+        let create = d.create_type();
+        Ok(DiskInfo {
+            capacity: self.capacity,
+            disk_type: create
+                .as_ref()
+                .and_then(|t| DiskType::from_create_type(t, thin)),
+            create_type: create.map(|t| t.as_str().to_string()).unwrap_or_default(),
+            adapter_type: d.ddb("ddb.adapterType").map(str::to_string),
+            hw_version: d
+                .ddb("ddb.virtualHWVersion")
+                .and_then(|v| v.trim().parse().ok()),
+            uuid: d.ddb("ddb.uuid").map(str::to_string),
+            cid: d.cid(),
+            parent_cid: d.parent_cid(),
+            geometry: {
+                drop(d);
+                geometry_of(
+                    "ddb.geometry.cylinders",
+                    "ddb.geometry.heads",
+                    "ddb.geometry.sectors",
+                )?
+            },
+            bios_geometry: geometry_of(
+                "ddb.geometry.biosCylinders",
+                "ddb.geometry.biosHeads",
+                "ddb.geometry.biosSectors",
+            )?,
+            allocated_bytes,
+            file_bytes,
+            chain,
+        })
+    }
+
+    /// DDB keys of the disk (without the `ddb.` prefix), top link first, no duplicates.
+    pub fn metadata_keys(&self) -> Result<Vec<String>> {
+        let mut keys: Vec<String> = Vec::new();
+        for link in &self.links {
+            for (k, _) in link.descriptor()?.ddb_entries() {
+                let k = strip_ddb(&k).to_string();
+                if !keys.iter().any(|x| x.eq_ignore_ascii_case(&k)) {
+                    keys.push(k);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The value of DDB key `key` (with or without the `ddb.` prefix), searched from
+    /// the top link down.
+    pub fn metadata(&self, key: &str) -> Result<String> {
+        let full = format!("ddb.{}", strip_ddb(key));
+        for link in &self.links {
+            if let Some(v) = link.descriptor()?.ddb(&full) {
+                return Ok(v.to_string());
+            }
+        }
+        Err(Error::new(
+            ErrorKind::KeyNotFound,
+            format!("metadata key {key:?} not found"),
+        ))
+    }
+
+    /// Sets DDB key `key` in the top link and saves the descriptor.
+    pub fn set_metadata(&self, key: &str, value: &str) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "the disk is open read-only",
+            ));
+        }
+        let name = strip_ddb(key);
+        if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '=' || c == '"') {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("invalid metadata key {key:?}"),
+            ));
+        }
+        if value.contains(['"', '\n', '\r', '\0']) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "metadata values cannot contain quotes, line breaks or NUL",
+            ));
+        }
+        let top = &self.links[0];
+        let mut d = top.descriptor()?;
+        let before = d.clone();
+        d.set_ddb(&format!("ddb.{name}"), value);
+        if let Err(e) = top.save_descriptor(&d) {
+            *d = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether every extent of the top link is read-write.
+    pub fn all_extents_writable(&self) -> bool {
+        self.links[0]
+            .extents()
+            .iter()
+            .all(|e| e.line.access == ExtentAccess::ReadWrite)
+    }
+
+    /// CID of the top link.
+    pub fn cid(&self) -> Result<u32> {
+        Ok(self.links[0]
+            .descriptor()?
+            .cid()
+            .unwrap_or(ids::CID_NO_PARENT))
+    }
+
+    /// Bytes per sector (always 512).
+    pub const SECTOR_SIZE: u64 = SECTOR_SIZE;
+}
+
+/// Appends a run to the map, merging it with the previous one when they continue.
+fn push_range(out: &mut Vec<MapRange>, r: MapRange) {
+    match out.last_mut() {
+        Some(last)
+            if last.kind == r.kind
+                && last.depth == r.depth
+                && last.offset + last.length == r.offset =>
+        {
+            last.length += r.length
+        }
+        _ => out.push(r),
+    }
+}
+
+fn strip_ddb(key: &str) -> &str {
+    if key.len() >= 4 && key[..4].eq_ignore_ascii_case("ddb.") {
+        &key[4..]
+    } else {
+        key
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_ref() {
+            tracing::error!("closing {} failed: {e}", self.links[0].path().display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Disk>();
+    }
+}

@@ -1,0 +1,165 @@
+//! The disk types users choose from when creating or converting a disk, with their
+//! numbers in vmware-vdiskmanager (`-t N`) and in VDDK (`VixDiskLibDiskType`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::descriptor::CreateType;
+use crate::error::{Error, ErrorKind};
+
+/// A kind of virtual disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DiskType {
+    /// One growable hosted sparse file (`monolithicSparse`).
+    MonolithicSparse,
+    /// Growable, split in 2 GB hosted sparse files (`twoGbMaxExtentSparse`).
+    TwoGbMaxExtentSparse,
+    /// Preallocated, one flat file (`monolithicFlat`).
+    MonolithicFlat,
+    /// Preallocated, split in 2 GB flat files (`twoGbMaxExtentFlat`).
+    TwoGbMaxExtentFlat,
+    /// ESX preallocated flat file (`vmfs`).
+    Vmfs,
+    /// ESX thin-provisioned flat file (`vmfs` with `ddb.thinProvisioned`).
+    VmfsThin,
+    /// Compressed, optimised for streaming (`streamOptimized`).
+    StreamOptimized,
+    /// ESX COW delta (`vmfsSparse`).
+    VmfsSparse,
+    /// ESX space-efficient sparse delta (`seSparse`).
+    SeSparse,
+}
+
+impl DiskType {
+    /// The type of vmware-vdiskmanager's `-t N`.
+    pub fn from_vdiskmanager(n: u32) -> Result<DiskType, Error> {
+        Ok(match n {
+            0 => DiskType::MonolithicSparse,
+            1 => DiskType::TwoGbMaxExtentSparse,
+            2 => DiskType::MonolithicFlat,
+            3 => DiskType::TwoGbMaxExtentFlat,
+            4 => DiskType::Vmfs,
+            5 => DiskType::StreamOptimized,
+            6 => DiskType::VmfsThin,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("unknown disk type {n} (expected 0 to 6)"),
+                ))
+            }
+        })
+    }
+
+    /// VDDK's `VixDiskLibDiskType` number.
+    pub fn vddk_code(self) -> u32 {
+        match self {
+            DiskType::MonolithicSparse => 1,
+            DiskType::MonolithicFlat => 2,
+            DiskType::TwoGbMaxExtentSparse => 3,
+            DiskType::TwoGbMaxExtentFlat => 4,
+            DiskType::Vmfs => 5,
+            DiskType::StreamOptimized => 6,
+            DiskType::VmfsThin => 7,
+            DiskType::VmfsSparse => 8,
+            DiskType::SeSparse => 9,
+        }
+    }
+
+    /// The `createType` written into the descriptor. Thin ESX disks are written as
+    /// `vmfs` plus `ddb.thinProvisioned = "1"`, as ESXi does (and as qemu accepts).
+    pub fn create_type(self) -> CreateType {
+        match self {
+            DiskType::MonolithicSparse => CreateType::MonolithicSparse,
+            DiskType::TwoGbMaxExtentSparse => CreateType::TwoGbMaxExtentSparse,
+            DiskType::MonolithicFlat => CreateType::MonolithicFlat,
+            DiskType::TwoGbMaxExtentFlat => CreateType::TwoGbMaxExtentFlat,
+            DiskType::Vmfs | DiskType::VmfsThin => CreateType::Vmfs,
+            DiskType::StreamOptimized => CreateType::StreamOptimized,
+            DiskType::VmfsSparse => CreateType::VmfsSparse,
+            DiskType::SeSparse => CreateType::SeSparse,
+        }
+    }
+
+    /// The disk type a descriptor describes, if it is one of ours.
+    pub fn from_create_type(t: &CreateType, thin: bool) -> Option<DiskType> {
+        Some(match t {
+            CreateType::MonolithicSparse => DiskType::MonolithicSparse,
+            CreateType::TwoGbMaxExtentSparse => DiskType::TwoGbMaxExtentSparse,
+            CreateType::MonolithicFlat => DiskType::MonolithicFlat,
+            CreateType::TwoGbMaxExtentFlat => DiskType::TwoGbMaxExtentFlat,
+            CreateType::Vmfs if thin => DiskType::VmfsThin,
+            CreateType::VmfsThin => DiskType::VmfsThin,
+            CreateType::Vmfs
+            | CreateType::VmfsPreallocated
+            | CreateType::VmfsEagerZeroedThick
+            | CreateType::VmfsThick => DiskType::Vmfs,
+            CreateType::StreamOptimized => DiskType::StreamOptimized,
+            CreateType::VmfsSparse => DiskType::VmfsSparse,
+            CreateType::SeSparse => DiskType::SeSparse,
+            _ => return None,
+        })
+    }
+
+    /// The name users see (the createType spelling, `vmfsThin` for thin ESX disks).
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskType::MonolithicSparse => "monolithicSparse",
+            DiskType::TwoGbMaxExtentSparse => "twoGbMaxExtentSparse",
+            DiskType::MonolithicFlat => "monolithicFlat",
+            DiskType::TwoGbMaxExtentFlat => "twoGbMaxExtentFlat",
+            DiskType::Vmfs => "vmfs",
+            DiskType::VmfsThin => "vmfsThin",
+            DiskType::StreamOptimized => "streamOptimized",
+            DiskType::VmfsSparse => "vmfsSparse",
+            DiskType::SeSparse => "seSparse",
+        }
+    }
+
+    /// Whether disks of this type grow as data is written (sparse).
+    pub fn is_sparse(self) -> bool {
+        matches!(
+            self,
+            DiskType::MonolithicSparse
+                | DiskType::TwoGbMaxExtentSparse
+                | DiskType::StreamOptimized
+                | DiskType::VmfsSparse
+                | DiskType::SeSparse
+        )
+    }
+}
+
+impl fmt::Display for DiskType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DiskType {
+    type Err = Error;
+
+    /// Accepts a vdiskmanager number (`0`..`6`) or a type name (case-insensitive).
+    fn from_str(s: &str) -> Result<DiskType, Error> {
+        if let Ok(n) = s.parse::<u32>() {
+            return DiskType::from_vdiskmanager(n);
+        }
+        let all = [
+            DiskType::MonolithicSparse,
+            DiskType::TwoGbMaxExtentSparse,
+            DiskType::MonolithicFlat,
+            DiskType::TwoGbMaxExtentFlat,
+            DiskType::Vmfs,
+            DiskType::VmfsThin,
+            DiskType::StreamOptimized,
+            DiskType::VmfsSparse,
+            DiskType::SeSparse,
+        ];
+        all.into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("unknown disk type {s:?}"),
+                )
+            })
+    }
+}

@@ -1,0 +1,113 @@
+//! Extents: the pieces a link's descriptor lists, each covering a run of the virtual
+//! disk. An extent never does guest I/O on its own; it answers "where does this range
+//! live?" with an [`ExtentMapping`], reads file bytes where told, and writes.
+
+pub mod flat;
+pub mod sparse;
+
+use crate::error::{Error, ErrorKind, Result};
+pub use flat::FlatExtent;
+pub use sparse::SparseExtent;
+
+/// Reads the chain below the current link: `(offset within this extent, buffer)`.
+/// Used to complete partially written grains (copy on write).
+pub type BelowFn<'a> = &'a dyn Fn(u64, &mut [u8]) -> Result<()>;
+
+/// Where a range of an extent lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExtentMapping {
+    /// Stored in the extent's file at this byte offset.
+    Data {
+        /// Byte offset in the extent file.
+        file_offset: u64,
+    },
+    /// Reads as zeros and hides the parent.
+    Zero,
+    /// Not stored here: ask the parent link (zeros at the bottom of the chain).
+    Unallocated,
+}
+
+/// One extent of a link.
+#[derive(Debug)]
+pub enum Extent {
+    /// `FLAT` or `VMFS`.
+    Flat(FlatExtent),
+    /// `ZERO`: reads zeros, no file.
+    Zero {
+        /// Capacity in bytes.
+        len: u64,
+    },
+    /// Hosted sparse (`SPARSE`, KDMV).
+    Sparse(SparseExtent),
+}
+
+impl Extent {
+    /// Capacity in bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        match self {
+            Extent::Flat(f) => f.capacity_bytes(),
+            Extent::Zero { len } => *len,
+            Extent::Sparse(s) => s.capacity_bytes(),
+        }
+    }
+
+    /// Where `offset` (bytes within the extent) lives, and for how many bytes (≤ `len`).
+    pub fn map(&self, offset: u64, len: u64) -> Result<(ExtentMapping, u64)> {
+        match self {
+            Extent::Flat(f) => Ok(f.map(offset, len)),
+            Extent::Zero { len: cap } => Ok((ExtentMapping::Zero, len.min(cap - offset))),
+            Extent::Sparse(s) => s.map(offset, len),
+        }
+    }
+
+    /// Reads file bytes at `file_offset` (from a [`ExtentMapping::Data`] answer).
+    pub fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Extent::Flat(f) => f.read_data(file_offset, buf),
+            Extent::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Extent::Sparse(s) => s.read_data(file_offset, buf),
+        }
+    }
+
+    /// Writes `data` at `offset` within the extent.
+    pub fn write(&self, offset: u64, data: &[u8], below: BelowFn<'_>) -> Result<()> {
+        match self {
+            Extent::Flat(f) => f.write(offset, data),
+            Extent::Zero { .. } => Err(Error::new(
+                ErrorKind::ReadOnly,
+                "a ZERO extent cannot be written",
+            )),
+            Extent::Sparse(s) => s.write(offset, data, below),
+        }
+    }
+
+    /// Writes back metadata and makes data durable.
+    pub fn flush(&self) -> Result<()> {
+        match self {
+            Extent::Flat(f) => f.flush(),
+            Extent::Zero { .. } => Ok(()),
+            Extent::Sparse(s) => s.flush(),
+        }
+    }
+
+    /// Clean close: flush and clear open-for-write markers.
+    pub fn close(&self) -> Result<()> {
+        match self {
+            Extent::Flat(f) => f.flush(),
+            Extent::Zero { .. } => Ok(()),
+            Extent::Sparse(s) => s.close(),
+        }
+    }
+
+    /// Bytes the extent's file occupies (its length), 0 for ZERO extents.
+    pub fn file_len(&self) -> Result<u64> {
+        match self {
+            Extent::Flat(f) => f.file_len(),
+            Extent::Zero { .. } => Ok(0),
+            Extent::Sparse(s) => s.file_len(),
+        }
+    }
+}

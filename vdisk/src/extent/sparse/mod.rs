@@ -1,0 +1,767 @@
+//! Hosted sparse extents (`KDMV`): monolithicSparse files and the `-sNNN` files of
+//! twoGbMaxExtentSparse disks.
+//!
+//! The extent answers "where does this range live?" from its grain directory and
+//! grain tables ([`SparseExtent::map`]), writes data into allocated grains in place,
+//! and allocates new grains at the end of the file. Metadata is written back in
+//! crash-consistent order on [`SparseExtent::flush`]: grain data, grain tables (and
+//! their redundant copies), grain directories, header.
+
+pub mod header;
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::cache::GtCache;
+use crate::error::{Error, ErrorKind, Result};
+use crate::extent::{BelowFn, ExtentMapping};
+use crate::limits::{GT_CACHE_BYTES, MAX_SPARSE_FILE_SECTORS, SECTOR_SIZE};
+use crate::storage::{FileStorage, Storage};
+
+pub use header::{SparseHeader, GD_AT_END, HEADER_SIZE};
+
+/// A grain table entry value with a meaning of its own.
+const GTE_UNALLOCATED: u32 = 0;
+/// Grain table entry "zeroed grain" (reads as zeros, hides the parent).
+const GTE_ZEROED: u32 = 1;
+
+/// What a grain table entry says about one grain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GrainState {
+    Unallocated,
+    Zero,
+    /// Data at this byte offset in the file.
+    Data(u64),
+}
+
+#[derive(Debug)]
+struct State {
+    header: SparseHeader,
+    header_dirty: bool,
+    gd: Vec<u32>,
+    rgd: Option<Vec<u32>>,
+    gd_dirty: bool,
+    cache: GtCache,
+    /// Next free sector at the end of the file.
+    next_free: u64,
+    /// Bytes known to be in the file (grows as grains are written).
+    file_len: u64,
+    /// Data was written since the last sync.
+    data_unsynced: bool,
+}
+
+/// A hosted sparse extent file.
+#[derive(Debug)]
+pub struct SparseExtent {
+    storage: FileStorage,
+    name: String,
+    writable: bool,
+    grain_bytes: u64,
+    capacity_bytes: u64,
+    gtes_per_gt: u64,
+    gt_bytes: u64,
+    /// Sector ranges no grain may overlap: header, descriptor, directories.
+    protected: Vec<(u64, u64, &'static str)>,
+    state: Mutex<State>,
+    /// Serialises writers that allocate grains (never taken by readers).
+    alloc: Mutex<()>,
+}
+
+fn le_u32s(bytes: &[u8], count: usize) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .take(count)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn u32s_le(values: &[u32], pad_to: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(pad_to.max(values.len() * 4));
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.resize(pad_to.max(out.len()), 0);
+    out
+}
+
+impl SparseExtent {
+    /// Opens a sparse extent on an already opened (and locked) file. `name` is used in
+    /// error messages.
+    pub fn open(storage: FileStorage, writable: bool) -> Result<SparseExtent> {
+        let name = storage.path().display().to_string();
+        Self::open_inner(storage, writable, &name).map_err(|e| e.within(&name))
+    }
+
+    fn open_inner(storage: FileStorage, writable: bool, name: &str) -> Result<SparseExtent> {
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("cannot read file size", e))?;
+        if file_len < HEADER_SIZE as u64 {
+            return Err(Error::invalid(format!(
+                "file is {file_len} bytes, too short for a sparse extent header"
+            )));
+        }
+        let mut hb = [0u8; HEADER_SIZE];
+        storage
+            .read_exact_at(&mut hb, 0)
+            .map_err(|e| Error::io("cannot read the sparse header", e))?;
+        let header = SparseHeader::parse(&hb)?;
+        if header.is_compressed() || header.gd_offset == GD_AT_END {
+            return Err(Error::new(
+                ErrorKind::DiskNotSupported,
+                "streamOptimized (compressed) sparse extents are not supported yet",
+            ));
+        }
+        let file_sectors = file_len / SECTOR_SIZE;
+        let gd_sectors = header.gd_sectors();
+        let num_gdes = header.num_gdes() as usize;
+        let mut protected: Vec<(u64, u64, &'static str)> = vec![(0, 1, "the header")];
+        if header.descriptor_offset != 0 {
+            let end = region_end(header.descriptor_offset, header.descriptor_size)?;
+            if end > file_sectors {
+                return Err(Error::invalid(format!(
+                    "embedded descriptor (sectors {}..{end}) lies past the end of the file ({file_sectors} sectors)",
+                    header.descriptor_offset
+                )));
+            }
+            protected.push((header.descriptor_offset, end, "the embedded descriptor"));
+        }
+        let gd_end = check_directory_region(
+            header.gd_offset,
+            gd_sectors,
+            file_sectors,
+            "grain directory",
+        )?;
+        if overlaps(&protected, header.gd_offset, gd_end).is_some() {
+            return Err(Error::invalid(format!(
+                "grain directory at sector {} overlaps the header or descriptor",
+                header.gd_offset
+            )));
+        }
+        protected.push((header.gd_offset, gd_end, "the grain directory"));
+        let gt_sectors = header.gt_sectors();
+        let gd = read_directory(&storage, header.gd_offset, num_gdes, "grain directory")?;
+        validate_directory(&gd, gt_sectors, file_sectors, &protected, "grain directory")?;
+
+        let mut rgd = None;
+        if header.has_redundant_gd() {
+            let loaded = (|| {
+                let end = check_directory_region(
+                    header.rgd_offset,
+                    gd_sectors,
+                    file_sectors,
+                    "redundant grain directory",
+                )?;
+                let table = read_directory(
+                    &storage,
+                    header.rgd_offset,
+                    num_gdes,
+                    "redundant grain directory",
+                )?;
+                let mut prot = protected.clone();
+                prot.push((header.rgd_offset, end, "the redundant grain directory"));
+                validate_directory(
+                    &table,
+                    gt_sectors,
+                    file_sectors,
+                    &prot,
+                    "redundant grain directory",
+                )?;
+                Ok::<_, Error>((table, end))
+            })();
+            match loaded {
+                Ok((table, end)) => {
+                    protected.push((header.rgd_offset, end, "the redundant grain directory"));
+                    rgd = Some(table);
+                }
+                // A reader only needs the primary directory; a writer must keep both.
+                Err(e) if writable => {
+                    return Err(Error::new(
+                        ErrorKind::NeedsRepair,
+                        format!("{e}; the disk needs a repair before it can be written"),
+                    ))
+                }
+                Err(e) => tracing::warn!("{name}: ignoring redundant grain directory: {e}"),
+            }
+        }
+        if header.unclean_shutdown {
+            tracing::warn!("{name}: the extent was not closed cleanly by its last writer");
+        }
+
+        let gt_bytes = u64::from(header.num_gtes_per_gt) * 4;
+        let cache_tables = (GT_CACHE_BYTES as u64 / gt_bytes.max(1)) as usize;
+        let grain = header.grain_size;
+        let end_sectors = file_len.div_ceil(SECTOR_SIZE).max(header.overhead);
+        let next_free = end_sectors.div_ceil(grain) * grain;
+        let mut ext = SparseExtent {
+            storage,
+            name: name.to_string(),
+            writable,
+            grain_bytes: header.grain_bytes(),
+            capacity_bytes: header.capacity * SECTOR_SIZE,
+            gtes_per_gt: u64::from(header.num_gtes_per_gt),
+            gt_bytes,
+            protected,
+            state: Mutex::new(State {
+                header,
+                header_dirty: false,
+                gd,
+                rgd,
+                gd_dirty: false,
+                cache: GtCache::new(cache_tables),
+                next_free,
+                file_len,
+                data_unsynced: false,
+            }),
+            alloc: Mutex::new(()),
+        };
+        if writable {
+            ext.mark_open_for_write()?;
+        }
+        Ok(ext)
+    }
+
+    fn mark_open_for_write(&mut self) -> Result<()> {
+        let st = self
+            .state
+            .get_mut()
+            .map_err(|_| Error::new(ErrorKind::Fail, "sparse extent state poisoned"))?;
+        st.header.unclean_shutdown = true;
+        let bytes = st.header.to_bytes();
+        self.storage
+            .write_all_at(&bytes, 0)
+            .and_then(|()| self.storage.sync())
+            .map_err(|e| Error::io("cannot mark the extent open for writing", e))
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| {
+            Error::new(
+                ErrorKind::Fail,
+                format!("{}: extent state poisoned by a panic", self.name),
+            )
+        })
+    }
+
+    /// The extent's capacity in bytes.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    /// Bytes per grain.
+    pub fn grain_bytes(&self) -> u64 {
+        self.grain_bytes
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Result<SparseHeader> {
+        Ok(self.lock()?.header.clone())
+    }
+
+    /// The raw bytes of the embedded descriptor area, if the extent has one.
+    pub fn read_embedded_descriptor(&self) -> Result<Option<Vec<u8>>> {
+        let h = self.header()?;
+        if h.descriptor_offset == 0 {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; (h.descriptor_size * SECTOR_SIZE) as usize];
+        self.storage
+            .read_exact_at(&mut buf, h.descriptor_offset * SECTOR_SIZE)
+            .map_err(|e| {
+                Error::io(
+                    format!("{}: cannot read the embedded descriptor", self.name),
+                    e,
+                )
+            })?;
+        Ok(Some(buf))
+    }
+
+    /// Rewrites the embedded descriptor area (NUL padded); fails if the text does not fit.
+    pub fn write_embedded_descriptor(&self, text: &[u8]) -> Result<()> {
+        let h = self.header()?;
+        let area = h.descriptor_size * SECTOR_SIZE;
+        if h.descriptor_offset == 0 {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!("{}: the extent has no embedded descriptor", self.name),
+            ));
+        }
+        if text.len() as u64 > area {
+            return Err(Error::new(
+                ErrorKind::FileTooBig,
+                format!(
+                    "{}: descriptor of {} bytes does not fit the embedded area of {area} bytes",
+                    self.name,
+                    text.len()
+                ),
+            ));
+        }
+        let mut buf = text.to_vec();
+        buf.resize(area as usize, 0);
+        self.storage
+            .write_all_at(&buf, h.descriptor_offset * SECTOR_SIZE)
+            .and_then(|()| self.storage.sync())
+            .map_err(|e| {
+                Error::io(
+                    format!("{}: cannot write the embedded descriptor", self.name),
+                    e,
+                )
+            })
+    }
+
+    /// Loads grain table `index` into the cache if it is allocated; returns whether it is.
+    fn ensure_table(&self, st: &mut State, index: u64) -> Result<bool> {
+        if st.cache.contains(index) {
+            return Ok(true);
+        }
+        let gde = st.gd[index as usize];
+        if gde == 0 {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; self.gt_bytes as usize];
+        self.storage
+            .read_exact_at(&mut buf, u64::from(gde) * SECTOR_SIZE)
+            .map_err(|e| Error::io(format!("{}: cannot read grain table {index}", self.name), e))?;
+        let entries = le_u32s(&buf, self.gtes_per_gt as usize);
+        self.make_room(st)?;
+        st.cache.insert(index, entries, false);
+        Ok(true)
+    }
+
+    /// Evicts a table if the cache is full, writing it back first if it is dirty.
+    fn make_room(&self, st: &mut State) -> Result<()> {
+        if let Some((index, table)) = st.cache.evict_if_full() {
+            if table.dirty {
+                if st.data_unsynced {
+                    self.sync_data(st)?;
+                }
+                self.write_table(st, index, &table.entries)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self, st: &mut State) -> Result<()> {
+        self.storage
+            .sync()
+            .map_err(|e| Error::io(format!("{}: sync failed", self.name), e))?;
+        st.data_unsynced = false;
+        Ok(())
+    }
+
+    fn write_table(&self, st: &State, index: u64, entries: &[u32]) -> Result<()> {
+        let bytes = u32s_le(entries, self.gt_bytes as usize);
+        let mut targets = vec![st.gd[index as usize]];
+        if let Some(rgd) = &st.rgd {
+            targets.push(rgd[index as usize]);
+        }
+        for sector in targets.into_iter().filter(|&s| s != 0) {
+            self.storage
+                .write_all_at(&bytes, u64::from(sector) * SECTOR_SIZE)
+                .map_err(|e| {
+                    Error::io(
+                        format!("{}: cannot write grain table {index}", self.name),
+                        e,
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Classifies the grain `grain` (index within the extent).
+    fn grain_state(&self, st: &mut State, grain: u64) -> Result<GrainState> {
+        let index = grain / self.gtes_per_gt;
+        if !self.ensure_table(st, index)? {
+            return Ok(GrainState::Unallocated);
+        }
+        let entry = match st.cache.get(index) {
+            Some(t) => t.entries[(grain % self.gtes_per_gt) as usize],
+            None => return Ok(GrainState::Unallocated),
+        };
+        match entry {
+            GTE_UNALLOCATED => Ok(GrainState::Unallocated),
+            GTE_ZEROED => Ok(GrainState::Zero),
+            sector => {
+                let sector = u64::from(sector);
+                let start = grain * self.grain_bytes;
+                let needed = self.grain_bytes.min(self.capacity_bytes - start);
+                let offset = sector * SECTOR_SIZE;
+                if offset + needed > st.file_len {
+                    return Err(Error::invalid(format!(
+                        "{}: grain table {index} entry {} points to sector {sector}, past the end of the file ({} bytes)",
+                        self.name,
+                        grain % self.gtes_per_gt,
+                        st.file_len
+                    )));
+                }
+                let sectors = needed.div_ceil(SECTOR_SIZE);
+                if let Some(what) = overlaps(&self.protected, sector, sector + sectors) {
+                    return Err(Error::invalid(format!(
+                        "{}: grain table {index} entry {} points to sector {sector}, into {what}",
+                        self.name,
+                        grain % self.gtes_per_gt
+                    )));
+                }
+                Ok(GrainState::Data(offset))
+            }
+        }
+    }
+
+    /// Where the range starting at `offset` (bytes within the extent, below capacity)
+    /// lives, and for how many bytes (at most `len`) that answer holds.
+    pub fn map(&self, offset: u64, len: u64) -> Result<(ExtentMapping, u64)> {
+        let mut st = self.lock()?;
+        let g = self.grain_bytes;
+        let end = offset + len.min(self.capacity_bytes - offset);
+        let first_grain = offset / g;
+        let first = self.grain_state(&mut st, first_grain)?;
+        let mut covered = ((first_grain + 1) * g).min(end) - offset;
+        let mut grain = first_grain + 1;
+        while offset + covered < end {
+            // Skip whole unallocated tables quickly.
+            let next = if first == GrainState::Unallocated
+                && grain % self.gtes_per_gt == 0
+                && st.gd[(grain / self.gtes_per_gt) as usize] == 0
+            {
+                covered = ((grain + self.gtes_per_gt) * g).min(end) - offset;
+                grain += self.gtes_per_gt;
+                continue;
+            } else {
+                self.grain_state(&mut st, grain)?
+            };
+            let same = match (first, next) {
+                (GrainState::Data(a), GrainState::Data(b)) => b == a + (grain - first_grain) * g,
+                (x, y) => x == y,
+            };
+            if !same {
+                break;
+            }
+            covered = ((grain + 1) * g).min(end) - offset;
+            grain += 1;
+        }
+        let mapping = match first {
+            GrainState::Unallocated => ExtentMapping::Unallocated,
+            GrainState::Zero => ExtentMapping::Zero,
+            GrainState::Data(o) => ExtentMapping::Data {
+                file_offset: o + (offset - first_grain * g),
+            },
+        };
+        Ok((mapping, covered))
+    }
+
+    /// Reads file bytes at `file_offset` (as given by [`SparseExtent::map`]).
+    pub fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.storage
+            .read_exact_at(buf, file_offset)
+            .map_err(|e| Error::io(format!("{}: read failed", self.name), e))
+    }
+
+    /// Writes `data` at `offset` (bytes within the extent). Grains not yet allocated
+    /// are allocated at the end of the file; a partly written new grain is completed
+    /// with what `below` reads (the chain under this link, or zeros).
+    pub fn write(&self, offset: u64, data: &[u8], below: BelowFn<'_>) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{} is open read-only", self.name),
+            ));
+        }
+        let g = self.grain_bytes;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u64;
+            let rest = &data[pos..];
+            let (mapping, run) = self.map(off, rest.len() as u64)?;
+            let run = run as usize;
+            match mapping {
+                ExtentMapping::Data { file_offset } => {
+                    self.storage
+                        .write_all_at(&rest[..run], file_offset)
+                        .map_err(|e| Error::io(format!("{}: write failed", self.name), e))?;
+                    self.lock()?.data_unsynced = true;
+                    pos += run;
+                }
+                ExtentMapping::Zero | ExtentMapping::Unallocated => {
+                    let _alloc = self
+                        .alloc
+                        .lock()
+                        .map_err(|_| Error::new(ErrorKind::Fail, "allocation lock poisoned"))?;
+                    // Another writer may have allocated the grain meanwhile.
+                    let (now, run2) = self.map(off, run as u64)?;
+                    if matches!(now, ExtentMapping::Data { .. }) {
+                        continue;
+                    }
+                    let run = run2 as usize;
+                    let in_grain = off % g;
+                    let first_grain = off / g;
+                    if in_grain == 0 && run as u64 >= g {
+                        // Whole grains: allocate them contiguously, write straight from
+                        // the caller's buffer.
+                        let n = run as u64 / g;
+                        let bytes = (n * g) as usize;
+                        let sector = self.allocate(n * (g / SECTOR_SIZE))?;
+                        self.storage
+                            .write_all_at(&rest[..bytes], sector * SECTOR_SIZE)
+                            .map_err(|e| Error::io(format!("{}: write failed", self.name), e))?;
+                        self.commit_grains(
+                            first_grain,
+                            n,
+                            sector,
+                            sector * SECTOR_SIZE + bytes as u64,
+                        )?;
+                        pos += bytes;
+                    } else {
+                        // A partial grain: build it from below, overlay the new data.
+                        let grain_start = first_grain * g;
+                        let valid = g.min(self.capacity_bytes - grain_start) as usize;
+                        let mut buf = vec![0u8; g as usize];
+                        if now == ExtentMapping::Unallocated {
+                            below(grain_start, &mut buf[..valid])?;
+                        }
+                        let take = (g - in_grain).min(rest.len() as u64) as usize;
+                        buf[in_grain as usize..in_grain as usize + take]
+                            .copy_from_slice(&rest[..take]);
+                        let sector = self.allocate(g / SECTOR_SIZE)?;
+                        self.storage
+                            .write_all_at(&buf, sector * SECTOR_SIZE)
+                            .map_err(|e| Error::io(format!("{}: write failed", self.name), e))?;
+                        self.commit_grains(first_grain, 1, sector, sector * SECTOR_SIZE + g)?;
+                        pos += take;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves `sectors` at the end of the file.
+    fn allocate(&self, sectors: u64) -> Result<u64> {
+        let mut st = self.lock()?;
+        let start = st.next_free;
+        let end = start + sectors;
+        if end > MAX_SPARSE_FILE_SECTORS {
+            return Err(Error::new(
+                ErrorKind::FileTooBig,
+                format!(
+                    "{}: a sparse extent file cannot grow beyond 2 TiB",
+                    self.name
+                ),
+            ));
+        }
+        st.next_free = end;
+        Ok(start)
+    }
+
+    /// Points grain table entries of `n` grains from `first` at consecutive grains
+    /// starting at `sector`, allocating grain tables where the directory has none.
+    fn commit_grains(&self, first: u64, n: u64, sector: u64, file_end: u64) -> Result<()> {
+        let mut st = self.lock()?;
+        st.data_unsynced = true;
+        st.file_len = st.file_len.max(file_end);
+        let gs = self.grain_bytes / SECTOR_SIZE;
+        for i in 0..n {
+            let grain = first + i;
+            let index = grain / self.gtes_per_gt;
+            if !self.ensure_table(&mut st, index)? {
+                self.allocate_table(&mut st, index)?;
+            }
+            let value = u32::try_from(sector + i * gs).map_err(|_| {
+                Error::new(
+                    ErrorKind::FileTooBig,
+                    format!("{}: sector beyond 2 TiB", self.name),
+                )
+            })?;
+            match st.cache.get(index) {
+                Some(t) => {
+                    t.entries[(grain % self.gtes_per_gt) as usize] = value;
+                    t.dirty = true;
+                }
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::Fail,
+                        "grain table vanished from the cache",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates a zeroed grain table (and its redundant copy) for directory entry `index`.
+    fn allocate_table(&self, st: &mut State, index: u64) -> Result<()> {
+        let gt_sectors = self.gt_bytes.div_ceil(SECTOR_SIZE);
+        let place = |st: &mut State| -> Result<u32> {
+            let s = st.next_free;
+            st.next_free += gt_sectors;
+            if st.next_free > MAX_SPARSE_FILE_SECTORS {
+                return Err(Error::new(
+                    ErrorKind::FileTooBig,
+                    format!("{}: file beyond 2 TiB", self.name),
+                ));
+            }
+            st.file_len = st.file_len.max(st.next_free * SECTOR_SIZE);
+            Ok(s as u32)
+        };
+        let gt = place(st)?;
+        st.gd[index as usize] = gt;
+        if st.rgd.is_some() {
+            let rgt = place(st)?;
+            if let Some(rgd) = st.rgd.as_mut() {
+                rgd[index as usize] = rgt;
+            }
+        }
+        st.gd_dirty = true;
+        self.make_room(st)?;
+        st.cache
+            .insert(index, vec![0; self.gtes_per_gt as usize], true);
+        Ok(())
+    }
+
+    /// Writes back dirty metadata in crash-consistent order and syncs.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut st = self.lock()?;
+        let dirty = st.cache.dirty_indexes();
+        if st.data_unsynced || !dirty.is_empty() {
+            self.sync_data(&mut st)?;
+        }
+        if !dirty.is_empty() {
+            for index in dirty {
+                let entries = match st.cache.get(index) {
+                    Some(t) => {
+                        t.dirty = false;
+                        t.entries.clone()
+                    }
+                    None => continue,
+                };
+                self.write_table(&st, index, &entries)?;
+            }
+            self.sync_data(&mut st)?;
+        }
+        if st.gd_dirty {
+            let pad = (st.header.gd_sectors() * SECTOR_SIZE) as usize;
+            let bytes = u32s_le(&st.gd, pad);
+            let gd_off = st.header.gd_offset;
+            self.storage
+                .write_all_at(&bytes, gd_off * SECTOR_SIZE)
+                .map_err(|e| {
+                    Error::io(
+                        format!("{}: cannot write the grain directory", self.name),
+                        e,
+                    )
+                })?;
+            if let Some(rgd) = &st.rgd {
+                let bytes = u32s_le(rgd, pad);
+                self.storage
+                    .write_all_at(&bytes, st.header.rgd_offset * SECTOR_SIZE)
+                    .map_err(|e| {
+                        Error::io(
+                            format!("{}: cannot write the redundant grain directory", self.name),
+                            e,
+                        )
+                    })?;
+            }
+            st.gd_dirty = false;
+            self.sync_data(&mut st)?;
+        }
+        if st.header_dirty {
+            self.write_header(&mut st)?;
+        }
+        Ok(())
+    }
+
+    fn write_header(&self, st: &mut State) -> Result<()> {
+        let bytes = st.header.to_bytes();
+        self.storage
+            .write_all_at(&bytes, 0)
+            .map_err(|e| Error::io(format!("{}: cannot write the header", self.name), e))?;
+        self.sync_data(st)?;
+        st.header_dirty = false;
+        Ok(())
+    }
+
+    /// Flushes and clears the unclean-shutdown mark (a clean close).
+    pub fn close(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.flush()?;
+        let mut st = self.lock()?;
+        st.header.unclean_shutdown = false;
+        self.write_header(&mut st)
+    }
+
+    /// Size of the extent file in bytes.
+    pub fn file_len(&self) -> Result<u64> {
+        Ok(self.lock()?.file_len)
+    }
+}
+
+fn region_end(start: u64, sectors: u64) -> Result<u64> {
+    start
+        .checked_add(sectors)
+        .ok_or_else(|| Error::invalid(format!("region at sector {start} overflows")))
+}
+
+fn check_directory_region(start: u64, sectors: u64, file_sectors: u64, what: &str) -> Result<u64> {
+    if start == 0 {
+        return Err(Error::invalid(format!(
+            "{what} offset is 0 (it would overlap the header)"
+        )));
+    }
+    let end = region_end(start, sectors)?;
+    if end > file_sectors {
+        return Err(Error::invalid(format!(
+            "{what} (sectors {start}..{end}) lies past the end of the file ({file_sectors} sectors)"
+        )));
+    }
+    Ok(end)
+}
+
+fn read_directory(
+    storage: &FileStorage,
+    start: u64,
+    entries: usize,
+    what: &str,
+) -> Result<Vec<u32>> {
+    let mut buf = vec![0u8; entries * 4];
+    storage
+        .read_exact_at(&mut buf, start * SECTOR_SIZE)
+        .map_err(|e| Error::io(format!("cannot read the {what}"), e))?;
+    Ok(le_u32s(&buf, entries))
+}
+
+fn validate_directory(
+    dir: &[u32],
+    gt_sectors: u64,
+    file_sectors: u64,
+    protected: &[(u64, u64, &'static str)],
+    what: &str,
+) -> Result<()> {
+    for (i, &e) in dir.iter().enumerate() {
+        if e == 0 {
+            continue;
+        }
+        let start = u64::from(e);
+        let end = start + gt_sectors;
+        if end > file_sectors {
+            return Err(Error::invalid(format!(
+                "{what} entry {i} points to sector {start}, past the end of the file ({file_sectors} sectors)"
+            )));
+        }
+        if let Some(into) = overlaps(protected, start, end) {
+            return Err(Error::invalid(format!(
+                "{what} entry {i} points to sector {start}, into {into}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn overlaps(ranges: &[(u64, u64, &'static str)], start: u64, end: u64) -> Option<&'static str> {
+    ranges
+        .iter()
+        .find(|(s, e, _)| start < *e && *s < end)
+        .map(|(_, _, what)| *what)
+}

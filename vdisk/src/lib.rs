@@ -1,0 +1,43 @@
+//! # vdisk
+//!
+//! Read, write and create VMware virtual disks (VMDK): descriptor files, flat and
+//! split extents, hosted sparse (`KDMV`) extents.
+//!
+//! ```no_run
+//! use vdisk::{create, CreateOptions, DiskType, OpenOptions};
+//!
+//! # fn main() -> vdisk::Result<()> {
+//! create("disk.vmdk".as_ref(), &CreateOptions::new(DiskType::MonolithicSparse, 64 << 20))?;
+//! let disk = OpenOptions::new().write(true).open("disk.vmdk")?;
+//! disk.write_at(&[0xab; 512], 1 << 20)?;
+//! let mut buf = [0u8; 512];
+//! disk.read_at(&mut buf, 1 << 20)?;
+//! assert_eq!(buf, [0xab; 512]);
+//! disk.close()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The central contract: an extent answers "where does this range live?"; one loop
+//! in [`Disk`] walks the chain with that question, reads coalesced file ranges and
+//! falls through to parents. See `ARCHITECTURE.md`.
+
+pub mod cache;
+pub mod descriptor;
+pub mod disk;
+pub mod disk_type;
+pub mod error;
+pub mod extent;
+pub mod geometry;
+pub mod ids;
+pub mod limits;
+pub mod link;
+pub mod ops;
+pub mod storage;
+
+pub use disk::{Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, RangeKind};
+pub use disk_type::DiskType;
+pub use error::{Error, ErrorKind, Result};
+pub use geometry::{AdapterType, Geometry};
+pub use ops::convert::{convert, ConvertStats, ImageFormat};
+pub use ops::create::{create, CreateOptions};

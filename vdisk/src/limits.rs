@@ -1,0 +1,31 @@
+//! Every limit the library enforces on what it reads, in one place. Sizes taken from
+//! headers and descriptors are checked against these before anything is allocated, so
+//! a hostile file can never make the library allocate more than these bounds.
+
+/// Sector size: every VMDK offset and length is in 512-byte sectors.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Largest descriptor (standalone file or embedded area) we read, in bytes.
+pub const MAX_DESCRIPTOR_BYTES: usize = 1 << 20;
+/// Most lines a descriptor may have.
+pub const MAX_DESCRIPTOR_LINES: usize = 100_000;
+/// Most extent lines in one descriptor (a 64 TiB twoGbMaxExtent disk has 32768).
+pub const MAX_EXTENTS: usize = 65_536;
+
+/// Largest virtual capacity of a disk or extent we accept: 2^40 sectors (512 TiB).
+pub const MAX_CAPACITY_SECTORS: u64 = 1 << 40;
+/// Largest grain of a hosted sparse extent, in sectors (1 MiB). Real files use 128.
+pub const MAX_GRAIN_SECTORS: u64 = 2048;
+/// Most entries in one grain table (16 KiB tables). Real hosted files use 512.
+pub const MAX_GTES_PER_GT: u32 = 4096;
+/// Most grain directory entries of one extent (16 MiB of directory).
+pub const MAX_GD_ENTRIES: u64 = 1 << 22;
+/// A hosted sparse extent file cannot grow beyond 2^32 sectors (2 TiB): its grain
+/// table entries are 32-bit sector numbers.
+pub const MAX_SPARSE_FILE_SECTORS: u64 = 1 << 32;
+
+/// Bytes of grain tables kept in memory per sparse extent (the cache is bounded).
+pub const GT_CACHE_BYTES: usize = 4 << 20;
+
+/// Extent size VMware uses for the split (twoGbMaxExtent*) types: 2047 MiB.
+pub const SPLIT_EXTENT_SECTORS: u64 = 4_192_256;

@@ -1,0 +1,520 @@
+//! One link of a chain: a descriptor and the extents it lists, laid end to end.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::descriptor::{CreateType, Descriptor, ExtentAccess, ExtentKind, ExtentLine};
+use crate::error::{Error, ErrorKind, Result};
+use crate::extent::{BelowFn, Extent, ExtentMapping, FlatExtent, SparseExtent};
+use crate::ids;
+use crate::limits::{MAX_CAPACITY_SECTORS, MAX_DESCRIPTOR_BYTES, SECTOR_SIZE};
+use crate::storage::{FileStorage, LockMode, Storage};
+
+/// Where a link's descriptor text lives.
+#[derive(Debug)]
+enum DescriptorHome {
+    /// A standalone descriptor file (kept open: it carries the lock).
+    File(FileStorage),
+    /// Embedded in the first (sparse) extent.
+    Embedded,
+}
+
+/// One extent placed in the link's address space.
+#[derive(Debug)]
+pub struct LinkExtent {
+    /// First byte of the link covered by the extent.
+    pub start: u64,
+    /// What the descriptor says of the extent.
+    pub line: ExtentLine,
+    /// The extent's file, resolved (None for ZERO extents).
+    pub path: Option<PathBuf>,
+    /// The opened extent.
+    pub extent: Extent,
+}
+
+/// What magic a file starts with.
+#[derive(Debug, PartialEq, Eq)]
+enum FileKind {
+    HostedSparse,
+    Cowd,
+    SeSparse,
+    Other,
+}
+
+fn sniff(head: &[u8]) -> FileKind {
+    if crate::extent::sparse::header::has_sparse_magic(head) {
+        FileKind::HostedSparse
+    } else if head.starts_with(b"COWD") {
+        FileKind::Cowd
+    } else if head.len() >= 8 && head[..8] == 0xCAFE_BABEu64.to_le_bytes() {
+        FileKind::SeSparse
+    } else {
+        FileKind::Other
+    }
+}
+
+/// How to open a link.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkOpen {
+    /// Open for writing.
+    pub writable: bool,
+    /// Take advisory locks.
+    pub lock: bool,
+}
+
+impl LinkOpen {
+    fn lock_mode(self) -> LockMode {
+        match (self.lock, self.writable) {
+            (false, _) => LockMode::None,
+            (true, true) => LockMode::Exclusive,
+            (true, false) => LockMode::Shared,
+        }
+    }
+}
+
+/// A descriptor and its extents.
+#[derive(Debug)]
+pub struct Link {
+    path: PathBuf,
+    descriptor: Mutex<Descriptor>,
+    home: DescriptorHome,
+    extents: Vec<LinkExtent>,
+    capacity: u64,
+    writable: bool,
+}
+
+impl Link {
+    /// Opens the link whose descriptor (or monolithic sparse file) is `path`.
+    pub fn open(path: &Path, how: LinkOpen) -> Result<Link> {
+        Self::open_inner(path, how).map_err(|e| {
+            if e.context().contains(&*path.display().to_string()) {
+                e
+            } else {
+                e.within(path.display())
+            }
+        })
+    }
+
+    fn open_inner(path: &Path, how: LinkOpen) -> Result<Link> {
+        let storage = FileStorage::open(path, how.writable, how.lock_mode())?;
+        let len = storage
+            .len()
+            .map_err(|e| Error::io("cannot read file size", e))?;
+        let mut head = vec![0u8; len.min(512) as usize];
+        storage
+            .read_exact_at(&mut head, 0)
+            .map_err(|e| Error::io("cannot read", e))?;
+        match sniff(&head) {
+            FileKind::HostedSparse => Self::open_monolithic(path, storage, how),
+            FileKind::Cowd => Err(Error::new(
+                ErrorKind::IncorrectFileType,
+                "this is a vmfsSparse (COWD) extent file; open the descriptor that names it",
+            )),
+            FileKind::SeSparse => Err(Error::new(
+                ErrorKind::IncorrectFileType,
+                "this is a seSparse extent file; open the descriptor that names it",
+            )),
+            FileKind::Other => {
+                if len > MAX_DESCRIPTOR_BYTES as u64 {
+                    return Err(Error::new(
+                        ErrorKind::IncorrectFileType,
+                        format!(
+                            "not a VMDK: no sparse header, and at {len} bytes too large to be a descriptor"
+                        ),
+                    ));
+                }
+                let mut text = vec![0u8; len as usize];
+                storage
+                    .read_exact_at(&mut text, 0)
+                    .map_err(|e| Error::io("cannot read the descriptor", e))?;
+                let descriptor = Descriptor::parse(&text).map_err(|e| {
+                    Error::invalid(format!(
+                        "not a valid VMDK descriptor: line {}: {}",
+                        e.line, e.message
+                    ))
+                })?;
+                Self::open_described(path, descriptor, DescriptorHome::File(storage), None, how)
+            }
+        }
+    }
+
+    /// A monolithic sparse file: the descriptor is embedded in the extent itself.
+    fn open_monolithic(path: &Path, storage: FileStorage, how: LinkOpen) -> Result<Link> {
+        let sparse = SparseExtent::open(storage, how.writable)?;
+        let text = sparse.read_embedded_descriptor()?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::IncorrectFileType,
+                "this sparse extent has no embedded descriptor (it is part of a split disk); open the descriptor file that names it",
+            )
+        })?;
+        let descriptor = Descriptor::parse(&text).map_err(|e| {
+            Error::invalid(format!(
+                "embedded descriptor: line {}: {}",
+                e.line, e.message
+            ))
+        })?;
+        Self::open_described(
+            path,
+            descriptor,
+            DescriptorHome::Embedded,
+            Some(sparse),
+            how,
+        )
+    }
+
+    fn open_described(
+        path: &Path,
+        descriptor: Descriptor,
+        home: DescriptorHome,
+        embedded: Option<SparseExtent>,
+        how: LinkOpen,
+    ) -> Result<Link> {
+        let lines = descriptor.extents();
+        if lines.is_empty() {
+            return Err(Error::invalid("the descriptor lists no extents"));
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let resolve = |name: &str| -> PathBuf {
+            let raw = descriptor.file_name_bytes(name);
+            dir.join(OsStr::from_bytes(&raw))
+        };
+        // Missing extent files are reported first, naming the file: that is the most
+        // useful thing to tell about a descriptor copied without its extents.
+        if embedded.is_none() {
+            for line in &lines {
+                if let Some(name) = &line.file {
+                    let p = resolve(name);
+                    if !p.exists() {
+                        return Err(Error::new(
+                            ErrorKind::FileNotFound,
+                            format!("extent file {} is missing", p.display()),
+                        ));
+                    }
+                }
+            }
+        }
+        let create_type = descriptor
+            .create_type()
+            .ok_or_else(|| Error::invalid("the descriptor has no createType"))?;
+        check_supported(&descriptor, &create_type)?;
+
+        let mut extents = Vec::with_capacity(lines.len());
+        let mut start: u64 = 0;
+        let mut embedded = embedded;
+        for (i, line) in lines.into_iter().enumerate() {
+            let len = line
+                .sectors
+                .checked_mul(SECTOR_SIZE)
+                .filter(|_| line.sectors <= MAX_CAPACITY_SECTORS)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "extent {} has an absurd size of {} sectors",
+                        i + 1,
+                        line.sectors
+                    ))
+                })?;
+            let writable = how.writable && line.access == ExtentAccess::ReadWrite;
+            let (extent, ext_path) = match (&line.kind, embedded.take()) {
+                (ExtentKind::Sparse, Some(sparse)) if i == 0 => {
+                    (Extent::Sparse(sparse), Some(path.to_path_buf()))
+                }
+                (_, Some(_)) => {
+                    return Err(Error::invalid(
+                        "an embedded descriptor must list exactly one SPARSE extent",
+                    ))
+                }
+                (ExtentKind::Zero, None) => (Extent::Zero { len }, None),
+                (kind @ (ExtentKind::Flat | ExtentKind::Vmfs | ExtentKind::Sparse), None) => {
+                    let name = line.file.as_deref().ok_or_else(|| {
+                        Error::invalid(format!("extent {} has no file name", i + 1))
+                    })?;
+                    let p = resolve(name);
+                    let lock = LinkOpen { writable, ..how }.lock_mode();
+                    let storage = FileStorage::open(&p, writable, lock)?;
+                    let extent = if *kind == ExtentKind::Sparse {
+                        let mut head = [0u8; 8];
+                        let n = storage
+                            .read_at(&mut head, 0)
+                            .map_err(|e| Error::io(format!("cannot read {}", p.display()), e))?;
+                        match sniff(&head[..n]) {
+                            FileKind::HostedSparse => {
+                                Extent::Sparse(SparseExtent::open(storage, writable)?)
+                            }
+                            FileKind::Cowd => {
+                                return Err(Error::new(
+                                    ErrorKind::DiskNotSupported,
+                                    format!(
+                                        "{}: COWD sparse extents are not supported yet",
+                                        p.display()
+                                    ),
+                                ))
+                            }
+                            _ => {
+                                return Err(Error::invalid(format!(
+                                    "{}: SPARSE extent file has no sparse header",
+                                    p.display()
+                                )))
+                            }
+                        }
+                    } else {
+                        Extent::Flat(FlatExtent::open(
+                            storage,
+                            line.offset.unwrap_or(0),
+                            line.sectors,
+                            writable,
+                        )?)
+                    };
+                    (extent, Some(p))
+                }
+                (kind, None) => {
+                    return Err(Error::new(
+                        ErrorKind::DiskNotSupported,
+                        format!("extent type {} is not supported yet", kind.as_str()),
+                    ))
+                }
+            };
+            if extent.capacity_bytes() < len {
+                return Err(Error::new(
+                    ErrorKind::CapacityMismatch,
+                    format!(
+                        "extent {} holds {} sectors but the descriptor says {}",
+                        i + 1,
+                        extent.capacity_bytes() / SECTOR_SIZE,
+                        line.sectors
+                    ),
+                ));
+            }
+            extents.push(LinkExtent {
+                start,
+                line,
+                path: ext_path,
+                extent,
+            });
+            start = start
+                .checked_add(len)
+                .filter(|&s| s <= MAX_CAPACITY_SECTORS * SECTOR_SIZE)
+                .ok_or_else(|| {
+                    Error::invalid("the extents add up to more than the capacity limit")
+                })?;
+        }
+        Ok(Link {
+            path: path.to_path_buf(),
+            descriptor: Mutex::new(descriptor),
+            home,
+            extents,
+            capacity: start,
+            writable: how.writable,
+        })
+    }
+
+    /// Path of the descriptor (or monolithic file).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Virtual size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the link was opened for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The extents, in order.
+    pub fn extents(&self) -> &[LinkExtent] {
+        &self.extents
+    }
+
+    /// Whether the descriptor is embedded in the first extent.
+    pub fn has_embedded_descriptor(&self) -> bool {
+        matches!(self.home, DescriptorHome::Embedded)
+    }
+
+    /// The descriptor, locked for reading or editing (call [`Link::save_descriptor`]
+    /// after an edit).
+    pub fn descriptor(&self) -> Result<MutexGuard<'_, Descriptor>> {
+        self.descriptor
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Fail, "descriptor lock poisoned"))
+    }
+
+    /// Index of the extent holding byte `offset` (binary search over starts).
+    fn extent_at(&self, offset: u64) -> usize {
+        self.extents
+            .partition_point(|e| e.start <= offset)
+            .saturating_sub(1)
+    }
+
+    /// Where `offset` lives in this link: which extent and what mapping, and for how
+    /// many bytes (≤ `len`, never crossing an extent boundary).
+    pub fn map(&self, offset: u64, len: u64) -> Result<(usize, ExtentMapping, u64)> {
+        let mut i = self.extent_at(offset);
+        // Skip empty extents.
+        while i + 1 < self.extents.len()
+            && self.extents[i].start + self.extents[i].line.sectors * SECTOR_SIZE <= offset
+        {
+            i += 1;
+        }
+        let e = &self.extents[i];
+        if e.line.access == ExtentAccess::NoAccess {
+            return Err(Error::new(
+                ErrorKind::AccessDenied,
+                format!("extent {} is marked NOACCESS", i + 1),
+            ));
+        }
+        let local = offset - e.start;
+        let room = e.line.sectors * SECTOR_SIZE - local;
+        let (m, n) = e.extent.map(local, len.min(room))?;
+        Ok((i, m, n))
+    }
+
+    /// Reads file bytes of extent `index`.
+    pub fn read_data(&self, index: usize, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.extents[index].extent.read_data(file_offset, buf)
+    }
+
+    /// Writes `data` at `offset`, splitting across extents; `below` reads the chain
+    /// under this link at link offsets.
+    pub fn write(&self, offset: u64, data: &[u8], below: BelowFn<'_>) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("{} is open read-only", self.path.display()),
+            ));
+        }
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u64;
+            let mut i = self.extent_at(off);
+            while i + 1 < self.extents.len()
+                && self.extents[i].start + self.extents[i].line.sectors * SECTOR_SIZE <= off
+            {
+                i += 1;
+            }
+            let e = &self.extents[i];
+            if e.line.access != ExtentAccess::ReadWrite {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    format!("extent {} is marked {}", i + 1, e.line.access.as_str()),
+                ));
+            }
+            let local = off - e.start;
+            let room = e.line.sectors * SECTOR_SIZE - local;
+            let n = (room.min((data.len() - pos) as u64)) as usize;
+            let start = e.start;
+            let below_here = |ext_off: u64, buf: &mut [u8]| below(start + ext_off, buf);
+            e.extent.write(local, &data[pos..pos + n], &below_here)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Writes the descriptor back where it lives.
+    pub fn save_descriptor(&self, d: &Descriptor) -> Result<()> {
+        let bytes = d.to_bytes();
+        match &self.home {
+            DescriptorHome::File(storage) => storage
+                .write_all_at(&bytes, 0)
+                .and_then(|()| storage.set_len(bytes.len() as u64))
+                .and_then(|()| storage.sync())
+                .map_err(|e| {
+                    Error::io(
+                        format!("{}: cannot write the descriptor", self.path.display()),
+                        e,
+                    )
+                }),
+            DescriptorHome::Embedded => match self.extents.first().map(|e| &e.extent) {
+                Some(Extent::Sparse(s)) => s.write_embedded_descriptor(&bytes),
+                _ => Err(Error::new(
+                    ErrorKind::Fail,
+                    "embedded descriptor without a sparse extent",
+                )),
+            },
+        }
+    }
+
+    /// Gives the link a new CID (and matching `ddb.longContentID`) and saves it.
+    pub fn renew_cid(&self) -> Result<u32> {
+        let mut d = self.descriptor()?;
+        let cid = ids::new_cid();
+        d.set_cid(cid);
+        if let Some(long) = d.ddb("ddb.longContentID").map(str::to_string) {
+            if long.len() == 32 && long.bytes().all(|b| b.is_ascii_hexdigit()) {
+                d.set_ddb("ddb.longContentID", &format!("{}{cid:08x}", &long[..24]));
+            }
+        }
+        self.save_descriptor(&d)?;
+        Ok(cid)
+    }
+
+    /// Flushes every extent.
+    pub fn flush(&self) -> Result<()> {
+        for e in &self.extents {
+            e.extent.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Clean close of every extent.
+    pub fn close(&self) -> Result<()> {
+        let mut first_err = None;
+        for e in &self.extents {
+            if let Err(err) = e.extent.close() {
+                first_err.get_or_insert(err);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Refuses descriptors this version cannot handle, with a specific message.
+fn check_supported(d: &Descriptor, t: &CreateType) -> Result<()> {
+    match d.version() {
+        None | Some(1) | Some(3) => {}
+        Some(2) => {
+            return Err(Error::new(
+                ErrorKind::DiskNotSupported,
+                "descriptor version 2 (encrypted disk) is not supported",
+            ))
+        }
+        Some(v) => {
+            return Err(Error::new(
+                ErrorKind::UnsupportedDiskVersion,
+                format!("descriptor version {v} is not 1, 2 or 3"),
+            ))
+        }
+    }
+    match t {
+        CreateType::MonolithicSparse
+        | CreateType::TwoGbMaxExtentSparse
+        | CreateType::MonolithicFlat
+        | CreateType::TwoGbMaxExtentFlat
+        | CreateType::Vmfs
+        | CreateType::VmfsThin
+        | CreateType::VmfsPreallocated
+        | CreateType::VmfsEagerZeroedThick
+        | CreateType::VmfsThick => {}
+        other => {
+            return Err(Error::new(
+                ErrorKind::DiskNotSupported,
+                format!(
+                    "disks of createType \"{}\" are not supported yet",
+                    other.as_str()
+                ),
+            ))
+        }
+    }
+    let has_parent = d.parent_file_name_hint().is_some()
+        || d.parent_cid().is_some_and(|c| c != ids::CID_NO_PARENT);
+    if has_parent {
+        return Err(Error::new(
+            ErrorKind::DiskNotSupported,
+            "delta disks (links with a parent) are not supported yet",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Whole-disk operations, each a plain function over paths or an open [`crate::Disk`].
+
+pub mod convert;
+pub mod create;
