@@ -19,6 +19,7 @@ use crate::link::{Link, LinkOpen};
 pub struct OpenOptions {
     read_only: bool,
     lock: bool,
+    sync: bool,
 }
 
 impl Default for OpenOptions {
@@ -26,6 +27,7 @@ impl Default for OpenOptions {
         OpenOptions {
             read_only: true,
             lock: true,
+            sync: true,
         }
     }
 }
@@ -45,6 +47,14 @@ impl OpenOptions {
     /// Take advisory locks (default). Without them, a reader ignores writers.
     pub fn lock(mut self, yes: bool) -> OpenOptions {
         self.lock = yes;
+        self
+    }
+
+    /// Make data durable (fsync) on flush and close (default). Without it, written
+    /// data stays in the host's page cache, as with qemu's `cache=unsafe`; the
+    /// metadata order is kept either way.
+    pub fn sync(mut self, yes: bool) -> OpenOptions {
+        self.sync = yes;
         self
     }
 
@@ -173,6 +183,7 @@ impl Disk {
             LinkOpen {
                 writable: !opts.read_only,
                 lock: opts.lock,
+                sync: opts.sync,
             },
         )?;
         let capacity = link.capacity();

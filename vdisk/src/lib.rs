@@ -39,5 +39,5 @@ pub use disk::{Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, Rang
 pub use disk_type::DiskType;
 pub use error::{Error, ErrorKind, Result};
 pub use geometry::{AdapterType, Geometry};
-pub use ops::convert::{convert, ConvertStats, ImageFormat};
+pub use ops::convert::{convert, ConvertOptions, ConvertStats, ImageFormat};
 pub use ops::create::{create, CreateOptions};

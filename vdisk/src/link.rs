@@ -62,6 +62,8 @@ pub struct LinkOpen {
     pub writable: bool,
     /// Take advisory locks.
     pub lock: bool,
+    /// Make writes durable on flush (off: host page cache only, like `cache=unsafe`).
+    pub sync: bool,
 }
 
 impl LinkOpen {
@@ -98,7 +100,8 @@ impl Link {
     }
 
     fn open_inner(path: &Path, how: LinkOpen) -> Result<Link> {
-        let storage = FileStorage::open(path, how.writable, how.lock_mode())?;
+        let mut storage = FileStorage::open(path, how.writable, how.lock_mode())?;
+        storage.set_sync(how.sync);
         let len = storage
             .len()
             .map_err(|e| Error::io("cannot read file size", e))?;
@@ -232,7 +235,8 @@ impl Link {
                     })?;
                     let p = resolve(name);
                     let lock = LinkOpen { writable, ..how }.lock_mode();
-                    let storage = FileStorage::open(&p, writable, lock)?;
+                    let mut storage = FileStorage::open(&p, writable, lock)?;
+                    storage.set_sync(how.sync);
                     let extent = if *kind == ExtentKind::Sparse {
                         let mut head = [0u8; 8];
                         let n = storage

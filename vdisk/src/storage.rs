@@ -61,6 +61,7 @@ pub enum LockMode {
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    sync: bool,
 }
 
 impl FileStorage {
@@ -95,7 +96,15 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            sync: true,
         })
+    }
+
+    /// With `false`, [`Storage::sync`] does nothing: writes stay in the host's page
+    /// cache (qemu's `cache=unsafe`). Used for new conversion outputs, which are
+    /// deleted if the conversion does not finish anyway.
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
     }
 
     /// Creates a new file (failing if it exists) and locks it exclusively.
@@ -112,6 +121,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            sync: true,
         })
     }
 
@@ -144,7 +154,11 @@ impl Storage for FileStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        if self.sync {
+            self.file.sync_data()
+        } else {
+            Ok(())
+        }
     }
 }
 

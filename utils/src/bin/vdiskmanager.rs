@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use vdisk::{
-    convert, create, AdapterType, CreateOptions, Disk, DiskType, ImageFormat, OpenOptions,
-    RangeKind,
+    convert, create, AdapterType, ConvertOptions, CreateOptions, Disk, DiskType, ImageFormat,
+    OpenOptions, RangeKind,
 };
 use vdisk_utils::{human_bytes, parse_size, progress_bar};
 
@@ -94,6 +94,10 @@ enum Command {
         /// Do not show progress.
         #[arg(short = 'q')]
         quiet: bool,
+        /// fsync the destination before exiting (like qemu-img, the default leaves
+        /// the written data to the host's normal write-back).
+        #[arg(long)]
+        sync: bool,
         /// Source.
         src: PathBuf,
         /// Destination (must not exist).
@@ -223,16 +227,20 @@ fn run_sub(c: Command) -> CliResult {
             disk_type,
             adapter,
             quiet,
+            sync,
             src,
             dst,
         } => {
             let disk_type: DiskType = disk_type.parse().map_err(err)?;
             let adapter: AdapterType = adapter.parse().map_err(err)?;
-            let target = CreateOptions {
-                disk_type,
-                capacity: 0,
-                adapter,
-                hw_version: vdisk::ops::create::DEFAULT_HW_VERSION,
+            let opts = ConvertOptions {
+                target: CreateOptions {
+                    disk_type,
+                    capacity: 0,
+                    adapter,
+                    hw_version: vdisk::ops::create::DEFAULT_HW_VERSION,
+                },
+                sync,
             };
             let bar = progress_bar(0, quiet, "converting");
             let mut progress = |done: u64, total: u64| {
@@ -241,7 +249,7 @@ fn run_sub(c: Command) -> CliResult {
                 true
             };
             let stats =
-                convert(&src, from.into(), &dst, to.into(), &target, &mut progress).map_err(err)?;
+                convert(&src, from.into(), &dst, to.into(), &opts, &mut progress).map_err(err)?;
             bar.finish_and_clear();
             if !quiet {
                 outln!(

@@ -1,10 +1,12 @@
 //! Converting between raw images and VMDK disks of any writable type, copying only
 //! what holds data. A reader thread reads and finds all-zero blocks while a writer
-//! thread writes, with a fixed number of buffers in flight (bounded memory).
+//! Worker threads each read a chunk, skip its all-zero blocks and write the rest,
+//! one chunk buffer per worker (bounded memory).
 
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::disk::{Disk, OpenOptions, RangeKind};
 use crate::error::{Error, ErrorKind, Result};
@@ -12,11 +14,11 @@ use crate::ops::create::{create, CreateOptions};
 use crate::storage::{FileStorage, LockMode, Storage};
 
 /// Bytes read per chunk.
-const CHUNK: usize = 4 << 20;
+const CHUNK: usize = 1 << 20;
 /// Granularity of zero detection (one grain of a default sparse extent).
 const BLOCK: usize = 64 << 10;
-/// Buffers in flight between reader and writer.
-const BUFFERS: usize = 4;
+/// Most worker threads of one conversion.
+const MAX_WORKERS: usize = 4;
 /// How much of the allocation map is held at once (bounds memory on huge disks).
 const MAP_WINDOW: u64 = 1 << 30;
 
@@ -36,6 +38,27 @@ pub struct ConvertStats {
     pub capacity: u64,
     /// Bytes of data written to the destination (zeros are skipped).
     pub written: u64,
+}
+
+/// How to convert.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// What to create for a VMDK destination (the capacity is taken from the source).
+    pub target: CreateOptions,
+    /// fsync the destination before returning. Off by default, like `qemu-img
+    /// convert` (its destination cache mode is `unsafe`): the output is complete in
+    /// the host's page cache and reaches the disk with normal write-back.
+    pub sync: bool,
+}
+
+impl ConvertOptions {
+    /// Convert into `disk_type` (for VMDK destinations), no final fsync.
+    pub fn new(disk_type: crate::DiskType) -> ConvertOptions {
+        ConvertOptions {
+            target: CreateOptions::new(disk_type, 0),
+            sync: false,
+        }
+    }
 }
 
 /// Progress callback: `(bytes done, bytes total)`; return `false` to cancel.
@@ -121,15 +144,15 @@ pub fn is_zero(block: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-/// Converts `src` (of format `src_format`) into a new `dst`. For a VMDK destination
-/// `target` says what to create (its capacity is taken from the source). Only
-/// ranges holding data are read, and blocks of zeros are not written.
+/// Converts `src` (of format `src_format`) into a new `dst`. Only ranges holding
+/// data are read, and blocks of zeros are not written. On failure the destination
+/// is removed.
 pub fn convert(
     src: &Path,
     src_format: ImageFormat,
     dst: &Path,
     dst_format: ImageFormat,
-    target: &CreateOptions,
+    opts: &ConvertOptions,
     progress: Progress<'_>,
 ) -> Result<ConvertStats> {
     let source = match src_format {
@@ -157,7 +180,8 @@ pub fn convert(
                 .open(dst)
                 .map_err(|e| Error::io(format!("cannot create {}", dst.display()), e))?;
             drop(f);
-            let s = FileStorage::open(dst, true, LockMode::Exclusive)?;
+            let mut s = FileStorage::open(dst, true, LockMode::Exclusive)?;
+            s.set_sync(opts.sync);
             s.set_len(capacity)
                 .map_err(|e| Error::io(format!("cannot size {}", dst.display()), e))?;
             Sink::Raw(s)
@@ -169,12 +193,12 @@ pub fn convert(
                     "the source is empty",
                 ));
             }
-            let opts = CreateOptions {
+            let create_opts = CreateOptions {
                 capacity,
-                ..target.clone()
+                ..opts.target.clone()
             };
-            create(dst, &opts)?;
-            Sink::Disk(OpenOptions::new().write(true).open(dst)?)
+            create(dst, &create_opts)?;
+            Sink::Disk(OpenOptions::new().write(true).sync(opts.sync).open(dst)?)
         }
     };
     let result = copy(&source, &sink, capacity, progress).and_then(|stats| {
@@ -205,12 +229,42 @@ fn remove_output(dst: &Path, format: ImageFormat) {
     let _ = std::fs::remove_file(dst);
 }
 
-/// A chunk read by the reader: where it goes, the buffer, and its non-zero runs.
-struct Chunk {
-    offset: u64,
-    buf: Vec<u8>,
-    len: usize,
-    runs: Vec<(usize, usize)>,
+/// Hands out chunks of the source's data ranges to the workers, a window of the
+/// allocation map at a time.
+struct ChunkCursor<'a> {
+    source: &'a Source,
+    capacity: u64,
+    window: u64,
+    ranges: std::collections::VecDeque<(u64, u64)>,
+    failed: bool,
+}
+
+impl ChunkCursor<'_> {
+    /// The next chunk `(offset, len)`, chunk-aligned so zero detection follows grains.
+    fn next(&mut self) -> Result<Option<(u64, usize)>> {
+        loop {
+            if self.failed {
+                return Ok(None);
+            }
+            if let Some((start, len)) = self.ranges.front_mut() {
+                let aligned_end = ((*start / CHUNK as u64) + 1) * CHUNK as u64;
+                let n = aligned_end.min(*start + *len) - *start;
+                let chunk = (*start, n as usize);
+                *start += n;
+                *len -= n;
+                if *len == 0 {
+                    self.ranges.pop_front();
+                }
+                return Ok(Some(chunk));
+            }
+            if self.window >= self.capacity {
+                return Ok(None);
+            }
+            let wlen = MAP_WINDOW.min(self.capacity - self.window);
+            self.ranges = self.source.data_ranges(self.window, wlen)?.into();
+            self.window += wlen;
+        }
+    }
 }
 
 fn copy(
@@ -219,64 +273,99 @@ fn copy(
     capacity: u64,
     progress: Progress<'_>,
 ) -> Result<ConvertStats> {
-    let (full_tx, full_rx) = sync_channel::<Chunk>(BUFFERS);
-    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
-    for _ in 0..BUFFERS {
-        let _ = empty_tx.send(vec![0u8; CHUNK]);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, MAX_WORKERS);
+    let cursor = Mutex::new(ChunkCursor {
+        source,
+        capacity,
+        window: 0,
+        ranges: Default::default(),
+        failed: false,
+    });
+    let done = AtomicU64::new(0);
+    let written = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    if !progress(0, capacity) {
+        return Err(Error::new(ErrorKind::Cancelled, "conversion cancelled"));
     }
+    // Each worker takes a chunk, reads it, finds its non-zero blocks and writes them;
+    // source and sink do positional I/O, so workers only share the cursor.
+    // `step` copies one chunk; Ok(false) when there is none left.
+    let step = |buf: &mut [u8]| -> Result<bool> {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let next = cursor
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Fail, "chunk cursor poisoned"))?
+            .next()?;
+        let Some((offset, len)) = next else {
+            return Ok(false);
+        };
+        let data = &mut buf[..len];
+        source.read(data, offset)?;
+        for (start, n) in nonzero_runs(data, offset) {
+            sink.write(&data[start..start + n], offset + start as u64)?;
+            written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        done.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(true)
+    };
+    let work = || -> Result<()> {
+        let mut buf = vec![0u8; CHUNK];
+        let r = (|| {
+            while step(&mut buf)? {}
+            Ok(())
+        })();
+        if r.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        r
+    };
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || read_chunks(source, capacity, &full_tx, &empty_rx));
-        let written = write_chunks(sink, capacity, &full_rx, &empty_tx, progress);
-        // Unblock the reader if the writer stopped early.
-        drop(full_rx);
-        drop(empty_tx);
-        let read = reader
-            .join()
-            .map_err(|_| Error::new(ErrorKind::Fail, "reader thread panicked"))?;
-        let written = written?;
-        read?;
-        Ok(ConvertStats { capacity, written })
-    })
-}
-
-fn read_chunks(
-    source: &Source,
-    capacity: u64,
-    out: &SyncSender<Chunk>,
-    free: &Receiver<Vec<u8>>,
-) -> Result<()> {
-    let mut window = 0u64;
-    while window < capacity {
-        let wlen = MAP_WINDOW.min(capacity - window);
-        for (start, len) in source.data_ranges(window, wlen)? {
-            let mut pos = start;
-            let end = start + len;
-            while pos < end {
-                // Keep chunks block-aligned so zero detection matches grains.
-                let aligned_end = ((pos / CHUNK as u64) + 1) * CHUNK as u64;
-                let n = (aligned_end.min(end) - pos) as usize;
-                let Ok(mut buf) = free.recv() else {
-                    return Ok(()); // writer gave up; its error is reported
-                };
-                source.read(&mut buf[..n], pos)?;
-                let runs = nonzero_runs(&buf[..n], pos);
-                if out
-                    .send(Chunk {
-                        offset: pos,
-                        buf,
-                        len: n,
-                        runs,
-                    })
-                    .is_err()
-                {
-                    return Ok(());
+        let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(work)).collect();
+        let mut result = Ok(());
+        let mut cancelled = false;
+        let progress_done = |p: Progress<'_>, cancelled: &mut bool| {
+            if !p(done.load(Ordering::Relaxed), capacity) {
+                *cancelled = true;
+                stop.store(true, Ordering::Relaxed);
+            }
+        };
+        // The calling thread copies chunks too, reporting progress after each.
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match step(&mut buf) {
+                Ok(true) => progress_done(progress, &mut cancelled),
+                Ok(false) => break,
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    result = Err(e);
+                    break;
                 }
-                pos += n as u64;
             }
         }
-        window += wlen;
-    }
-    Ok(())
+        for h in helpers {
+            let r = h
+                .join()
+                .map_err(|_| Error::new(ErrorKind::Fail, "conversion worker panicked"))
+                .and_then(|r| r);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        if cancelled {
+            return Err(Error::new(ErrorKind::Cancelled, "conversion cancelled"));
+        }
+        result?;
+        progress_done(progress, &mut cancelled);
+        Ok(ConvertStats {
+            capacity,
+            written: written.load(Ordering::Relaxed),
+        })
+    })
 }
 
 /// Runs of non-zero blocks in `buf` (which starts at disk offset `offset`), merged.
@@ -296,32 +385,6 @@ fn nonzero_runs(buf: &[u8], offset: u64) -> Vec<(usize, usize)> {
         pos += n;
     }
     runs
-}
-
-fn write_chunks(
-    sink: &Sink,
-    capacity: u64,
-    input: &Receiver<Chunk>,
-    free: &SyncSender<Vec<u8>>,
-    progress: Progress<'_>,
-) -> Result<u64> {
-    let mut written = 0u64;
-    if !progress(0, capacity) {
-        return Err(Error::new(ErrorKind::Cancelled, "conversion cancelled"));
-    }
-    while let Ok(chunk) = input.recv() {
-        for &(start, len) in &chunk.runs {
-            sink.write(&chunk.buf[start..start + len], chunk.offset + start as u64)?;
-            written += len as u64;
-        }
-        let done = chunk.offset + chunk.len as u64;
-        let _ = free.send(chunk.buf);
-        if !progress(done, capacity) {
-            return Err(Error::new(ErrorKind::Cancelled, "conversion cancelled"));
-        }
-    }
-    progress(capacity, capacity);
-    Ok(written)
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 
 pub mod header;
 
-use std::sync::{Mutex, MutexGuard};
+use std::collections::HashSet;
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::cache::GtCache;
 use crate::error::{Error, ErrorKind, Result};
@@ -47,6 +48,8 @@ struct State {
     file_len: u64,
     /// Data was written since the last sync.
     data_unsynced: bool,
+    /// Grains being allocated by a writer right now (their data is in flight).
+    inflight: HashSet<u64>,
 }
 
 /// A hosted sparse extent file.
@@ -62,8 +65,37 @@ pub struct SparseExtent {
     /// Sector ranges no grain may overlap: header, descriptor, directories.
     protected: Vec<(u64, u64, &'static str)>,
     state: Mutex<State>,
-    /// Serialises writers that allocate grains (never taken by readers).
-    alloc: Mutex<()>,
+    /// Signalled when in-flight grain allocations complete.
+    allocated: Condvar,
+}
+
+/// Grains claimed by one writer: reserved file space, not yet in the grain table.
+struct Claim {
+    first: u64,
+    n: u64,
+    sector: u64,
+    state: GrainState,
+}
+
+/// Releases a claim (also when the write failed) and wakes waiting writers.
+struct ClaimGuard<'a> {
+    ext: &'a SparseExtent,
+    first: u64,
+    n: u64,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = match self.ext.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for g in self.first..self.first + self.n {
+            st.inflight.remove(&g);
+        }
+        drop(st);
+        self.ext.allocated.notify_all();
+    }
 }
 
 fn le_u32s(bytes: &[u8], count: usize) -> Vec<u32> {
@@ -211,8 +243,9 @@ impl SparseExtent {
                 next_free,
                 file_len,
                 data_unsynced: false,
+                inflight: HashSet::new(),
             }),
-            alloc: Mutex::new(()),
+            allocated: Condvar::new(),
         };
         if writable {
             ext.mark_open_for_write()?;
@@ -481,50 +514,48 @@ impl SparseExtent {
                     pos += run;
                 }
                 ExtentMapping::Zero | ExtentMapping::Unallocated => {
-                    let _alloc = self
-                        .alloc
-                        .lock()
-                        .map_err(|_| Error::new(ErrorKind::Fail, "allocation lock poisoned"))?;
-                    // Another writer may have allocated the grain meanwhile.
-                    let (now, run2) = self.map(off, run as u64)?;
-                    if matches!(now, ExtentMapping::Data { .. }) {
-                        continue;
-                    }
-                    let run = run2 as usize;
+                    let Some(claim) = self.claim(off, run as u64)? else {
+                        continue; // allocated by another writer meanwhile
+                    };
+                    let _guard = ClaimGuard {
+                        ext: self,
+                        first: claim.first,
+                        n: claim.n,
+                    };
                     let in_grain = off % g;
-                    let first_grain = off / g;
-                    if in_grain == 0 && run as u64 >= g {
-                        // Whole grains: allocate them contiguously, write straight from
-                        // the caller's buffer.
-                        let n = run as u64 / g;
-                        let bytes = (n * g) as usize;
-                        let sector = self.allocate(n * (g / SECTOR_SIZE))?;
+                    if claim.n > 1 || (in_grain == 0 && rest.len() as u64 >= g) {
+                        // Whole grains, written straight from the caller's buffer.
+                        let bytes = (claim.n * g) as usize;
                         self.storage
-                            .write_all_at(&rest[..bytes], sector * SECTOR_SIZE)
+                            .write_all_at(&rest[..bytes], claim.sector * SECTOR_SIZE)
                             .map_err(|e| Error::io(format!("{}: write failed", self.name), e))?;
                         self.commit_grains(
-                            first_grain,
-                            n,
-                            sector,
-                            sector * SECTOR_SIZE + bytes as u64,
+                            claim.first,
+                            claim.n,
+                            claim.sector,
+                            claim.sector * SECTOR_SIZE + bytes as u64,
                         )?;
                         pos += bytes;
                     } else {
                         // A partial grain: build it from below, overlay the new data.
-                        let grain_start = first_grain * g;
+                        let grain_start = claim.first * g;
                         let valid = g.min(self.capacity_bytes - grain_start) as usize;
                         let mut buf = vec![0u8; g as usize];
-                        if now == ExtentMapping::Unallocated {
+                        if claim.state == GrainState::Unallocated {
                             below(grain_start, &mut buf[..valid])?;
                         }
                         let take = (g - in_grain).min(rest.len() as u64) as usize;
                         buf[in_grain as usize..in_grain as usize + take]
                             .copy_from_slice(&rest[..take]);
-                        let sector = self.allocate(g / SECTOR_SIZE)?;
                         self.storage
-                            .write_all_at(&buf, sector * SECTOR_SIZE)
+                            .write_all_at(&buf, claim.sector * SECTOR_SIZE)
                             .map_err(|e| Error::io(format!("{}: write failed", self.name), e))?;
-                        self.commit_grains(first_grain, 1, sector, sector * SECTOR_SIZE + g)?;
+                        self.commit_grains(
+                            claim.first,
+                            1,
+                            claim.sector,
+                            claim.sector * SECTOR_SIZE + g,
+                        )?;
                         pos += take;
                     }
                 }
@@ -533,12 +564,37 @@ impl SparseExtent {
         Ok(())
     }
 
-    /// Reserves `sectors` at the end of the file.
-    fn allocate(&self, sectors: u64) -> Result<u64> {
+    /// Claims the unallocated (or zeroed) grains at the start of `[off, off+len)` for
+    /// this writer and reserves file space for them. Waits while another writer is
+    /// allocating the first grain; returns `None` if that grain has data by now.
+    /// No lock is held once this returns: data is written outside any lock.
+    fn claim(&self, off: u64, len: u64) -> Result<Option<Claim>> {
+        let g = self.grain_bytes;
+        let first = off / g;
         let mut st = self.lock()?;
-        let start = st.next_free;
-        let end = start + sectors;
-        if end > MAX_SPARSE_FILE_SECTORS {
+        while st.inflight.contains(&first) {
+            st = self
+                .allocated
+                .wait(st)
+                .map_err(|_| Error::new(ErrorKind::Fail, "extent state poisoned"))?;
+        }
+        let state = self.grain_state(&mut st, first)?;
+        if let GrainState::Data(_) = state {
+            return Ok(None);
+        }
+        let mut n = 1;
+        if off % g == 0 {
+            let max_n = len / g;
+            while n < max_n
+                && !st.inflight.contains(&(first + n))
+                && self.grain_state(&mut st, first + n)? == state
+            {
+                n += 1;
+            }
+        }
+        let sectors = n * (g / SECTOR_SIZE);
+        let sector = st.next_free;
+        if sector + sectors > MAX_SPARSE_FILE_SECTORS {
             return Err(Error::new(
                 ErrorKind::FileTooBig,
                 format!(
@@ -547,8 +603,16 @@ impl SparseExtent {
                 ),
             ));
         }
-        st.next_free = end;
-        Ok(start)
+        st.next_free += sectors;
+        for i in 0..n {
+            st.inflight.insert(first + i);
+        }
+        Ok(Some(Claim {
+            first,
+            n,
+            sector,
+            state,
+        }))
     }
 
     /// Points grain table entries of `n` grains from `first` at consecutive grains

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: vdiskmanager convert vs qemu-img convert.
+
+Runs both tools interleaved, several rounds, on the 2 GiB images of
+../shared/bench/gen.py (random and text), for monolithicSparse -> raw and
+raw -> monolithicSparse. Before each timed run the page cache is synced so that
+write-back of the previous run does not land in the next one. Prints per-case
+median wall times, the ratio (qemu time / our time: >1 means we are faster) and
+peak memory (max RSS) of each tool.
+
+usage: convert_bench.py [--rounds N] [--size-mib N] [--workdir DIR] [--vdiskmanager PATH]
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GEN = os.path.join(ROOT, "..", "shared", "bench", "gen.py")
+
+
+def run_timed(cmd):
+    """Runs cmd under /usr/bin/time; returns (seconds, max_rss_kib)."""
+    subprocess.run(["sync"], check=True)
+    t0 = time.monotonic()
+    p = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    dt = time.monotonic() - t0
+    if p.returncode != 0:
+        sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr}")
+    rss = int(p.stderr.strip().splitlines()[-1])
+    return dt, rss
+
+
+def rm(*paths):
+    for p in paths:
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--workdir", default=os.path.join(ROOT, "target", "bench"))
+    ap.add_argument("--vdiskmanager", default=os.path.join(ROOT, "target", "release", "vdiskmanager"))
+    ap.add_argument("--kinds", default="random,text")
+    args = ap.parse_args()
+    if not shutil.which("qemu-img"):
+        sys.exit("qemu-img is not installed (apt-get install qemu-utils)")
+    if not os.path.exists(args.vdiskmanager):
+        sys.exit(f"{args.vdiskmanager} missing: run cargo build --release first")
+    os.makedirs(args.workdir, exist_ok=True)
+    vm = args.vdiskmanager
+    results = []
+    for kind in args.kinds.split(","):
+        raw = os.path.join(args.workdir, f"{kind}-{args.size_mib}.raw")
+        if not os.path.exists(raw):
+            subprocess.run([sys.executable, GEN, raw, str(args.size_mib), kind], check=True)
+        src_ours = os.path.join(args.workdir, f"{kind}-src-ours.vmdk")
+        src_qemu = os.path.join(args.workdir, f"{kind}-src-qemu.vmdk")
+        rm(src_ours, src_qemu)
+        # Sources for sparse -> raw: each tool reads its own sparse file (same content).
+        subprocess.run([vm, "convert", "-q", "-f", "raw", "-O", "vmdk", "-t", "0", raw, src_ours], check=True)
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o",
+                        "subformat=monolithicSparse", raw, src_qemu], check=True)
+        out_v = os.path.join(args.workdir, "out.vmdk")
+        out_r = os.path.join(args.workdir, "out.raw")
+        cases = {
+            f"{kind}: raw -> monolithicSparse": (
+                [vm, "convert", "-q", "-f", "raw", "-O", "vmdk", "-t", "0", raw, out_v],
+                ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", raw, out_v],
+            ),
+            f"{kind}: monolithicSparse -> raw": (
+                [vm, "convert", "-q", "-f", "vmdk", "-O", "raw", src_ours, out_r],
+                ["qemu-img", "convert", "-f", "vmdk", "-O", "raw", src_qemu, out_r],
+            ),
+        }
+        for name, (ours, qemu) in cases.items():
+            t_ours, t_qemu, m_ours, m_qemu = [], [], [], []
+            for _ in range(args.rounds):
+                for who, cmd, ts, ms in (("ours", ours, t_ours, m_ours), ("qemu", qemu, t_qemu, m_qemu)):
+                    rm(out_v, out_r)
+                    dt, rss = run_timed(cmd)
+                    ts.append(dt)
+                    ms.append(rss)
+            rm(out_v, out_r)
+            mo, mq = statistics.median(t_ours), statistics.median(t_qemu)
+            results.append((name, mo, mq, mq / mo, max(m_ours), max(m_qemu)))
+        rm(src_ours, src_qemu)
+    print(f"{'case':38} {'ours s':>8} {'qemu s':>8} {'ratio':>6} {'ours MiB':>9} {'qemu MiB':>9}")
+    for name, mo, mq, ratio, ro, rq in results:
+        print(f"{name:38} {mo:8.3f} {mq:8.3f} {ratio:5.2f}x {ro / 1024:9.1f} {rq / 1024:9.1f}")
+    print("ratio = qemu-img median time / vdiskmanager median time (higher is better for us)")
+
+
+if __name__ == "__main__":
+    main()
