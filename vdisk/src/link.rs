@@ -221,7 +221,7 @@ impl Link {
             let writable = how.writable && line.access == ExtentAccess::ReadWrite;
             let (extent, ext_path) = match (&line.kind, embedded.take()) {
                 (ExtentKind::Sparse, Some(sparse)) if i == 0 => {
-                    (Extent::Sparse(sparse), Some(path.to_path_buf()))
+                    (Extent::Sparse(Box::new(sparse)), Some(path.to_path_buf()))
                 }
                 (_, Some(_)) => {
                     return Err(Error::invalid(
@@ -244,7 +244,7 @@ impl Link {
                             .map_err(|e| Error::io(format!("cannot read {}", p.display()), e))?;
                         match sniff(&head[..n]) {
                             FileKind::HostedSparse => {
-                                Extent::Sparse(SparseExtent::open(storage, writable)?)
+                                Extent::Sparse(Box::new(SparseExtent::open(storage, writable)?))
                             }
                             FileKind::Cowd => {
                                 return Err(Error::new(

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Positional access to one file.
+#[allow(clippy::len_without_is_empty)] // a file's length is an I/O call, not a collection size
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (fewer only
     /// at the end of the file).

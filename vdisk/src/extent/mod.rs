@@ -38,7 +38,7 @@ pub enum Extent {
         len: u64,
     },
     /// Hosted sparse (`SPARSE`, KDMV).
-    Sparse(SparseExtent),
+    Sparse(Box<SparseExtent>),
 }
 
 impl Extent {

@@ -114,7 +114,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
 }
 
 fn create_inner(path: &Path, opts: &CreateOptions) -> Result<()> {
-    if opts.capacity == 0 || opts.capacity % SECTOR_SIZE != 0 {
+    if opts.capacity == 0 || !opts.capacity.is_multiple_of(SECTOR_SIZE) {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
             format!(

@@ -452,7 +452,7 @@ impl SparseExtent {
         while offset + covered < end {
             // Skip whole unallocated tables quickly.
             let next = if first == GrainState::Unallocated
-                && grain % self.gtes_per_gt == 0
+                && grain.is_multiple_of(self.gtes_per_gt)
                 && st.gd[(grain / self.gtes_per_gt) as usize] == 0
             {
                 covered = ((grain + self.gtes_per_gt) * g).min(end) - offset;
@@ -583,7 +583,7 @@ impl SparseExtent {
             return Ok(None);
         }
         let mut n = 1;
-        if off % g == 0 {
+        if off.is_multiple_of(g) {
             let max_n = len / g;
             while n < max_n
                 && !st.inflight.contains(&(first + n))

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every check and test. Installs the interoperability peers it needs (Debian
+# packages, as root) when they are missing. This is what CI runs (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=()
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
+command -v vmdkinfo >/dev/null 2>&1 || need+=(libvmdk-utils)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "run-tests: missing ${need[*]}: run as root (apt-get) or install them" >&2
+    exit 1
+  fi
+  echo "run-tests: installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace
+echo "== demo"
+./run-demo.sh >/dev/null
+echo "run-tests: all checks passed"
