@@ -303,6 +303,13 @@ impl Link {
                     Error::invalid("the extents add up to more than the capacity limit")
                 })?;
         }
+        if how.writable {
+            for e in &extents {
+                if e.line.access == ExtentAccess::ReadWrite {
+                    e.extent.begin_write()?;
+                }
+            }
+        }
         Ok(Link {
             path: path.to_path_buf(),
             descriptor: Mutex::new(descriptor),

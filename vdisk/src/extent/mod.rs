@@ -93,6 +93,14 @@ impl Extent {
         }
     }
 
+    /// Marks the extent open for writing (sparse extents set `uncleanShutdown`).
+    pub fn begin_write(&self) -> Result<()> {
+        match self {
+            Extent::Sparse(s) => s.begin_write(),
+            _ => Ok(()),
+        }
+    }
+
     /// Clean close: flush and clear open-for-write markers.
     pub fn close(&self) -> Result<()> {
         match self {

@@ -50,6 +50,9 @@ struct State {
     data_unsynced: bool,
     /// Grains being allocated by a writer right now (their data is in flight).
     inflight: HashSet<u64>,
+    /// Sorted first sectors of every grain table (primary and redundant); no grain may
+    /// overlap one.
+    gt_starts: Vec<u32>,
 }
 
 /// A hosted sparse extent file.
@@ -163,57 +166,84 @@ impl SparseExtent {
             file_sectors,
             "grain directory",
         )?;
-        if overlaps(&protected, header.gd_offset, gd_end).is_some() {
+        if let Some(what) = overlaps(&protected, header.gd_offset, gd_end) {
             return Err(Error::invalid(format!(
-                "grain directory at sector {} overlaps the header or descriptor",
+                "grain directory at sector {} overlaps {what}",
                 header.gd_offset
             )));
         }
         protected.push((header.gd_offset, gd_end, "the grain directory"));
         let gt_sectors = header.gt_sectors();
+
+        // The redundant directory's own region is placed first, so that no grain
+        // table may lie in it. A reader only needs the primary directory; a writer
+        // must keep both, so a bad redundant copy stops a writer only.
+        let mut rgd_problem: Option<Error> = None;
+        let mut rgd_end = None;
+        if header.has_redundant_gd() {
+            match check_directory_region(
+                header.rgd_offset,
+                gd_sectors,
+                file_sectors,
+                "redundant grain directory",
+            ) {
+                Ok(end) => match overlaps(&protected, header.rgd_offset, end) {
+                    Some(what) => {
+                        rgd_problem = Some(Error::invalid(format!(
+                            "redundant grain directory at sector {} overlaps {what}",
+                            header.rgd_offset
+                        )))
+                    }
+                    None => {
+                        protected.push((header.rgd_offset, end, "the redundant grain directory"));
+                        rgd_end = Some(end);
+                    }
+                },
+                Err(e) => rgd_problem = Some(e),
+            }
+        }
         let gd = read_directory(&storage, header.gd_offset, num_gdes, "grain directory")?;
         validate_directory(&gd, gt_sectors, file_sectors, &protected, "grain directory")?;
+        let mut gt_starts: Vec<u32> = gd.iter().copied().filter(|&e| e != 0).collect();
+        check_disjoint_tables(&mut gt_starts, gt_sectors, "grain directory")?;
 
         let mut rgd = None;
-        if header.has_redundant_gd() {
+        if rgd_end.is_some() {
             let loaded = (|| {
-                let end = check_directory_region(
-                    header.rgd_offset,
-                    gd_sectors,
-                    file_sectors,
-                    "redundant grain directory",
-                )?;
                 let table = read_directory(
                     &storage,
                     header.rgd_offset,
                     num_gdes,
                     "redundant grain directory",
                 )?;
-                let mut prot = protected.clone();
-                prot.push((header.rgd_offset, end, "the redundant grain directory"));
                 validate_directory(
                     &table,
                     gt_sectors,
                     file_sectors,
-                    &prot,
+                    &protected,
                     "redundant grain directory",
                 )?;
-                Ok::<_, Error>((table, end))
+                let mut all: Vec<u32> = table.iter().copied().filter(|&e| e != 0).collect();
+                all.extend_from_slice(&gt_starts);
+                check_disjoint_tables(&mut all, gt_sectors, "redundant grain directory")?;
+                Ok::<_, Error>((table, all))
             })();
             match loaded {
-                Ok((table, end)) => {
-                    protected.push((header.rgd_offset, end, "the redundant grain directory"));
+                Ok((table, all)) => {
                     rgd = Some(table);
+                    gt_starts = all;
                 }
-                // A reader only needs the primary directory; a writer must keep both.
-                Err(e) if writable => {
-                    return Err(Error::new(
-                        ErrorKind::NeedsRepair,
-                        format!("{e}; the disk needs a repair before it can be written"),
-                    ))
-                }
-                Err(e) => tracing::warn!("{name}: ignoring redundant grain directory: {e}"),
+                Err(e) => rgd_problem = Some(e),
             }
+        }
+        if let Some(e) = rgd_problem {
+            if writable {
+                return Err(Error::new(
+                    ErrorKind::NeedsRepair,
+                    format!("{e}; the disk needs a repair before it can be written"),
+                ));
+            }
+            tracing::warn!("{name}: ignoring the redundant grain directory: {e}");
         }
         if header.unclean_shutdown {
             tracing::warn!("{name}: the extent was not closed cleanly by its last writer");
@@ -224,7 +254,7 @@ impl SparseExtent {
         let grain = header.grain_size;
         let end_sectors = file_len.div_ceil(SECTOR_SIZE).max(header.overhead);
         let next_free = end_sectors.div_ceil(grain) * grain;
-        let mut ext = SparseExtent {
+        Ok(SparseExtent {
             storage,
             name: name.to_string(),
             writable,
@@ -244,20 +274,19 @@ impl SparseExtent {
                 file_len,
                 data_unsynced: false,
                 inflight: HashSet::new(),
+                gt_starts,
             }),
             allocated: Condvar::new(),
-        };
-        if writable {
-            ext.mark_open_for_write()?;
-        }
-        Ok(ext)
+        })
     }
 
-    fn mark_open_for_write(&mut self) -> Result<()> {
-        let st = self
-            .state
-            .get_mut()
-            .map_err(|_| Error::new(ErrorKind::Fail, "sparse extent state poisoned"))?;
+    /// Marks the extent as open for writing (`uncleanShutdown = 1`, synced). Called
+    /// once the whole link opened fine, so that a failed open never changes a file.
+    pub fn begin_write(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut st = self.lock()?;
         st.header.unclean_shutdown = true;
         let bytes = st.header.to_bytes();
         self.storage
@@ -427,7 +456,16 @@ impl SparseExtent {
                     )));
                 }
                 let sectors = needed.div_ceil(SECTOR_SIZE);
-                if let Some(what) = overlaps(&self.protected, sector, sector + sectors) {
+                let what = overlaps(&self.protected, sector, sector + sectors).or_else(|| {
+                    overlaps_table(
+                        &st.gt_starts,
+                        self.gt_bytes.div_ceil(SECTOR_SIZE),
+                        sector,
+                        sector + sectors,
+                    )
+                    .then_some("a grain table")
+                });
+                if let Some(what) = what {
                     return Err(Error::invalid(format!(
                         "{}: grain table {index} entry {} points to sector {sector}, into {what}",
                         self.name,
@@ -666,9 +704,11 @@ impl SparseExtent {
             Ok(s as u32)
         };
         let gt = place(st)?;
+        insert_sorted(&mut st.gt_starts, gt);
         st.gd[index as usize] = gt;
         if st.rgd.is_some() {
             let rgt = place(st)?;
+            insert_sorted(&mut st.gt_starts, rgt);
             if let Some(rgd) = st.rgd.as_mut() {
                 rgd[index as usize] = rgt;
             }
@@ -821,6 +861,31 @@ fn validate_directory(
         }
     }
     Ok(())
+}
+
+/// Sorts table start sectors and fails if two tables overlap (or are shared).
+fn check_disjoint_tables(starts: &mut [u32], gt_sectors: u64, what: &str) -> Result<()> {
+    starts.sort_unstable();
+    for w in starts.windows(2) {
+        if u64::from(w[1]) < u64::from(w[0]) + gt_sectors {
+            return Err(Error::invalid(format!(
+                "{what}: grain tables at sectors {} and {} overlap (two entries share a table)",
+                w[0], w[1]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `[start, end)` overlaps one of the (sorted, disjoint) grain tables.
+fn overlaps_table(starts: &[u32], gt_sectors: u64, start: u64, end: u64) -> bool {
+    let idx = starts.partition_point(|&s| u64::from(s) < end);
+    idx > 0 && u64::from(starts[idx - 1]) + gt_sectors > start
+}
+
+fn insert_sorted(v: &mut Vec<u32>, x: u32) {
+    let idx = v.partition_point(|&s| s < x);
+    v.insert(idx, x);
 }
 
 fn overlaps(ranges: &[(u64, u64, &'static str)], start: u64, end: u64) -> Option<&'static str> {
