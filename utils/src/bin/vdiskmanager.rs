@@ -169,15 +169,13 @@ fn main() -> ExitCode {
         .get(1)
         .is_some_and(|a| matches!(a.as_str(), "info" | "convert" | "map" | "meta" | "help"));
     let result = if is_sub {
-        match SubArgs::try_parse_from(&args) {
-            Ok(a) => run_sub(a.command),
-            Err(e) => e.exit(),
-        }
+        SubArgs::try_parse_from(&args)
+            .map_err(usage_error)
+            .and_then(|a| run_sub(a.command))
     } else {
-        match VmwareArgs::try_parse_from(&args) {
-            Ok(a) => run_vmware(a),
-            Err(e) => e.exit(),
-        }
+        VmwareArgs::try_parse_from(&args)
+            .map_err(usage_error)
+            .and_then(run_vmware)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,6 +184,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Help and version requests print and exit; argument errors become one line.
+fn usage_error(e: clap::Error) -> String {
+    use clap::error::ErrorKind as K;
+    if matches!(
+        e.kind(),
+        K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect();
+    format!(
+        "{} (see --help)",
+        message.join(" ").trim_start_matches("error: ")
+    )
 }
 
 fn run_vmware(a: VmwareArgs) -> CliResult {

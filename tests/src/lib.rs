@@ -1,0 +1,479 @@
+//! Shared helpers of the interoperability tests: they check that disks written by
+//! `vdisk` / `vdiskmanager` open in qemu-img, qemu-io and libvmdk (`vmdkinfo`), that
+//! disks written by qemu read identically through `vdisk`, and that genuine VMware
+//! samples read to their known content.
+//!
+//! External tools are required: a missing tool makes the test panic (CI must fail
+//! loudly, never skip). The `vdiskmanager` binary is built by cargo only when the
+//! `vdisk-utils` package is part of the build, so run these tests with
+//! `cargo test --workspace` (or build the workspace first).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+use vdisk::Disk;
+
+/// One kibibyte.
+pub const KIB: u64 = 1 << 10;
+/// One mebibyte.
+pub const MIB: u64 = 1 << 20;
+/// One gibibyte.
+pub const GIB: u64 = 1 << 30;
+
+/// Bytes per read when streaming through a whole disk.
+const STREAM_CHUNK: usize = 4 << 20;
+
+/// Returns the full path of the external tool `name` found in `PATH`; panics with a
+/// clear message if it is not installed (tests must fail, never skip silently).
+pub fn require_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "required external tool `{name}` was not found in PATH; install it \
+         (qemu-img/qemu-io: package qemu-utils; vmdkinfo: package libvmdk-utils) - \
+         these interoperability tests never skip"
+    );
+}
+
+/// The command line of `cmd args...` as text, for messages.
+fn command_line<S: AsRef<OsStr>>(cmd: &OsStr, args: &[S]) -> String {
+    let mut s = cmd.to_string_lossy().into_owned();
+    for a in args {
+        s.push(' ');
+        s.push_str(&a.as_ref().to_string_lossy());
+    }
+    s
+}
+
+/// Runs `cmd args...` and returns its output whatever the exit status. A tool name
+/// without a slash must be installed (see [`require_tool`]).
+pub fn run_unchecked<S: AsRef<OsStr>>(cmd: impl AsRef<OsStr>, args: &[S]) -> Output {
+    let cmd = cmd.as_ref();
+    let program = if cmd.to_string_lossy().contains('/') {
+        PathBuf::from(cmd)
+    } else {
+        require_tool(&cmd.to_string_lossy())
+    };
+    Command::new(&program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", command_line(cmd, args)))
+}
+
+/// Runs `cmd args...`, asserts that it succeeded (showing its stdout and stderr if
+/// not) and returns its output.
+pub fn run<S: AsRef<OsStr>>(cmd: impl AsRef<OsStr>, args: &[S]) -> Output {
+    let out = run_unchecked(cmd.as_ref(), args);
+    assert!(
+        out.status.success(),
+        "`{}` failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        command_line(cmd.as_ref(), args),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cmd args...`, asserts that it FAILED (non-zero exit) and returns its output.
+pub fn run_failing<S: AsRef<OsStr>>(cmd: impl AsRef<OsStr>, args: &[S]) -> Output {
+    let out = run_unchecked(cmd.as_ref(), args);
+    assert!(
+        !out.status.success(),
+        "`{}` succeeded but was expected to fail\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        command_line(cmd.as_ref(), args),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Stdout of a command as text.
+pub fn stdout_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stderr of a command as text.
+pub fn stderr_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A path as `&str` (test paths are always UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str()
+        .unwrap_or_else(|| panic!("non UTF-8 path {}", p.display()))
+}
+
+/// The `vdiskmanager` binary of the current build: `target/<profile>/vdiskmanager`,
+/// found from the test executable, which lives in `target/<profile>/deps/`. Panics
+/// with a clear message if it has not been built.
+pub fn vdiskmanager_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("cannot locate the test executable");
+    let deps = exe.parent().expect("test executable has no parent folder");
+    let profile_dir = if deps.file_name() == Some(OsStr::new("deps")) {
+        deps.parent().expect("deps folder has no parent")
+    } else {
+        deps
+    };
+    let bin = profile_dir.join(format!("vdiskmanager{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "the vdiskmanager binary was not found at {}: cargo builds it only when the \
+         vdisk-utils package is built too - run `cargo test --workspace` (or \
+         `cargo build -p vdisk-utils` before `cargo test -p vdisk-interop`)",
+        bin.display()
+    );
+    static FRESH: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    FRESH.get_or_init(|| assert_binary_is_fresh(&bin));
+    bin
+}
+
+/// Newest modification time of the `.rs` files under `dir` (recursively).
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_mtime(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        } else {
+            None
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// Panics if a source file of the library or of the tools is newer than the
+/// `vdiskmanager` binary: `cargo test -p vdisk-interop` does not rebuild it, and
+/// testing a stale binary would test old code.
+fn assert_binary_is_fresh(bin: &Path) {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    let sources = ["vdisk/src", "utils/src"]
+        .iter()
+        .filter_map(|d| newest_mtime(&workspace.join(d)))
+        .max();
+    if let (Some(built), Some(sources)) = (built, sources) {
+        assert!(
+            sources <= built,
+            "the vdiskmanager binary at {} is older than the sources of vdisk / \
+             vdisk-utils: rebuild it (`cargo build -p vdisk-utils`) or run the tests \
+             with `cargo test --workspace`",
+            bin.display()
+        );
+    }
+}
+
+/// Runs `vdiskmanager args...` and asserts success.
+pub fn vdiskmanager<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run(vdiskmanager_bin(), args)
+}
+
+/// Runs `vdiskmanager args...` and asserts failure.
+pub fn vdiskmanager_failing<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run_failing(vdiskmanager_bin(), args)
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Lowercase hex SHA-256 of a whole file, read in chunks.
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// Converts `disk` (format probed by qemu: `vmdk` or `raw`) into the raw file `out`
+/// with `qemu-img convert -O raw`.
+pub fn qemu_raw_to(disk: &Path, out: &Path) {
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", path_str(disk), path_str(out)],
+    );
+}
+
+/// The whole content of the VMDK `disk` as qemu reads it (`qemu-img convert -O raw`).
+pub fn qemu_raw(disk: &Path) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("qemu.raw");
+    qemu_raw_to(disk, &out);
+    std::fs::read(&out).expect("read qemu raw output")
+}
+
+/// Opens `path` read-only through the library, panicking with the error if it fails.
+pub fn open_ours(path: &Path) -> Disk {
+    Disk::open(path).unwrap_or_else(|e| panic!("vdisk cannot open {}: {e}", path.display()))
+}
+
+/// `len` bytes at `offset` of `path`, read through `vdisk::Disk`.
+pub fn read_ours_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let disk = open_ours(path);
+    let mut buf = vec![0u8; len];
+    disk.read_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("vdisk read of {len} at {offset} in {}: {e}", path.display()));
+    buf
+}
+
+/// The whole content of `path`, read through `vdisk::Disk`.
+pub fn read_all_ours(path: &Path) -> Vec<u8> {
+    let disk = open_ours(path);
+    let len = usize::try_from(disk.capacity()).expect("disk too big to read in memory");
+    let mut buf = vec![0u8; len];
+    for (i, chunk) in buf.chunks_mut(STREAM_CHUNK).enumerate() {
+        let off = (i * STREAM_CHUNK) as u64;
+        disk.read_at(chunk, off)
+            .unwrap_or_else(|e| panic!("vdisk read at {off} in {}: {e}", path.display()));
+    }
+    buf
+}
+
+/// SHA-256 of the whole content of `path` read through `vdisk::Disk` in chunks
+/// (bounded memory, for big disks).
+pub fn sha256_ours(path: &Path) -> String {
+    let disk = open_ours(path);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut off = 0u64;
+    while off < disk.capacity() {
+        let n = (disk.capacity() - off).min(STREAM_CHUNK as u64) as usize;
+        disk.read_at(&mut buf[..n], off)
+            .unwrap_or_else(|e| panic!("vdisk read at {off} in {}: {e}", path.display()));
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// Asserts that the disk `path` read through `vdisk::Disk` equals the raw file `raw`
+/// byte for byte (and in length), comparing chunk by chunk; the message names the
+/// first differing offset.
+pub fn assert_ours_equals_raw_file(path: &Path, raw: &Path) {
+    let disk = open_ours(path);
+    let raw_len = std::fs::metadata(raw).expect("raw file").len();
+    assert_eq!(
+        disk.capacity(),
+        raw_len,
+        "capacity of {} differs from the length of {}",
+        path.display(),
+        raw.display()
+    );
+    let mut f = File::open(raw).expect("open raw");
+    let mut ours = vec![0u8; STREAM_CHUNK];
+    let mut theirs = vec![0u8; STREAM_CHUNK];
+    let mut off = 0u64;
+    while off < raw_len {
+        let n = (raw_len - off).min(STREAM_CHUNK as u64) as usize;
+        disk.read_at(&mut ours[..n], off)
+            .unwrap_or_else(|e| panic!("vdisk read at {off} in {}: {e}", path.display()));
+        f.read_exact(&mut theirs[..n]).expect("read raw");
+        if ours[..n] != theirs[..n] {
+            let i = (0..n).find(|&i| ours[i] != theirs[i]).unwrap_or(0);
+            panic!(
+                "{} differs from {} at byte {}: vdisk read {:#04x}, expected {:#04x}",
+                path.display(),
+                raw.display(),
+                off + i as u64,
+                ours[i],
+                theirs[i]
+            );
+        }
+        off += n as u64;
+    }
+}
+
+/// Asserts that two byte slices are equal, naming the first differing offset
+/// instead of printing megabytes of bytes.
+pub fn assert_same_bytes(what: &str, got: &[u8], expected: &[u8]) {
+    assert_eq!(got.len(), expected.len(), "{what}: lengths differ");
+    if got != expected {
+        let i = (0..got.len()).find(|&i| got[i] != expected[i]).unwrap_or(0);
+        panic!(
+            "{what}: first difference at byte {i}: got {:#04x}, expected {:#04x}",
+            got[i], expected[i]
+        );
+    }
+}
+
+/// The folder of genuine VMware samples (`/work/shared/corpus/vmware` next to the
+/// workspace): `CARGO_MANIFEST_DIR/../../shared/corpus/vmware`.
+pub fn corpus_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/vmware");
+    assert!(
+        dir.join("README.md").is_file(),
+        "the VMware sample corpus was not found at {}",
+        dir.display()
+    );
+    dir
+}
+
+/// Deterministic pseudo-random bytes (splitmix64 of `seed` and the position), so
+/// every test run writes and expects the same data. No byte run of it is all zeros
+/// for long.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x0123_4567_89ab_cdef;
+    while out.len() < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        out.extend_from_slice(&(z | 1).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sorts byte ranges `(start, length)` and merges overlapping or adjacent ones.
+pub fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|r| r.1 > 0);
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, l) in ranges {
+        match out.last_mut() {
+            Some((ls, ll)) if *ls + *ll >= s => *ll = (*ll).max(s + l - *ls),
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+/// The merged ranges of a `qemu-img map --output=json`-style JSON array (also the
+/// output of `vdiskmanager map --json`) whose entries satisfy `keep`, which is given
+/// the entry's `(present, zero, data)` flags.
+pub fn ranges_of_map_json(json: &str, keep: impl Fn(bool, bool, bool) -> bool) -> Vec<(u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("map output is not JSON ({e}):\n{json}"));
+    let arr = v.as_array().expect("map output is not a JSON array");
+    let flag = |r: &serde_json::Value, name: &str| {
+        r[name]
+            .as_bool()
+            .unwrap_or_else(|| panic!("map entry without \"{name}\": {r}"))
+    };
+    let ranges = arr
+        .iter()
+        .filter(|r| keep(flag(r, "present"), flag(r, "zero"), flag(r, "data")))
+        .map(|r| {
+            (
+                r["start"].as_u64().expect("map entry without \"start\""),
+                r["length"].as_u64().expect("map entry without \"length\""),
+            )
+        })
+        .collect();
+    merge_ranges(ranges)
+}
+
+/// The merged ranges with `"data": true` of a map JSON array (see
+/// [`ranges_of_map_json`]).
+pub fn data_ranges_of_map_json(json: &str) -> Vec<(u64, u64)> {
+    ranges_of_map_json(json, |_, _, data| data)
+}
+
+/// The merged ranges that are present but read as zeros (zeroed grains) of a map
+/// JSON array (see [`ranges_of_map_json`]).
+pub fn zero_ranges_of_map_json(json: &str) -> Vec<(u64, u64)> {
+    ranges_of_map_json(json, |present, zero, data| present && zero && !data)
+}
+
+/// The JSON allocation map of `disk` printed by `qemu-img map --output=json`.
+pub fn qemu_map_json(disk: &Path) -> String {
+    let out = run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "vmdk", path_str(disk)],
+    );
+    stdout_text(&out)
+}
+
+/// The JSON allocation map of `disk` printed by `vdiskmanager map --json`.
+pub fn vdiskmanager_map_json(disk: &Path) -> String {
+    stdout_text(&vdiskmanager(&["map", "--json", path_str(disk)]))
+}
+
+/// Data ranges of `disk` according to `qemu-img map --output=json`.
+pub fn qemu_data_ranges(disk: &Path) -> Vec<(u64, u64)> {
+    data_ranges_of_map_json(&qemu_map_json(disk))
+}
+
+/// Data ranges of `disk` according to `vdiskmanager map --json`.
+pub fn vdiskmanager_data_ranges(disk: &Path) -> Vec<(u64, u64)> {
+    data_ranges_of_map_json(&vdiskmanager_map_json(disk))
+}
+
+/// `qemu-img info --output=json` of `disk`, parsed.
+pub fn qemu_info(disk: &Path) -> serde_json::Value {
+    let out = run("qemu-img", &["info", "--output=json", path_str(disk)]);
+    serde_json::from_slice(&out.stdout).expect("qemu-img info output is not JSON")
+}
+
+/// `vdiskmanager info --json` of `disk`, parsed.
+pub fn vdiskmanager_info(disk: &Path) -> serde_json::Value {
+    let out = vdiskmanager(&["info", "--json", path_str(disk)]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "vdiskmanager info --json output is not JSON ({e}):\n{}",
+            stdout_text(&out)
+        )
+    })
+}
+
+/// A fresh temporary folder, removed when dropped.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("cannot create a temporary folder")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_deterministic_and_seeded() {
+        assert_eq!(pattern(7, 1000), pattern(7, 1000));
+        assert_ne!(pattern(7, 64), pattern(8, 64));
+        assert_eq!(&pattern(3, 100)[..10], &pattern(3, 10)[..]);
+        assert!(pattern(1, 4096)
+            .chunks(8)
+            .all(|c| c.iter().any(|&b| b != 0)));
+    }
+
+    #[test]
+    fn ranges_merge_when_adjacent_or_overlapping() {
+        assert_eq!(
+            merge_ranges(vec![(10, 5), (0, 10), (20, 1), (15, 0), (21, 4), (22, 1)]),
+            vec![(0, 15), (20, 5)]
+        );
+    }
+
+    #[test]
+    fn map_json_data_ranges() {
+        let j = r#"[{"start":0,"length":512,"present":true,"zero":false,"data":true},
+                    {"start":512,"length":512,"present":true,"zero":false,"data":true},
+                    {"start":1024,"length":10,"present":true,"zero":true,"data":false},
+                    {"start":1034,"length":6,"present":false,"zero":true,"data":false}]"#;
+        assert_eq!(data_ranges_of_map_json(j), vec![(0, 1024)]);
+        assert_eq!(zero_ranges_of_map_json(j), vec![(1024, 10)]);
+    }
+}

@@ -1,0 +1,389 @@
+//! The `vdiskmanager` command line: one-line errors, `meta` round trips, `info --json`
+//! and refusal to write a disk another handle holds open for writing.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use vdisk::{Disk, OpenOptions};
+use vdisk_interop::{
+    path_str, qemu_info, qemu_raw, run, stderr_text, stdout_text, tempdir, vdiskmanager,
+    vdiskmanager_bin, vdiskmanager_failing, vdiskmanager_info, MIB,
+};
+
+/// Asserts the failure printed exactly one line, starting with
+/// `vdiskmanager: error:`, on stderr and nothing on stdout; returns that line.
+fn assert_one_error_line(what: &str, out: &Output) -> String {
+    assert!(!out.status.success(), "{what}: exit status {}", out.status);
+    let err = stderr_text(out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{what}: stderr is not one line:\n{err}");
+    assert!(
+        lines[0].starts_with("vdiskmanager: error:"),
+        "{what}: stderr is {err:?}"
+    );
+    assert!(
+        stdout_text(out).is_empty(),
+        "{what}: stdout is not empty: {}",
+        stdout_text(out)
+    );
+    lines[0].to_string()
+}
+
+/// Creates a disk of type `t` and `size` (vdiskmanager syntax) in `dir`.
+fn create(dir: &Path, name: &str, t: u32, size: &str) -> PathBuf {
+    let disk = dir.join(name);
+    vdiskmanager(&[
+        "-c",
+        "-q",
+        "-s",
+        size,
+        "-a",
+        "lsilogic",
+        "-t",
+        &t.to_string(),
+        path_str(&disk),
+    ]);
+    disk
+}
+
+/// All files in `dir`, sorted.
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn missing_disk_fails_with_one_error_line() {
+    let dir = tempdir();
+    let missing = dir.path().join("missing.vmdk");
+    for args in [
+        vec!["info", path_str(&missing)],
+        vec!["info", "--json", path_str(&missing)],
+        vec!["map", "--json", path_str(&missing)],
+        vec!["meta", "list", path_str(&missing)],
+        vec!["meta", "get", "adapterType", path_str(&missing)],
+        vec!["meta", "set", "k", "v", path_str(&missing)],
+    ] {
+        let line = assert_one_error_line(&args.join(" "), &vdiskmanager_failing(&args));
+        assert!(line.contains("missing.vmdk"), "{line}");
+    }
+    assert!(files_in(dir.path()).is_empty(), "no file may be created");
+}
+
+#[test]
+fn no_operation_fails_with_one_error_line() {
+    assert_one_error_line("no arguments", &vdiskmanager_failing::<&str>(&[]));
+}
+
+#[test]
+fn bad_disk_type_fails_with_one_error_line_and_creates_nothing() {
+    let dir = tempdir();
+    let disk = dir.path().join("d.vmdk");
+    for t in ["9", "7", "x", "monolithicSparsely"] {
+        let out = vdiskmanager_failing(&["-c", "-s", "64MB", "-t", t, path_str(&disk)]);
+        assert_one_error_line(&format!("-t {t}"), &out);
+    }
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, vec![1u8; 4096]).expect("write src");
+    let out = vdiskmanager_failing(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-t",
+        "42",
+        path_str(&src),
+        path_str(&disk),
+    ]);
+    assert_one_error_line("convert -t 42", &out);
+    assert_eq!(files_in(dir.path()), vec!["src.raw"]);
+}
+
+#[test]
+fn bad_size_fails_with_one_error_line_and_creates_nothing() {
+    let dir = tempdir();
+    let disk = dir.path().join("d.vmdk");
+    for size in ["12XB", "0", "0MB", "abc", ""] {
+        let out = vdiskmanager_failing(&["-c", "-s", size, "-t", "0", path_str(&disk)]);
+        assert_one_error_line(&format!("-s {size:?}"), &out);
+    }
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[test]
+fn malformed_arguments_fail_with_one_error_line_and_no_files() {
+    // Values that look like options (`-t -1`) and unknown options are rejected by
+    // the argument parser; its message is folded into the one error line too.
+    let dir = tempdir();
+    let disk = dir.path().join("d.vmdk");
+    for args in [
+        vec!["-c", "-s", "64MB", "-t", "-1", path_str(&disk)],
+        vec!["-c", "-s", "-5MB", "-t", "0", path_str(&disk)],
+        vec!["-c", "--bogus", "-s", "64MB", "-t", "0", path_str(&disk)],
+        vec!["info", "--bogus", path_str(&disk)],
+        vec!["convert", "-f", "qcow2", path_str(&disk), path_str(&disk)],
+        vec!["meta", "get", path_str(&disk)],
+    ] {
+        let out = vdiskmanager_failing(&args);
+        assert_one_error_line(&format!("{args:?}"), &out);
+    }
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[test]
+fn unknown_adapter_fails_with_one_error_line_and_creates_nothing() {
+    let dir = tempdir();
+    let disk = dir.path().join("d.vmdk");
+    for adapter in ["scsi", "sata", "nvme", ""] {
+        let out = vdiskmanager_failing(&[
+            "-c",
+            "-s",
+            "64MB",
+            "-a",
+            adapter,
+            "-t",
+            "0",
+            path_str(&disk),
+        ]);
+        let line = assert_one_error_line(&format!("-a {adapter:?}"), &out);
+        assert!(line.contains("adapter"), "{line}");
+    }
+    assert!(files_in(dir.path()).is_empty());
+}
+
+#[test]
+fn convert_to_existing_destination_fails_and_leaves_it_unchanged() {
+    let dir = tempdir();
+    let src = create(dir.path(), "src.vmdk", 0, "1MB");
+    let raw = dir.path().join("existing.raw");
+    std::fs::write(&raw, b"precious data").expect("write raw");
+    let out = vdiskmanager_failing(&[
+        "convert",
+        "-q",
+        "-f",
+        "vmdk",
+        "-O",
+        "raw",
+        path_str(&src),
+        path_str(&raw),
+    ]);
+    let line = assert_one_error_line("convert to an existing raw file", &out);
+    assert!(line.contains("existing.raw"), "{line}");
+    assert_eq!(std::fs::read(&raw).expect("read"), b"precious data");
+
+    // An existing VMDK destination (descriptor and extent) is left alone too.
+    let dst = create(dir.path(), "dst.vmdk", 2, "1MB");
+    let flat = dir.path().join("dst-flat.vmdk");
+    let descriptor_before = std::fs::read(&dst).expect("read");
+    let flat_before = std::fs::read(&flat).expect("read");
+    for t in ["0", "2"] {
+        let out = vdiskmanager_failing(&["convert", "-q", "-t", t, path_str(&src), path_str(&dst)]);
+        assert_one_error_line("convert to an existing vmdk", &out);
+        assert_eq!(std::fs::read(&dst).expect("read"), descriptor_before);
+        assert_eq!(std::fs::read(&flat).expect("read"), flat_before);
+    }
+
+    // Only the extent file of the destination exists: creation must fail without
+    // touching or removing it, and without leaving a descriptor behind.
+    let stray = dir.path().join("new-flat.vmdk");
+    std::fs::write(&stray, b"someone else's extent").expect("write");
+    let new = dir.path().join("new.vmdk");
+    let out = vdiskmanager_failing(&["convert", "-q", "-t", "2", path_str(&src), path_str(&new)]);
+    assert_one_error_line("convert onto an existing extent file", &out);
+    assert_eq!(
+        std::fs::read(&stray).expect("stray extent was removed"),
+        b"someone else's extent"
+    );
+    assert!(!new.exists(), "a descriptor was left behind");
+}
+
+/// `meta set` then `meta get` / `meta list` round-trip on `disk`; the value is
+/// visible through the library, the data and the disk's validity for qemu survive.
+fn meta_round_trip(disk: &Path) {
+    let what = disk.display().to_string();
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "vmdk",
+            "-c",
+            "write -P 0x3c 65024 1024",
+            path_str(disk),
+        ],
+    );
+    let content_before = qemu_raw(disk);
+
+    vdiskmanager(&["meta", "set", "interopKey", "first value", path_str(disk)]);
+    vdiskmanager(&[
+        "meta",
+        "set",
+        "ddb.interopKey",
+        "hello world 42",
+        path_str(disk),
+    ]);
+    for key in ["interopKey", "ddb.interopKey"] {
+        let out = vdiskmanager(&["meta", "get", key, path_str(disk)]);
+        assert_eq!(stdout_text(&out), "hello world 42\n", "{what}: get {key}");
+    }
+    let list = stdout_text(&vdiskmanager(&["meta", "list", path_str(disk)]));
+    let lines: Vec<&str> = list.lines().filter(|l| l.contains("interopKey")).collect();
+    assert_eq!(
+        lines,
+        vec![r#"interopKey = "hello world 42""#],
+        "{what}: list:\n{list}"
+    );
+    assert!(
+        list.contains(r#"adapterType = "lsilogic""#),
+        "{what}: list:\n{list}"
+    );
+
+    // The library re-parses the saved descriptor.
+    let d = Disk::open(disk).expect("open");
+    assert_eq!(d.metadata("interopKey").expect("key"), "hello world 42");
+    assert_eq!(d.metadata("adapterType").expect("key"), "lsilogic");
+    drop(d);
+    // The descriptor text itself holds the entry (read without the library).
+    let bytes = std::fs::read(disk).expect("read");
+    let text = String::from_utf8_lossy(&bytes);
+    assert_eq!(
+        text.matches(r#"ddb.interopKey = "hello world 42""#).count(),
+        1,
+        "{what}: descriptor text"
+    );
+    // Other tools still accept the disk and read the same data.
+    run("qemu-img", &["check", "-f", "vmdk", path_str(disk)]);
+    run("vmdkinfo", &[path_str(disk)]);
+    assert_eq!(qemu_raw(disk), content_before, "{what}: data changed");
+}
+
+#[test]
+fn meta_set_then_get_and_list_round_trip_on_monolithic_sparse() {
+    let dir = tempdir();
+    meta_round_trip(&create(dir.path(), "sparse.vmdk", 0, "16MB"));
+}
+
+#[test]
+fn meta_set_then_get_and_list_round_trip_on_monolithic_flat() {
+    let dir = tempdir();
+    meta_round_trip(&create(dir.path(), "flat.vmdk", 2, "16MB"));
+}
+
+#[test]
+fn meta_get_of_missing_key_fails() {
+    let dir = tempdir();
+    let disk = create(dir.path(), "d.vmdk", 0, "1MB");
+    let out = vdiskmanager_failing(&["meta", "get", "noSuchKey", path_str(&disk)]);
+    let line = assert_one_error_line("meta get noSuchKey", &out);
+    assert!(line.contains("noSuchKey"), "{line}");
+}
+
+#[test]
+fn info_json_reports_capacity_type_adapter_geometry_cid_and_extents() {
+    let dir = tempdir();
+    for (t, create_type, extent_type, extents) in [
+        (0, "monolithicSparse", "SPARSE", 1),
+        (1, "twoGbMaxExtentSparse", "SPARSE", 2),
+        (2, "monolithicFlat", "FLAT", 1),
+        (3, "twoGbMaxExtentFlat", "FLAT", 2),
+        (4, "vmfs", "VMFS", 1),
+    ] {
+        let size = 2047 * MIB + MIB;
+        let disk = create(
+            dir.path(),
+            &format!("t{t}.vmdk"),
+            t,
+            &format!("{}", size / 512),
+        );
+        let info = vdiskmanager_info(&disk);
+        let what = format!("type {t}: {info}");
+        assert_eq!(info["capacity"].as_u64(), Some(size), "{what}");
+        assert_eq!(info["createType"], create_type, "{what}");
+        assert_eq!(info["adapterType"], "lsilogic", "{what}");
+        for k in ["cylinders", "heads", "sectors"] {
+            assert!(
+                info["geometry"][k].as_u64().is_some_and(|n| n > 0),
+                "{what}"
+            );
+        }
+        let g = &info["geometry"];
+        assert!(
+            g["cylinders"].as_u64().unwrap_or(0)
+                * g["heads"].as_u64().unwrap_or(0)
+                * g["sectors"].as_u64().unwrap_or(0)
+                <= size / 512,
+            "{what}: geometry larger than the disk"
+        );
+        let cid = info["cid"].as_str().expect("cid is a string");
+        assert!(
+            cid.len() == 8 && cid.chars().all(|c| c.is_ascii_hexdigit()),
+            "{what}"
+        );
+        let qemu_cid = qemu_info(&disk)["format-specific"]["data"]["cid"].as_u64();
+        assert_eq!(
+            qemu_cid,
+            Some(u64::from(u32::from_str_radix(cid, 16).expect("hex"))),
+            "{what}: cid differs from qemu-img info"
+        );
+        let ext = info["chain"][0]["extents"]
+            .as_array()
+            .expect("chain[0].extents");
+        assert_eq!(ext.len(), extents, "{what}");
+        let sectors: u64 = ext.iter().map(|e| e["sectors"].as_u64().unwrap_or(0)).sum();
+        assert_eq!(sectors, size / 512, "{what}");
+        for e in ext {
+            assert_eq!(e["type"], extent_type, "{what}");
+            assert_eq!(e["access"], "RW", "{what}");
+            let file = e["file"].as_str().expect("extent file");
+            assert!(dir.path().join(file).is_file() || Path::new(file).is_file());
+            assert!(e["fileBytes"].as_u64().is_some(), "{what}");
+        }
+    }
+}
+
+#[test]
+fn meta_set_fails_with_lock_error_while_the_disk_is_open_for_writing() {
+    let dir = tempdir();
+    for (t, name) in [(0, "sparse.vmdk"), (2, "flat.vmdk"), (1, "split.vmdk")] {
+        let disk = create(dir.path(), name, t, "8MB");
+        let held = OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .expect("open for writing");
+        let out = vdiskmanager_failing(&["meta", "set", "k", "v", path_str(&disk)]);
+        let line = assert_one_error_line(&format!("{name}: meta set while held"), &out);
+        assert!(line.to_lowercase().contains("lock"), "{name}: {line}");
+        held.close().expect("close");
+
+        vdiskmanager(&["meta", "set", "k", "v", path_str(&disk)]);
+        let out = vdiskmanager(&["meta", "get", "k", path_str(&disk)]);
+        assert_eq!(stdout_text(&out), "v\n");
+    }
+    // The binary is the one the helpers found.
+    assert!(vdiskmanager_bin().is_file());
+}
+
+#[test]
+fn meta_set_too_big_for_the_embedded_descriptor_fails_and_changes_nothing() {
+    let dir = tempdir();
+    let disk = create(dir.path(), "d.vmdk", 0, "1MB");
+    run(
+        "qemu-io",
+        &["-f", "vmdk", "-c", "write -P 0x7 0 65536", path_str(&disk)],
+    );
+    let before = std::fs::read(&disk).expect("read");
+    let value = "x".repeat(12_000);
+    let out = vdiskmanager_failing(&["meta", "set", "big", &value, path_str(&disk)]);
+    assert_one_error_line("meta set of 12000 bytes", &out);
+    assert_eq!(std::fs::read(&disk).expect("read"), before, "disk changed");
+    // A value that fits still works, and qemu still reads the data.
+    let value = "y".repeat(8_000);
+    vdiskmanager(&["meta", "set", "big", &value, path_str(&disk)]);
+    let out = vdiskmanager(&["meta", "get", "big", path_str(&disk)]);
+    assert_eq!(stdout_text(&out).trim_end(), value);
+    run("qemu-img", &["check", "-f", "vmdk", path_str(&disk)]);
+    assert!(qemu_raw(&disk)[..65536].iter().all(|&b| b == 7));
+}
