@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: vdiskmanager convert vs qemu-img convert.
 
-Runs both tools interleaved, several rounds, on the 2 GiB images of
+Runs both tools interleaved (after one untimed warm-up run each), several rounds, on the 2 GiB images of
 ../shared/bench/gen.py (random and text), for monolithicSparse -> raw and
 raw -> monolithicSparse. Before each timed run the page cache is synced so that
 write-back of the previous run does not land in the next one. Prints per-case
@@ -9,6 +9,7 @@ median wall times, the ratio (qemu time / our time: >1 means we are faster) and
 peak memory (max RSS) of each tool.
 
 usage: convert_bench.py [--rounds N] [--size-mib N] [--workdir DIR] [--vdiskmanager PATH]
+                        [--kinds random,text] [--settle SECONDS] [--verbose]
 """
 import argparse
 import os
@@ -23,9 +24,16 @@ ROOT = os.path.dirname(HERE)
 GEN = os.path.join(ROOT, "..", "shared", "bench", "gen.py")
 
 
+SETTLE = 0.0
+
+
 def run_timed(cmd):
     """Runs cmd under /usr/bin/time; returns (seconds, max_rss_kib)."""
     subprocess.run(["sync"], check=True)
+    if SETTLE:
+        # On VMs, memory freed by deleting the previous output may be handed back
+        # to the host after a delay; new page-cache pages then cost host faults.
+        time.sleep(SETTLE)
     t0 = time.monotonic()
     p = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)
@@ -49,7 +57,12 @@ def main():
     ap.add_argument("--workdir", default=os.path.join(ROOT, "target", "bench"))
     ap.add_argument("--vdiskmanager", default=os.path.join(ROOT, "target", "release", "vdiskmanager"))
     ap.add_argument("--kinds", default="random,text")
+    ap.add_argument("--verbose", action="store_true", help="print every timing")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait after sync before each timed run (cold page-cache memory)")
     args = ap.parse_args()
+    global SETTLE
+    SETTLE = args.settle
     if not shutil.which("qemu-img"):
         sys.exit("qemu-img is not installed (apt-get install qemu-utils)")
     if not os.path.exists(args.vdiskmanager):
@@ -82,6 +95,10 @@ def main():
         }
         for name, (ours, qemu) in cases.items():
             t_ours, t_qemu, m_ours, m_qemu = [], [], [], []
+            # One untimed warm-up run of each tool (page cache, binaries).
+            for cmd in (ours, qemu):
+                rm(out_v, out_r)
+                run_timed(cmd)
             for _ in range(args.rounds):
                 for who, cmd, ts, ms in (("ours", ours, t_ours, m_ours), ("qemu", qemu, t_qemu, m_qemu)):
                     rm(out_v, out_r)
@@ -90,6 +107,8 @@ def main():
                     ms.append(rss)
             rm(out_v, out_r)
             mo, mq = statistics.median(t_ours), statistics.median(t_qemu)
+            if args.verbose:
+                print(f"{name}: ours {['%.2f' % t for t in t_ours]} qemu {['%.2f' % t for t in t_qemu]}", flush=True)
             results.append((name, mo, mq, mq / mo, max(m_ours), max(m_qemu)))
         rm(src_ours, src_qemu)
     print(f"{'case':38} {'ours s':>8} {'qemu s':>8} {'ratio':>6} {'ours MiB':>9} {'qemu MiB':>9}")
