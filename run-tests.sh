@@ -22,6 +22,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build (the interoperability tests run the vdiskmanager binary)"
+cargo build --workspace
 echo "== cargo test"
 cargo test --workspace
 echo "== demo"

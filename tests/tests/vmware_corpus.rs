@@ -94,14 +94,23 @@ fn vmware_vmfs_thick_reads_to_readme_sha256() {
 }
 
 #[test]
-fn vmware_stream_optimized_is_not_supported_yet() {
-    // Streaming (compressed) extents are not implemented yet: a later issue turns
-    // this into a read-to-sha256 test like the others.
+fn vmware_stream_optimized_reads_to_readme_sha256() {
+    // VMware's layout: grain directory near the front, only an end-of-stream marker.
+    vmware_sample_reads_to_readme_sha256("streamOptimized.vmdk", 10_485_760);
+}
+
+#[test]
+fn vmware_stream_optimized_refuses_write_opens() {
     let dir = corpus_copy();
     let disk = dir.path().join("streamOptimized.vmdk");
-    let e = Disk::open(&disk).expect_err("streamOptimized must not open yet");
-    assert_eq!(e.kind(), ErrorKind::DiskNotSupported, "{e}");
-    let out = vdiskmanager_failing(&["info", path_str(&disk)]);
+    let before = std::fs::read(&disk).unwrap();
+    let e = vdisk::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .expect_err("stream disks cannot be written in place");
+    assert_eq!(e.kind(), ErrorKind::NotSupported, "{e}");
+    assert_eq!(std::fs::read(&disk).unwrap(), before, "file changed");
+    let out = vdiskmanager_failing(&["meta", "set", "x", "y", path_str(&disk)]);
     assert!(
         stderr_text(&out).starts_with("vdiskmanager: error:"),
         "{}",

@@ -244,6 +244,16 @@ impl Disk {
             let piece = &mut buf[pos..pos + n];
             match mapping {
                 ExtentMapping::Data { file_offset } => link.read_data(ext, file_offset, piece)?,
+                ExtentMapping::Compressed {
+                    marker,
+                    grain,
+                    offset_in_grain,
+                } => link.extents()[ext].extent.read_compressed(
+                    marker,
+                    grain,
+                    offset_in_grain,
+                    piece,
+                )?,
                 ExtentMapping::Zero => piece.fill(0),
                 ExtentMapping::Unallocated => {
                     self.read_chain(level + 1, offset + pos as u64, piece)?
@@ -332,7 +342,7 @@ impl Disk {
         while pos < len {
             let (_, mapping, n) = link.map(offset + pos, len - pos)?;
             let kind = match mapping {
-                ExtentMapping::Data { .. } => RangeKind::Data,
+                ExtentMapping::Data { .. } | ExtentMapping::Compressed { .. } => RangeKind::Data,
                 ExtentMapping::Zero => RangeKind::Zero,
                 ExtentMapping::Unallocated => {
                     self.map_chain(level + 1, offset + pos, n, out)?;

@@ -29,3 +29,9 @@ pub const GT_CACHE_BYTES: usize = 4 << 20;
 
 /// Extent size VMware uses for the split (twoGbMaxExtent*) types: 2047 MiB.
 pub const SPLIT_EXTENT_SECTORS: u64 = 4_192_256;
+
+/// Most grains a streamOptimized extent without a usable grain directory may have
+/// (its map is then rebuilt in memory, 4 bytes per grain: 64 MiB).
+pub const MAX_REBUILT_GRAINS: u64 = 1 << 24;
+/// Padding or junk tolerated after a streamOptimized footer when looking for it.
+pub const MAX_TRAILING_BYTES: u64 = 1 << 20;

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::descriptor::{CreateType, Descriptor, ExtentAccess, ExtentKind, ExtentLine};
 use crate::error::{Error, ErrorKind, Result};
-use crate::extent::{BelowFn, Extent, ExtentMapping, FlatExtent, SparseExtent};
+use crate::extent::{BelowFn, Extent, ExtentMapping, FlatExtent, SparseExtent, StreamExtent};
 use crate::ids;
 use crate::limits::{MAX_CAPACITY_SECTORS, MAX_DESCRIPTOR_BYTES, SECTOR_SIZE};
 use crate::storage::{FileStorage, LockMode, Storage};
@@ -145,8 +145,13 @@ impl Link {
 
     /// A monolithic sparse file: the descriptor is embedded in the extent itself.
     fn open_monolithic(path: &Path, storage: FileStorage, how: LinkOpen) -> Result<Link> {
-        let sparse = SparseExtent::open(storage, how.writable)?;
-        let text = sparse.read_embedded_descriptor()?.ok_or_else(|| {
+        let sparse = open_hosted_sparse(storage, how.writable)?;
+        let text = match &sparse {
+            Extent::Sparse(s) => s.read_embedded_descriptor()?,
+            Extent::Stream(s) => s.read_embedded_descriptor()?,
+            _ => None,
+        };
+        let text = text.ok_or_else(|| {
             Error::new(
                 ErrorKind::IncorrectFileType,
                 "this sparse extent has no embedded descriptor (it is part of a split disk); open the descriptor file that names it",
@@ -171,7 +176,7 @@ impl Link {
         path: &Path,
         descriptor: Descriptor,
         home: DescriptorHome,
-        embedded: Option<SparseExtent>,
+        embedded: Option<Extent>,
         how: LinkOpen,
     ) -> Result<Link> {
         let lines = descriptor.extents();
@@ -220,9 +225,7 @@ impl Link {
                 })?;
             let writable = how.writable && line.access == ExtentAccess::ReadWrite;
             let (extent, ext_path) = match (&line.kind, embedded.take()) {
-                (ExtentKind::Sparse, Some(sparse)) if i == 0 => {
-                    (Extent::Sparse(Box::new(sparse)), Some(path.to_path_buf()))
-                }
+                (ExtentKind::Sparse, Some(sparse)) if i == 0 => (sparse, Some(path.to_path_buf())),
                 (_, Some(_)) => {
                     return Err(Error::invalid(
                         "an embedded descriptor must list exactly one SPARSE extent",
@@ -243,9 +246,7 @@ impl Link {
                             .read_at(&mut head, 0)
                             .map_err(|e| Error::io(format!("cannot read {}", p.display()), e))?;
                         match sniff(&head[..n]) {
-                            FileKind::HostedSparse => {
-                                Extent::Sparse(Box::new(SparseExtent::open(storage, writable)?))
-                            }
+                            FileKind::HostedSparse => open_hosted_sparse(storage, writable)?,
                             FileKind::Cowd => {
                                 return Err(Error::new(
                                     ErrorKind::DiskNotSupported,
@@ -482,6 +483,30 @@ impl Link {
     }
 }
 
+/// Opens a KDMV file as a sparse extent, or as a streamOptimized one if its grains
+/// are compressed (those cannot be opened for writing).
+fn open_hosted_sparse(storage: FileStorage, writable: bool) -> Result<Extent> {
+    // A header that cannot be read or parsed is reported by SparseExtent::open.
+    let mut head = [0u8; crate::extent::sparse::HEADER_SIZE];
+    let compressed = storage.read_exact_at(&mut head, 0).is_ok()
+        && crate::extent::sparse::SparseHeader::parse(&head).is_ok_and(|h| h.is_compressed());
+    if !compressed {
+        return Ok(Extent::Sparse(Box::new(SparseExtent::open(
+            storage, writable,
+        )?)));
+    }
+    if writable {
+        return Err(Error::new(
+            ErrorKind::NotSupported,
+            format!(
+                "{}: streamOptimized disks cannot be opened for writing; open read-only or convert to another type",
+                storage.path().display()
+            ),
+        ));
+    }
+    Ok(Extent::Stream(Box::new(StreamExtent::open(storage)?)))
+}
+
 /// Refuses descriptors this version cannot handle, with a specific message.
 fn check_supported(d: &Descriptor, t: &CreateType) -> Result<()> {
     match d.version() {
@@ -508,7 +533,8 @@ fn check_supported(d: &Descriptor, t: &CreateType) -> Result<()> {
         | CreateType::VmfsThin
         | CreateType::VmfsPreallocated
         | CreateType::VmfsEagerZeroedThick
-        | CreateType::VmfsThick => {}
+        | CreateType::VmfsThick
+        | CreateType::StreamOptimized => {}
         other => {
             return Err(Error::new(
                 ErrorKind::DiskNotSupported,

@@ -4,10 +4,12 @@
 
 pub mod flat;
 pub mod sparse;
+pub mod stream;
 
 use crate::error::{Error, ErrorKind, Result};
 pub use flat::FlatExtent;
 pub use sparse::SparseExtent;
+pub use stream::StreamExtent;
 
 /// Reads the chain below the current link: `(offset within this extent, buffer)`.
 /// Used to complete partially written grains (copy on write).
@@ -20,6 +22,15 @@ pub enum ExtentMapping {
     Data {
         /// Byte offset in the extent file.
         file_offset: u64,
+    },
+    /// Part of a compressed grain.
+    Compressed {
+        /// Sector of the grain's marker in the extent file.
+        marker: u64,
+        /// Index of the grain in the extent (its marker must say the same LBA).
+        grain: u64,
+        /// Byte offset of the range within the (decompressed) grain.
+        offset_in_grain: u64,
     },
     /// Reads as zeros and hides the parent.
     Zero,
@@ -39,6 +50,8 @@ pub enum Extent {
     },
     /// Hosted sparse (`SPARSE`, KDMV).
     Sparse(Box<SparseExtent>),
+    /// streamOptimized (compressed KDMV), read-only.
+    Stream(Box<StreamExtent>),
 }
 
 impl Extent {
@@ -48,6 +61,7 @@ impl Extent {
             Extent::Flat(f) => f.capacity_bytes(),
             Extent::Zero { len } => *len,
             Extent::Sparse(s) => s.capacity_bytes(),
+            Extent::Stream(s) => s.capacity_bytes(),
         }
     }
 
@@ -57,6 +71,7 @@ impl Extent {
             Extent::Flat(f) => Ok(f.map(offset, len)),
             Extent::Zero { len: cap } => Ok((ExtentMapping::Zero, len.min(cap - offset))),
             Extent::Sparse(s) => s.map(offset, len),
+            Extent::Stream(s) => s.map(offset, len),
         }
     }
 
@@ -69,6 +84,24 @@ impl Extent {
                 Ok(())
             }
             Extent::Sparse(s) => s.read_data(file_offset, buf),
+            Extent::Stream(_) => Err(Error::new(
+                ErrorKind::Fail,
+                "streamOptimized extents hold only compressed grains",
+            )),
+        }
+    }
+
+    /// Reads part of a compressed grain (from a [`ExtentMapping::Compressed`] answer).
+    pub fn read_compressed(
+        &self,
+        marker: u64,
+        grain: u64,
+        offset_in_grain: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        match self {
+            Extent::Stream(s) => s.read_compressed(marker, grain, offset_in_grain, buf),
+            _ => Err(Error::new(ErrorKind::Fail, "not a compressed extent")),
         }
     }
 
@@ -81,6 +114,10 @@ impl Extent {
                 "a ZERO extent cannot be written",
             )),
             Extent::Sparse(s) => s.write(offset, data, below),
+            Extent::Stream(_) => Err(Error::new(
+                ErrorKind::NotSupported,
+                "streamOptimized disks cannot be written in place; convert them to another type",
+            )),
         }
     }
 
@@ -90,6 +127,7 @@ impl Extent {
             Extent::Flat(f) => f.flush(),
             Extent::Zero { .. } => Ok(()),
             Extent::Sparse(s) => s.flush(),
+            Extent::Stream(_) => Ok(()),
         }
     }
 
@@ -107,6 +145,7 @@ impl Extent {
             Extent::Flat(f) => f.flush(),
             Extent::Zero { .. } => Ok(()),
             Extent::Sparse(s) => s.close(),
+            Extent::Stream(_) => Ok(()),
         }
     }
 
@@ -116,6 +155,7 @@ impl Extent {
             Extent::Flat(f) => f.file_len(),
             Extent::Zero { .. } => Ok(0),
             Extent::Sparse(s) => s.file_len(),
+            Extent::Stream(s) => Ok(s.file_len()),
         }
     }
 }

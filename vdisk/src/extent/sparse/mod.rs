@@ -551,6 +551,12 @@ impl SparseExtent {
                     self.lock()?.data_unsynced = true;
                     pos += run;
                 }
+                ExtentMapping::Compressed { .. } => {
+                    return Err(Error::new(
+                        ErrorKind::Fail,
+                        "a sparse extent has no compressed grains",
+                    ))
+                }
                 ExtentMapping::Zero | ExtentMapping::Unallocated => {
                     let Some(claim) = self.claim(off, run as u64)? else {
                         continue; // allocated by another writer meanwhile
