@@ -52,7 +52,7 @@ fn make_source(path: &Path) -> Vec<u8> {
 }
 
 fn is_sparse_type(t: u32) -> bool {
-    matches!(t, 0 | 1)
+    matches!(t, 0 | 1 | 5)
 }
 
 /// Converts a raw source into type `t` with vdiskmanager and checks the result with
@@ -143,6 +143,36 @@ fn raw_converted_to_type_opens_identically_in_qemu(t: u32) {
         &format!("type {t}: vdiskmanager convert back to raw"),
         &read_back,
         &source,
+    );
+}
+
+#[test]
+fn raw_converted_to_stream_optimized_reads_identical_in_qemu() {
+    raw_converted_to_type_opens_identically_in_qemu(5);
+}
+
+#[test]
+fn created_empty_stream_optimized_disk_checks_clean_in_qemu() {
+    let dir = tempdir();
+    let disk = dir.path().join("e.vmdk");
+    vdiskmanager(&["-c", "-q", "-s", "64MB", "-t", "5", path_str(&disk)]);
+    let out = run("qemu-img", &["check", "-f", "vmdk", path_str(&disk)]);
+    assert!(
+        stdout_text(&out).contains("No errors were found"),
+        "{}",
+        stdout_text(&out)
+    );
+    run("vmdkinfo", &[path_str(&disk)]);
+    assert_eq!(qemu_info(&disk)["virtual-size"].as_u64(), Some(64 * MIB));
+    assert_same_bytes(
+        "empty stream",
+        &qemu_raw(&disk),
+        &vec![0u8; (64 * MIB) as usize],
+    );
+    assert_same_bytes(
+        "empty stream (ours)",
+        &read_all_ours(&disk),
+        &vec![0u8; (64 * MIB) as usize],
     );
 }
 

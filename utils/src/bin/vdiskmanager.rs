@@ -94,6 +94,9 @@ enum Command {
         /// Do not show progress.
         #[arg(short = 'q')]
         quiet: bool,
+        /// zlib level (0-9) for streamOptimized destinations.
+        #[arg(long, default_value_t = vdisk::ops::convert::DEFAULT_COMPRESSION_LEVEL, value_parser = clap::value_parser!(u32).range(0..=9))]
+        level: u32,
         /// fsync the destination before exiting (like qemu-img, the default leaves
         /// the written data to the host's normal write-back).
         #[arg(long)]
@@ -246,6 +249,7 @@ fn run_sub(c: Command) -> CliResult {
             disk_type,
             adapter,
             quiet,
+            level,
             sync,
             src,
             dst,
@@ -260,6 +264,7 @@ fn run_sub(c: Command) -> CliResult {
                     hw_version: vdisk::ops::create::DEFAULT_HW_VERSION,
                 },
                 sync,
+                compression_level: level,
             };
             let bar = progress_bar(0, quiet, "converting");
             let mut progress = |done: u64, total: u64| {

@@ -10,13 +10,17 @@ use std::sync::Mutex;
 
 use crate::disk::{Disk, OpenOptions, RangeKind};
 use crate::error::{Error, ErrorKind, Result};
-use crate::ops::create::{create, CreateOptions};
+use crate::ops::create::{create, start_stream, CreateOptions};
+use crate::ops::stream_writer::{compress_grain, StreamWriter};
 use crate::storage::{FileStorage, LockMode, Storage};
+use std::collections::BTreeMap;
 
 /// Bytes read per chunk.
 const CHUNK: usize = 1 << 20;
 /// Granularity of zero detection (one grain of a default sparse extent).
 const BLOCK: usize = 64 << 10;
+/// zlib level of streamOptimized output unless chosen (zlib's own default).
+pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
 /// Most worker threads of one conversion.
 const MAX_WORKERS: usize = 4;
 /// How much of the allocation map is held at once (bounds memory on huge disks).
@@ -49,6 +53,8 @@ pub struct ConvertOptions {
     /// convert` (its destination cache mode is `unsafe`): the output is complete in
     /// the host's page cache and reaches the disk with normal write-back.
     pub sync: bool,
+    /// zlib level (0-9) of streamOptimized destinations.
+    pub compression_level: u32,
 }
 
 impl ConvertOptions {
@@ -57,6 +63,7 @@ impl ConvertOptions {
         ConvertOptions {
             target: CreateOptions::new(disk_type, 0),
             sync: false,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
         }
     }
 }
@@ -115,6 +122,32 @@ impl Source {
 enum Sink {
     Raw(FileStorage),
     Disk(Disk),
+    Stream(Box<Mutex<StreamSink>>),
+}
+
+/// The ordering stage in front of a stream writer: workers compress their chunks in
+/// parallel and hand them in with their sequence number; chunks are appended in order.
+/// Each worker commits its chunk before taking another, so at most one chunk per
+/// worker waits here.
+struct StreamSink {
+    writer: StreamWriter,
+    next_seq: u64,
+    pending: BTreeMap<u64, Vec<(u64, Vec<u8>)>>,
+}
+
+impl StreamSink {
+    fn commit(&mut self, seq: u64, grains: Vec<(u64, Vec<u8>)>) -> Result<u64> {
+        self.pending.insert(seq, grains);
+        let mut written = 0u64;
+        while let Some(grains) = self.pending.remove(&self.next_seq) {
+            for (grain, data) in grains {
+                written += data.len() as u64;
+                self.writer.append_grain(grain, &data)?;
+            }
+            self.next_seq += 1;
+        }
+        Ok(written)
+    }
 }
 
 impl Sink {
@@ -124,6 +157,10 @@ impl Sink {
                 .write_all_at(data, offset)
                 .map_err(|e| Error::io(format!("cannot write {}", s.path().display()), e)),
             Sink::Disk(d) => d.write_at(data, offset),
+            Sink::Stream(_) => Err(Error::new(
+                ErrorKind::Fail,
+                "stream sinks take whole chunks",
+            )),
         }
     }
 
@@ -133,6 +170,15 @@ impl Sink {
                 .sync()
                 .map_err(|e| Error::io(format!("cannot sync {}", s.path().display()), e)),
             Sink::Disk(d) => d.close(),
+            Sink::Stream(s) => {
+                let s = s
+                    .into_inner()
+                    .map_err(|_| Error::new(ErrorKind::Fail, "stream sink poisoned"))?;
+                if !s.pending.is_empty() {
+                    return Err(Error::new(ErrorKind::Fail, "stream chunks left unwritten"));
+                }
+                s.writer.finish()
+            }
         }
     }
 }
@@ -197,14 +243,25 @@ pub fn convert(
                 capacity,
                 ..opts.target.clone()
             };
-            create(dst, &create_opts)?;
-            Sink::Disk(OpenOptions::new().write(true).sync(opts.sync).open(dst)?)
+            if create_opts.disk_type == crate::DiskType::StreamOptimized {
+                let mut writer = start_stream(dst, &create_opts)?;
+                writer.set_sync(opts.sync);
+                Sink::Stream(Box::new(Mutex::new(StreamSink {
+                    writer,
+                    next_seq: 0,
+                    pending: BTreeMap::new(),
+                })))
+            } else {
+                create(dst, &create_opts)?;
+                Sink::Disk(OpenOptions::new().write(true).sync(opts.sync).open(dst)?)
+            }
         }
     };
-    let result = copy(&source, &sink, capacity, progress).and_then(|stats| {
-        sink.finish()?;
-        Ok(stats)
-    });
+    let result =
+        copy(&source, &sink, capacity, opts.compression_level, progress).and_then(|stats| {
+            sink.finish()?;
+            Ok(stats)
+        });
     if result.is_err() {
         remove_output(dst, dst_format);
     }
@@ -236,20 +293,19 @@ struct ChunkCursor<'a> {
     capacity: u64,
     window: u64,
     ranges: std::collections::VecDeque<(u64, u64)>,
-    failed: bool,
+    seq: u64,
 }
 
 impl ChunkCursor<'_> {
-    /// The next chunk `(offset, len)`, chunk-aligned so zero detection follows grains.
-    fn next(&mut self) -> Result<Option<(u64, usize)>> {
+    /// The next chunk `(sequence number, offset, len)`, in ascending offsets, aligned
+    /// to chunks, so that zero detection (and stream grains) follow the grain grid.
+    fn next(&mut self) -> Result<Option<(u64, u64, usize)>> {
         loop {
-            if self.failed {
-                return Ok(None);
-            }
             if let Some((start, len)) = self.ranges.front_mut() {
                 let aligned_end = ((*start / CHUNK as u64) + 1) * CHUNK as u64;
                 let n = aligned_end.min(*start + *len) - *start;
-                let chunk = (*start, n as usize);
+                let chunk = (self.seq, *start, n as usize);
+                self.seq += 1;
                 *start += n;
                 *len -= n;
                 if *len == 0 {
@@ -261,7 +317,22 @@ impl ChunkCursor<'_> {
                 return Ok(None);
             }
             let wlen = MAP_WINDOW.min(self.capacity - self.window);
-            self.ranges = self.source.data_ranges(self.window, wlen)?.into();
+            // Widen ranges to whole blocks (merging neighbours): a grain of the
+            // destination is then never split between two chunks.
+            let block = BLOCK as u64;
+            let mut ranges: std::collections::VecDeque<(u64, u64)> = Default::default();
+            for (start, len) in self.source.data_ranges(self.window, wlen)? {
+                let s = start / block * block;
+                let e = (start + len)
+                    .div_ceil(block)
+                    .saturating_mul(block)
+                    .min(self.capacity);
+                match ranges.back_mut() {
+                    Some((ps, pl)) if *ps + *pl >= s => *pl = e.max(*ps + *pl) - *ps,
+                    _ => ranges.push_back((s, e - s)),
+                }
+            }
+            self.ranges = ranges;
             self.window += wlen;
         }
     }
@@ -271,6 +342,7 @@ fn copy(
     source: &Source,
     sink: &Sink,
     capacity: u64,
+    level: u32,
     progress: Progress<'_>,
 ) -> Result<ConvertStats> {
     let workers = std::thread::available_parallelism()
@@ -282,7 +354,7 @@ fn copy(
         capacity,
         window: 0,
         ranges: Default::default(),
-        failed: false,
+        seq: 0,
     });
     let done = AtomicU64::new(0);
     let written = AtomicU64::new(0);
@@ -301,14 +373,32 @@ fn copy(
             .lock()
             .map_err(|_| Error::new(ErrorKind::Fail, "chunk cursor poisoned"))?
             .next()?;
-        let Some((offset, len)) = next else {
+        let Some((seq, offset, len)) = next else {
             return Ok(false);
         };
         let data = &mut buf[..len];
         source.read(data, offset)?;
-        for (start, n) in nonzero_runs(data, offset) {
-            sink.write(&data[start..start + n], offset + start as u64)?;
-            written.fetch_add(n as u64, Ordering::Relaxed);
+        let runs = nonzero_runs(data, offset);
+        if let Sink::Stream(stream) = sink {
+            // Compress here, in parallel with the other workers; append in order.
+            let mut grains = Vec::new();
+            for (start, n) in runs {
+                // Runs start on the block grid (chunks are block-aligned).
+                for (k, piece) in data[start..start + n].chunks(BLOCK).enumerate() {
+                    let at = offset + (start + k * BLOCK) as u64;
+                    grains.push((at / BLOCK as u64, compress_grain(piece, level)?));
+                }
+            }
+            let n = stream
+                .lock()
+                .map_err(|_| Error::new(ErrorKind::Fail, "stream sink poisoned"))?
+                .commit(seq, grains)?;
+            written.fetch_add(n, Ordering::Relaxed);
+        } else {
+            for (start, n) in runs {
+                sink.write(&data[start..start + n], offset + start as u64)?;
+                written.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         done.fetch_add(len as u64, Ordering::Relaxed);
         Ok(true)

@@ -9,6 +9,7 @@ use crate::extent::sparse::header::{new_sparse_header, SparseHeader};
 use crate::geometry::{AdapterType, Geometry};
 use crate::ids;
 use crate::limits::{MAX_CAPACITY_SECTORS, SECTOR_SIZE, SPLIT_EXTENT_SECTORS};
+use crate::ops::stream_writer::StreamWriter;
 use crate::storage::{FileStorage, Storage};
 
 /// Default grain of new sparse extents: 128 sectors (64 KiB), as VMware and qemu use.
@@ -134,6 +135,12 @@ fn create_inner(path: &Path, opts: &CreateOptions) -> Result<()> {
             ),
         ));
     }
+    if opts.disk_type == DiskType::StreamOptimized {
+        let writer = start_stream(path, opts)?;
+        return writer.finish().inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        });
+    }
     let (dir, stem) = base_name(path)?;
     let cid = ids::new_cid();
     let mut ddb = new_ddb(sectors, opts.adapter, opts.hw_version, cid);
@@ -217,6 +224,31 @@ fn create_inner(path: &Path, opts: &CreateOptions) -> Result<()> {
     }
     created.keep();
     Ok(())
+}
+
+/// Starts a new streamOptimized disk at `path`: header and embedded descriptor are
+/// written; the caller appends grains and calls `finish`. The file is removed again if
+/// this fails.
+pub fn start_stream(path: &Path, opts: &CreateOptions) -> Result<StreamWriter> {
+    let sectors = opts.capacity / SECTOR_SIZE;
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{} is not a usable file name", path.display()),
+        )
+    })?;
+    let cid = ids::new_cid();
+    let ddb = new_ddb(sectors, opts.adapter, opts.hw_version, cid);
+    let ddb_refs: Vec<(&str, &str)> = ddb.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let descriptor = Descriptor::new(
+        &DiskType::StreamOptimized.create_type(),
+        cid,
+        ids::CID_NO_PARENT,
+        None,
+        &[extent(sectors, ExtentKind::Sparse, name, None)],
+        &ddb_refs,
+    );
+    StreamWriter::create(path, opts.capacity, &descriptor.to_bytes())
 }
 
 fn extent(sectors: u64, kind: ExtentKind, file: &str, offset: Option<u64>) -> ExtentLine {

@@ -2,3 +2,4 @@
 
 pub mod convert;
 pub mod create;
+pub mod stream_writer;
