@@ -3,7 +3,7 @@
 //! Accepts vmware-vdiskmanager's syntax (`vdiskmanager -c -s 64MB -a lsilogic -t 0
 //! disk.vmdk`) and subcommands (`info`, `convert`, `map`, `meta`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -26,6 +26,9 @@ struct VmwareArgs {
     /// Create a disk (needs -s and -t; -a optional).
     #[arg(short = 'c')]
     create: bool,
+    /// Convert/copy SOURCE into the disk named last, of type -t.
+    #[arg(short = 'r', value_name = "SOURCE")]
+    convert_from: Option<PathBuf>,
     /// Capacity: a number with KB, MB, GB or TB, or a count of sectors.
     #[arg(short = 's', value_name = "SIZE")]
     size: Option<String>,
@@ -211,8 +214,33 @@ fn usage_error(e: clap::Error) -> String {
 }
 
 fn run_vmware(a: VmwareArgs) -> CliResult {
+    if let Some(src) = &a.convert_from {
+        if a.create {
+            return Err("-c and -r cannot be used together".into());
+        }
+        let dst = a.disk.as_ref().ok_or("-r needs a destination disk")?;
+        let disk_type: DiskType = a.disk_type.as_deref().unwrap_or("0").parse().map_err(err)?;
+        let adapter: AdapterType = a.adapter.parse().map_err(err)?;
+        return convert_cmd(
+            src,
+            ImageFormat::Vmdk,
+            dst,
+            ImageFormat::Vmdk,
+            ConvertOptions {
+                target: CreateOptions {
+                    disk_type,
+                    capacity: 0,
+                    adapter,
+                    hw_version: a.hw_version,
+                },
+                sync: false,
+                compression_level: vdisk::ops::convert::DEFAULT_COMPRESSION_LEVEL,
+            },
+            a.quiet,
+        );
+    }
     if !a.create {
-        return Err("no operation given (use -c to create, or a subcommand: info, convert, map, meta; see --help)".into());
+        return Err("no operation given (use -c to create, -r to convert, or a subcommand: info, convert, map, meta; see --help)".into());
     }
     let disk = a.disk.ok_or("-c needs a disk file name")?;
     let size = parse_size(a.size.as_deref().ok_or("-c needs a capacity (-s SIZE)")?)?;
@@ -266,29 +294,40 @@ fn run_sub(c: Command) -> CliResult {
                 sync,
                 compression_level: level,
             };
-            let bar = progress_bar(0, quiet, "converting");
-            let mut progress = |done: u64, total: u64| {
-                bar.set_length(total);
-                bar.set_position(done);
-                true
-            };
-            let stats =
-                convert(&src, from.into(), &dst, to.into(), &opts, &mut progress).map_err(err)?;
-            bar.finish_and_clear();
-            if !quiet {
-                outln!(
-                    "Converted {} to {} ({} virtual, {} of data written)",
-                    src.display(),
-                    dst.display(),
-                    human_bytes(stats.capacity),
-                    human_bytes(stats.written)
-                );
-            }
-            Ok(())
+            convert_cmd(&src, from.into(), &dst, to.into(), opts, quiet)
         }
         Command::Map { json, disk } => map(&disk, json),
         Command::Meta { action } => meta(action),
     }
+}
+
+/// Runs a conversion with a progress bar (on a terminal, unless quiet).
+fn convert_cmd(
+    src: &Path,
+    from: ImageFormat,
+    dst: &Path,
+    to: ImageFormat,
+    opts: ConvertOptions,
+    quiet: bool,
+) -> CliResult {
+    let bar = progress_bar(0, quiet, "converting");
+    let mut progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+        true
+    };
+    let stats = convert(src, from, dst, to, &opts, &mut progress).map_err(err)?;
+    bar.finish_and_clear();
+    if !quiet {
+        outln!(
+            "Converted {} to {} ({} virtual, {} of data written)",
+            src.display(),
+            dst.display(),
+            human_bytes(stats.capacity),
+            human_bytes(stats.written)
+        );
+    }
+    Ok(())
 }
 
 fn hex(v: Option<u32>) -> Value {
