@@ -387,3 +387,24 @@ fn meta_set_too_big_for_the_embedded_descriptor_fails_and_changes_nothing() {
     run("qemu-img", &["check", "-f", "vmdk", path_str(&disk)]);
     assert!(qemu_raw(&disk)[..65536].iter().all(|&b| b == 7));
 }
+
+#[test]
+fn rename_with_dash_n_then_unlink_removes_every_file() {
+    let dir = tempdir();
+    let disk = create(dir.path(), "a.vmdk", 1, "64MB");
+    let renamed = dir.path().join("b.vmdk");
+    vdiskmanager(&["-q", "-n", path_str(&disk), path_str(&renamed)]);
+    assert_eq!(
+        files_in(dir.path()),
+        vec!["b-s001.vmdk".to_string(), "b.vmdk".to_string()]
+    );
+    vdiskmanager_info(&renamed);
+    vdiskmanager(&["unlink", path_str(&renamed)]);
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "{:?}",
+        files_in(dir.path())
+    );
+    let out = vdiskmanager_failing(&["unlink", path_str(&renamed)]);
+    assert_one_error_line("unlink of a missing disk", &out);
+}

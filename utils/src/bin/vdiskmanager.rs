@@ -19,13 +19,16 @@ use vdisk_utils::{human_bytes, parse_size, progress_bar};
 #[command(
     name = "vdiskmanager",
     about = "Create, inspect and convert VMware virtual disks",
-    after_help = "Subcommands: info [--json] DISK | convert -f FMT -O FMT [-t N] SRC DST | map [--json] DISK | meta list|get KEY|set KEY VALUE DISK\n\
+    after_help = "Subcommands: info [--json] DISK | convert -f FMT -O FMT [-t N] SRC DST | map [--json] DISK | meta list|get KEY|set KEY VALUE DISK | unlink DISK\n\
                   Disk types (-t): 0 monolithicSparse, 1 twoGbMaxExtentSparse, 2 monolithicFlat, 3 twoGbMaxExtentFlat, 4 vmfs, 5 streamOptimized, 6 vmfsThin"
 )]
 struct VmwareArgs {
     /// Create a disk (needs -s and -t; -a optional).
     #[arg(short = 'c')]
     create: bool,
+    /// Rename SOURCE (descriptor and extent files) to the disk named last.
+    #[arg(short = 'n', value_name = "SOURCE")]
+    rename_from: Option<PathBuf>,
     /// Convert/copy SOURCE into the disk named last, of type -t.
     #[arg(short = 'r', value_name = "SOURCE")]
     convert_from: Option<PathBuf>,
@@ -117,6 +120,11 @@ enum Command {
         /// The disk.
         disk: PathBuf,
     },
+    /// Delete a disk: its descriptor and every extent file.
+    Unlink {
+        /// The disk.
+        disk: PathBuf,
+    },
     /// List, read or write disk database (DDB) entries.
     Meta {
         #[command(subcommand)]
@@ -171,9 +179,12 @@ fn err(e: vdisk::Error) -> String {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let is_sub = args
-        .get(1)
-        .is_some_and(|a| matches!(a.as_str(), "info" | "convert" | "map" | "meta" | "help"));
+    let is_sub = args.get(1).is_some_and(|a| {
+        matches!(
+            a.as_str(),
+            "info" | "convert" | "map" | "meta" | "unlink" | "help"
+        )
+    });
     let result = if is_sub {
         SubArgs::try_parse_from(&args)
             .map_err(usage_error)
@@ -214,6 +225,14 @@ fn usage_error(e: clap::Error) -> String {
 }
 
 fn run_vmware(a: VmwareArgs) -> CliResult {
+    if let Some(src) = &a.rename_from {
+        let dst = a.disk.as_ref().ok_or("-n needs a new disk name")?;
+        vdisk::ops::files::rename(src, dst).map_err(err)?;
+        if !a.quiet {
+            outln!("Renamed {} to {}", src.display(), dst.display());
+        }
+        return Ok(());
+    }
     if let Some(src) = &a.convert_from {
         if a.create {
             return Err("-c and -r cannot be used together".into());
@@ -297,6 +316,7 @@ fn run_sub(c: Command) -> CliResult {
             convert_cmd(&src, from.into(), &dst, to.into(), opts, quiet)
         }
         Command::Map { json, disk } => map(&disk, json),
+        Command::Unlink { disk } => vdisk::ops::files::unlink(&disk).map_err(err),
         Command::Meta { action } => meta(action),
     }
 }
