@@ -3,4 +3,5 @@
 pub mod convert;
 pub mod create;
 pub mod files;
+pub mod space;
 pub mod stream_writer;
