@@ -445,6 +445,29 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("cannot create a temporary folder")
 }
 
+/// Asserts `qemu-img compare` finds `a` (format `fa`) and `b` (format `fb`) identical.
+pub fn assert_qemu_identical(a: &Path, fa: &str, b: &Path, fb: &str, what: &str) {
+    let out = run(
+        "qemu-img",
+        &["compare", "-f", fa, "-F", fb, path_str(a), path_str(b)],
+    );
+    assert!(
+        stdout_text(&out).contains("Images are identical"),
+        "{what}: qemu-img compare: {}",
+        stdout_text(&out)
+    );
+}
+
+/// Asserts `qemu-img check` finds no errors in the VMDK `disk`.
+pub fn assert_qemu_check_clean(disk: &Path, what: &str) {
+    let out = run("qemu-img", &["check", "-f", "vmdk", path_str(disk)]);
+    assert!(
+        stdout_text(&out).contains("No errors were found"),
+        "{what}: qemu-img check: {}",
+        stdout_text(&out)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

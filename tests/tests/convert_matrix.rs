@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use vdisk_interop::{path_str, pattern, run, stdout_text, tempdir, vdiskmanager, MIB};
+use vdisk_interop::{
+    assert_qemu_check_clean, assert_qemu_identical, path_str, pattern, tempdir, vdiskmanager, MIB,
+};
 
 /// vdiskmanager `-t` numbers of every VMDK type we write.
 const TYPES: [u32; 7] = [0, 1, 2, 3, 4, 5, 6];
@@ -28,26 +30,6 @@ fn make_source(path: &Path) {
     std::fs::write(path, v).unwrap();
 }
 
-fn assert_identical(src_raw: &Path, dst: &Path, dst_format: &str, what: &str) {
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            dst_format,
-            path_str(src_raw),
-            path_str(dst),
-        ],
-    );
-    assert!(
-        stdout_text(&out).contains("Images are identical"),
-        "{what}: {}",
-        stdout_text(&out)
-    );
-}
-
 #[test]
 fn every_type_converts_to_every_type_identically() {
     let dir = tempdir();
@@ -67,7 +49,7 @@ fn every_type_converts_to_every_type_identically() {
             path_str(&raw),
             path_str(&src),
         ]);
-        assert_identical(&raw, &src, "vmdk", &format!("raw -> type {s}"));
+        assert_qemu_identical(&raw, "raw", &src, "vmdk", &format!("raw -> type {s}"));
         // To raw.
         let out_raw = dir.path().join(format!("src{s}-to.raw"));
         vdiskmanager(&[
@@ -80,7 +62,7 @@ fn every_type_converts_to_every_type_identically() {
             path_str(&src),
             path_str(&out_raw),
         ]);
-        assert_identical(&raw, &out_raw, "raw", &format!("type {s} -> raw"));
+        assert_qemu_identical(&raw, "raw", &out_raw, "raw", &format!("type {s} -> raw"));
         // To every VMDK type.
         for t in TYPES {
             let what = format!("type {s} -> type {t}");
@@ -108,14 +90,9 @@ fn every_type_converts_to_every_type_identically() {
                     path_str(&dst),
                 ]);
             }
-            assert_identical(&raw, &dst, "vmdk", &what);
+            assert_qemu_identical(&raw, "raw", &dst, "vmdk", &what);
             if matches!(t, 0 | 1 | 5) {
-                let out = run("qemu-img", &["check", "-f", "vmdk", path_str(&dst)]);
-                assert!(
-                    stdout_text(&out).contains("No errors were found"),
-                    "{what}: {}",
-                    stdout_text(&out)
-                );
+                assert_qemu_check_clean(&dst, &what);
             }
         }
     }

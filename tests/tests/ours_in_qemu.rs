@@ -78,31 +78,9 @@ fn raw_converted_to_type_opens_identically_in_qemu(t: u32) {
     ]);
 
     if is_sparse_type(t) {
-        let out = run("qemu-img", &["check", "-f", "vmdk", path_str(&dst)]);
-        assert!(
-            stdout_text(&out).contains("No errors were found"),
-            "qemu-img check of type {t}: {}",
-            stdout_text(&out)
-        );
+        vdisk_interop::assert_qemu_check_clean(&dst, &format!("type {t}"));
     }
-
-    let out = run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "vmdk",
-            path_str(&src),
-            path_str(&dst),
-        ],
-    );
-    assert!(
-        stdout_text(&out).contains("Images are identical"),
-        "qemu-img compare of type {t}: {}",
-        stdout_text(&out)
-    );
+    vdisk_interop::assert_qemu_identical(&src, "raw", &dst, "vmdk", &format!("type {t}"));
 
     run("vmdkinfo", &[path_str(&dst)]);
 

@@ -244,20 +244,7 @@ impl StreamExtent {
 
     /// The raw bytes of the embedded descriptor area, if any.
     pub fn read_embedded_descriptor(&self) -> Result<Option<Vec<u8>>> {
-        let h = &self.header;
-        if h.descriptor_offset == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0u8; (h.descriptor_size * SECTOR_SIZE) as usize];
-        self.storage
-            .read_exact_at(&mut buf, h.descriptor_offset * SECTOR_SIZE)
-            .map_err(|e| {
-                Error::io(
-                    format!("{}: cannot read the embedded descriptor", self.name),
-                    e,
-                )
-            })?;
-        Ok(Some(buf))
+        crate::extent::sparse::read_descriptor_area(&self.storage, &self.header, &self.name)
     }
 
     /// Marker sector of grain `grain`, 0 if the grain is not stored.

@@ -321,20 +321,7 @@ impl SparseExtent {
 
     /// The raw bytes of the embedded descriptor area, if the extent has one.
     pub fn read_embedded_descriptor(&self) -> Result<Option<Vec<u8>>> {
-        let h = self.header()?;
-        if h.descriptor_offset == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0u8; (h.descriptor_size * SECTOR_SIZE) as usize];
-        self.storage
-            .read_exact_at(&mut buf, h.descriptor_offset * SECTOR_SIZE)
-            .map_err(|e| {
-                Error::io(
-                    format!("{}: cannot read the embedded descriptor", self.name),
-                    e,
-                )
-            })?;
-        Ok(Some(buf))
+        read_descriptor_area(&self.storage, &self.header()?, &self.name)
     }
 
     /// Rewrites the embedded descriptor area (NUL padded); fails if the text does not fit.
@@ -806,6 +793,22 @@ impl SparseExtent {
     pub fn file_len(&self) -> Result<u64> {
         Ok(self.lock()?.file_len)
     }
+}
+
+/// Reads the embedded descriptor area a header points at (None if it has none).
+pub fn read_descriptor_area(
+    storage: &FileStorage,
+    h: &SparseHeader,
+    name: &str,
+) -> Result<Option<Vec<u8>>> {
+    if h.descriptor_offset == 0 {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; (h.descriptor_size * SECTOR_SIZE) as usize];
+    storage
+        .read_exact_at(&mut buf, h.descriptor_offset * SECTOR_SIZE)
+        .map_err(|e| Error::io(format!("{name}: cannot read the embedded descriptor"), e))?;
+    Ok(Some(buf))
 }
 
 fn region_end(start: u64, sectors: u64) -> Result<u64> {
