@@ -468,6 +468,33 @@ pub fn assert_qemu_check_clean(disk: &Path, what: &str) {
     );
 }
 
+/// Runs `vdiskmanager convert -q -f FROM -O TO [-t T] SRC DST` and asserts success.
+pub fn vdiskmanager_convert(from: &str, to: &str, t: Option<u32>, src: &Path, dst: &Path) {
+    let t = t.map(|t| t.to_string());
+    let mut args = vec!["convert", "-q", "-f", from, "-O", to];
+    if let Some(t) = &t {
+        args.extend(["-t", t.as_str()]);
+    }
+    args.extend([path_str(src), path_str(dst)]);
+    vdiskmanager(&args);
+}
+
+/// Writes into `disk` with one qemu-io run: `(pattern, offset, length)` each, pattern
+/// 0 meaning `write -z` (zero write).
+pub fn qemu_io_write(disk: &Path, writes: &[(u8, u64, u64)]) {
+    let mut args = vec!["-f".to_string(), "vmdk".to_string()];
+    for &(p, off, len) in writes {
+        args.push("-c".into());
+        args.push(if p == 0 {
+            format!("write -z {off} {len}")
+        } else {
+            format!("write -P {p:#04x} {off} {len}")
+        });
+    }
+    args.push(path_str(disk).to_string());
+    run("qemu-io", &args);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

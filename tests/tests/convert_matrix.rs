@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use vdisk_interop::{
-    assert_qemu_check_clean, assert_qemu_identical, path_str, pattern, tempdir, vdiskmanager, MIB,
+    assert_qemu_check_clean, assert_qemu_identical, path_str, pattern, tempdir, vdiskmanager,
+    vdiskmanager_convert, MIB,
 };
 
 /// vdiskmanager `-t` numbers of every VMDK type we write.
@@ -37,31 +38,11 @@ fn every_type_converts_to_every_type_identically() {
     make_source(&raw);
     for s in TYPES {
         let src = dir.path().join(format!("src{s}.vmdk"));
-        vdiskmanager(&[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-t",
-            &s.to_string(),
-            path_str(&raw),
-            path_str(&src),
-        ]);
+        vdiskmanager_convert("raw", "vmdk", Some(s), &raw, &src);
         assert_qemu_identical(&raw, "raw", &src, "vmdk", &format!("raw -> type {s}"));
         // To raw.
         let out_raw = dir.path().join(format!("src{s}-to.raw"));
-        vdiskmanager(&[
-            "convert",
-            "-q",
-            "-f",
-            "vmdk",
-            "-O",
-            "raw",
-            path_str(&src),
-            path_str(&out_raw),
-        ]);
+        vdiskmanager_convert("vmdk", "raw", None, &src, &out_raw);
         assert_qemu_identical(&raw, "raw", &out_raw, "raw", &format!("type {s} -> raw"));
         // To every VMDK type.
         for t in TYPES {
@@ -77,18 +58,7 @@ fn every_type_converts_to_every_type_identically() {
                     path_str(&dst),
                 ]);
             } else {
-                vdiskmanager(&[
-                    "convert",
-                    "-q",
-                    "-f",
-                    "vmdk",
-                    "-O",
-                    "vmdk",
-                    "-t",
-                    &t.to_string(),
-                    path_str(&src),
-                    path_str(&dst),
-                ]);
+                vdiskmanager_convert("vmdk", "vmdk", Some(t), &src, &dst);
             }
             assert_qemu_identical(&raw, "raw", &dst, "vmdk", &what);
             if matches!(t, 0 | 1 | 5) {

@@ -7,8 +7,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vdisk_interop::{
-    assert_ours_equals_raw_file, assert_same_bytes, path_str, pattern, qemu_info, qemu_raw,
-    qemu_raw_to, read_all_ours, read_ours_at, run, stdout_text, tempdir, vdiskmanager, KIB, MIB,
+    assert_ours_equals_raw_file, assert_same_bytes, path_str, pattern, qemu_info, qemu_io_write,
+    qemu_raw, qemu_raw_to, read_all_ours, read_ours_at, run, stdout_text, tempdir, vdiskmanager,
+    vdiskmanager_convert, KIB, MIB,
 };
 
 /// 72 MiB plus a tail that is not a multiple of the 64 KiB grain.
@@ -64,18 +65,7 @@ fn raw_converted_to_type_opens_identically_in_qemu(t: u32) {
     let back = dir.path().join("back.raw");
     let source = make_source(&src);
 
-    vdiskmanager(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "vmdk",
-        "-t",
-        &t.to_string(),
-        path_str(&src),
-        path_str(&dst),
-    ]);
+    vdiskmanager_convert("raw", "vmdk", Some(t), &src, &dst);
 
     if is_sparse_type(t) {
         vdisk_interop::assert_qemu_check_clean(&dst, &format!("type {t}"));
@@ -106,16 +96,7 @@ fn raw_converted_to_type_opens_identically_in_qemu(t: u32) {
         "qemu-img info virtual size of type {t}: {info}"
     );
 
-    vdiskmanager(&[
-        "convert",
-        "-q",
-        "-f",
-        "vmdk",
-        "-O",
-        "raw",
-        path_str(&dst),
-        path_str(&back),
-    ]);
+    vdiskmanager_convert("vmdk", "raw", None, &dst, &back);
     let read_back = std::fs::read(&back).expect("read back");
     assert_same_bytes(
         &format!("type {t}: vdiskmanager convert back to raw"),
@@ -202,20 +183,6 @@ fn qemu_io_writes(capacity: u64) -> Vec<(u8, u64, u64)> {
     ]
 }
 
-fn qemu_io_args(disk: &Path, writes: &[(u8, u64, u64)]) -> Vec<String> {
-    let mut args = vec!["-f".to_string(), "vmdk".to_string()];
-    for &(p, off, len) in writes {
-        args.push("-c".into());
-        args.push(if p == 0 {
-            format!("write -z {off} {len}")
-        } else {
-            format!("write -P {p:#04x} {off} {len}")
-        });
-    }
-    args.push(path_str(disk).to_string());
-    args
-}
-
 /// `vdiskmanager -c` of type `t`: qemu-img check / info and vmdkinfo accept it, and
 /// what qemu-io writes into it reads back identically through the library.
 fn created_type_accepts_qemu_io_writes(t: u32) {
@@ -244,7 +211,7 @@ fn created_type_accepts_qemu_io_writes(t: u32) {
     assert_eq!(read_all_ours(&disk), vec![0u8; capacity as usize]);
 
     let writes = qemu_io_writes(capacity);
-    run("qemu-io", &qemu_io_args(&disk, &writes));
+    qemu_io_write(&disk, &writes);
     if is_sparse_type(t) {
         run("qemu-img", &["check", "-f", "vmdk", path_str(&disk)]);
     }
@@ -332,7 +299,7 @@ fn created_split_type_beyond_one_extent_matches_qemu(t: u32) {
         (0, boundary - 512, 1024),
         (0x74, capacity - 1536, 1536),
     ];
-    run("qemu-io", &qemu_io_args(&disk, &writes));
+    qemu_io_write(&disk, &writes);
     if is_sparse_type(t) {
         run("qemu-img", &["check", "-f", "vmdk", path_str(&disk)]);
     }
@@ -392,7 +359,7 @@ fn created_odd_capacities_open_in_qemu_and_read_qemu_io_last_sector() {
             );
             run("vmdkinfo", &[path_str(&disk)]);
             let writes = [(0x5au8, capacity - 512, 512), (0x5b, 0, 100)];
-            run("qemu-io", &qemu_io_args(&disk, &writes));
+            qemu_io_write(&disk, &writes);
             run("qemu-img", &["check", "-f", "vmdk", path_str(&disk)]);
             let theirs = qemu_raw(&disk);
             assert!(

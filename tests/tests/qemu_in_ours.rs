@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use vdisk_interop::{
     assert_ours_equals_raw_file, assert_same_bytes, data_ranges_of_map_json, open_ours, path_str,
-    pattern, qemu_map_json, qemu_raw, qemu_raw_to, read_all_ours, read_ours_at, run, tempdir,
-    vdiskmanager_info, vdiskmanager_map_json, zero_ranges_of_map_json, GIB, KIB, MIB,
+    pattern, qemu_io_write, qemu_map_json, qemu_raw, qemu_raw_to, read_all_ours, read_ours_at, run,
+    tempdir, vdiskmanager_convert, vdiskmanager_info, vdiskmanager_map_json,
+    zero_ranges_of_map_json, GIB, KIB, MIB,
 };
 
 /// The small sizes every subformat is tried with.
@@ -40,21 +41,6 @@ fn qemu_create(dir: &Path, name: &str, subformat: &str, size: u64, extra: &str) 
         ],
     );
     disk
-}
-
-/// Writes with qemu-io, all in one qemu-io run, in order.
-fn qemu_io(disk: &Path, writes: &[Write]) {
-    let mut args = vec!["-f".to_string(), "vmdk".to_string()];
-    for &(p, off, len) in writes {
-        args.push("-c".into());
-        args.push(if p == 0 {
-            format!("write -z {off} {len}")
-        } else {
-            format!("write -P {p:#04x} {off} {len}")
-        });
-    }
-    args.push(path_str(disk).to_string());
-    run("qemu-io", &args);
 }
 
 /// The writes done on a disk of `size` bytes: data at the start, unaligned to grains
@@ -121,7 +107,7 @@ fn qemu_made_disk_reads_identical(subformat: &str, size: u64, extra: &str) {
     );
 
     let writes = writes_for(size);
-    qemu_io(&disk, &writes);
+    qemu_io_write(&disk, &writes);
     let theirs = qemu_raw(&disk);
     assert_same_bytes(
         &format!("{what}: qemu-img convert output vs the writes"),
@@ -191,7 +177,7 @@ fn qemu_made_zeroed_grain_sparse_has_zeroed_grains_over_old_data() {
         (0, 3 * 64 * KIB + 512, 512),
         (0, MIB, 64 * KIB),
     ];
-    qemu_io(&disk, &writes);
+    qemu_io_write(&disk, &writes);
     let zeroed = zero_ranges_of_map_json(&qemu_map_json(&disk));
     assert!(
         zeroed.contains(&(64 * KIB, 128 * KIB)),
@@ -253,7 +239,7 @@ fn qemu_made_disks_with_each_adapter_type_report_it_and_the_geometry() {
                 );
             }
             let writes = [(0x99, 4096, 4096), (0x98, size - 512, 512)];
-            qemu_io(&disk, &writes);
+            qemu_io_write(&disk, &writes);
             assert_same_bytes(
                 &what,
                 &read_all_ours(&disk),
@@ -286,7 +272,7 @@ fn qemu_made_split_disk_beyond_2gib_reads_identical(subformat: &str) {
         (0, 2 * GIB - 1024, 1536),
         (0, 2 * GIB + 64 * KIB - 2048, 1024),
     ];
-    qemu_io(&disk, &writes);
+    qemu_io_write(&disk, &writes);
     let raw = dir.path().join("qemu.raw");
     qemu_raw_to(&disk, &raw);
     let raw_file = File::open(&raw).expect("open raw");
@@ -349,7 +335,7 @@ fn ours_written_into_qemu_made_disk_reads_identical_in_qemu(subformat: &str, ext
     let disk = qemu_create(dir.path(), "qemu.vmdk", subformat, size, extra);
     // Some data written by qemu first, so the library also updates existing grains.
     let qemu_writes = [(0x10u8, 0, 256 * KIB), (0x20, 33 * MIB, 8 * KIB)];
-    qemu_io(&disk, &qemu_writes);
+    qemu_io_write(&disk, &qemu_writes);
     let mut expected = expected_content(size, &qemu_writes);
 
     let ours: [(u64, Vec<u8>); 7] = [
@@ -414,17 +400,10 @@ fn qemu_made_disk_converted_by_vdiskmanager_compares_identical_in_qemu() {
     let dir = tempdir();
     let size = 40 * MIB + 512;
     let src = qemu_create(dir.path(), "src.vmdk", "monolithicSparse", size, "");
-    qemu_io(&src, &writes_for(size));
+    qemu_io_write(&src, &writes_for(size));
     for t in [0, 1, 2, 3, 4, 6] {
         let dst = dir.path().join(format!("t{t}.vmdk"));
-        vdisk_interop::vdiskmanager(&[
-            "convert",
-            "-q",
-            "-t",
-            &t.to_string(),
-            path_str(&src),
-            path_str(&dst),
-        ]);
+        vdiskmanager_convert("vmdk", "vmdk", Some(t), &src, &dst);
         run(
             "qemu-img",
             &[

@@ -7,7 +7,7 @@ use tempfile::TempDir;
 use vdisk::{Disk, ErrorKind};
 use vdisk_interop::{
     corpus_dir, path_str, qemu_data_ranges, qemu_raw, read_all_ours, sha256_bytes, sha256_file,
-    sha256_ours, stderr_text, tempdir, vdiskmanager, vdiskmanager_data_ranges,
+    sha256_ours, stderr_text, tempdir, vdiskmanager_convert, vdiskmanager_data_ranges,
     vdiskmanager_failing, vdiskmanager_info,
 };
 
@@ -65,16 +65,7 @@ fn vmware_sample_reads_to_readme_sha256(file: &str, capacity: u64) {
     );
 
     let raw = dir.path().join("out.raw");
-    vdiskmanager(&[
-        "convert",
-        "-q",
-        "-f",
-        "vmdk",
-        "-O",
-        "raw",
-        path_str(&disk),
-        path_str(&raw),
-    ]);
+    vdiskmanager_convert("vmdk", "raw", None, &disk, &raw);
     assert_eq!(sha256_file(&raw), expected, "{file}: vdiskmanager convert");
 }
 
