@@ -72,6 +72,20 @@ pub fn progress_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
     bar
 }
 
+/// A progress bar counting steps (tables, files) rather than bytes, on stderr when
+/// it is a terminal and not `quiet`.
+pub fn step_bar(quiet: bool, what: &str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {percent}% ({eta})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

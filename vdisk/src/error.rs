@@ -54,6 +54,8 @@ pub enum ErrorKind {
     DiskNotSupported,
     /// A metadata key does not exist (`VIX_E_DISK_KEY_NOTFOUND`, 16052).
     KeyNotFound,
+    /// A check found damage that repair cannot undo (`VIX_E_DISK_CANTREPAIR`, 16062).
+    CantRepair,
     /// The disk's files are malformed: bad descriptor, header, tables (`VIX_E_DISK_INVALIDDISK`, 16063).
     InvalidDisk,
     /// The disk's capacity does not match what its parts say (`VIX_E_DISK_CAPACITY_MISMATCH`, 16067).
@@ -86,6 +88,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedDiskVersion => 16011,
             ErrorKind::DiskNotSupported => 16013,
             ErrorKind::KeyNotFound => 16052,
+            ErrorKind::CantRepair => 16062,
             ErrorKind::InvalidDisk => 16063,
             ErrorKind::CapacityMismatch => 16067,
         }
@@ -116,6 +119,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedDiskVersion => "unsupported disk version",
             ErrorKind::DiskNotSupported => "disk type not supported",
             ErrorKind::KeyNotFound => "metadata key not found",
+            ErrorKind::CantRepair => "disk damage cannot be repaired",
             ErrorKind::InvalidDisk => "invalid disk",
             ErrorKind::CapacityMismatch => "capacity mismatch",
         }

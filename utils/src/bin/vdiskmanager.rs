@@ -1,7 +1,9 @@
-//! `vdiskmanager`: create, inspect and convert virtual disks.
+//! `vdiskmanager`: create, inspect, convert, grow, shrink, defragment, check and
+//! repair virtual disks.
 //!
 //! Accepts vmware-vdiskmanager's syntax (`vdiskmanager -c -s 64MB -a lsilogic -t 0
-//! disk.vmdk`) and subcommands (`info`, `convert`, `map`, `meta`).
+//! disk.vmdk`, `-r`, `-n`, `-x`, `-k`, `-d`, `-e`, `-R`) and subcommands (`info`,
+//! `convert`, `map`, `meta`, `unlink`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,13 +14,13 @@ use vdisk::{
     convert, create, AdapterType, ConvertOptions, CreateOptions, Disk, DiskType, ImageFormat,
     OpenOptions, RangeKind,
 };
-use vdisk_utils::{human_bytes, parse_size, progress_bar};
+use vdisk_utils::{human_bytes, parse_size, progress_bar, step_bar};
 
 /// vmware-vdiskmanager style invocation (one operation per call).
 #[derive(Parser, Debug)]
 #[command(
     name = "vdiskmanager",
-    about = "Create, inspect and convert VMware virtual disks",
+    about = "Create, inspect, convert, grow, shrink, defragment, check and repair VMware virtual disks",
     after_help = "Subcommands: info [--json] DISK | convert -f FMT -O FMT [-t N] SRC DST | map [--json] DISK | meta list|get KEY|set KEY VALUE DISK | unlink DISK\n\
                   Disk types (-t): 0 monolithicSparse, 1 twoGbMaxExtentSparse, 2 monolithicFlat, 3 twoGbMaxExtentFlat, 4 vmfs, 5 streamOptimized, 6 vmfsThin"
 )]
@@ -32,6 +34,21 @@ struct VmwareArgs {
     /// Convert/copy SOURCE into the disk named last, of type -t.
     #[arg(short = 'r', value_name = "SOURCE")]
     convert_from: Option<PathBuf>,
+    /// Grow the disk to SIZE (not smaller than it is).
+    #[arg(short = 'x', value_name = "SIZE")]
+    grow_to: Option<String>,
+    /// Shrink the disk: reclaim zeroed grains and unused space (growable disks).
+    #[arg(short = 'k')]
+    shrink: bool,
+    /// Defragment the disk: store its grains in guest order (growable disks).
+    #[arg(short = 'd')]
+    defragment: bool,
+    /// Check the disk's metadata for consistency.
+    #[arg(short = 'e')]
+    check: bool,
+    /// Check the disk and repair what can be repaired.
+    #[arg(short = 'R')]
+    repair: bool,
     /// Capacity: a number with KB, MB, GB or TB, or a count of sectors.
     #[arg(short = 's', value_name = "SIZE")]
     size: Option<String>,
@@ -225,6 +242,22 @@ fn usage_error(e: clap::Error) -> String {
 }
 
 fn run_vmware(a: VmwareArgs) -> CliResult {
+    let operations = [
+        a.create,
+        a.rename_from.is_some(),
+        a.convert_from.is_some(),
+        a.grow_to.is_some(),
+        a.shrink,
+        a.defragment,
+        a.check,
+        a.repair,
+    ];
+    if operations.iter().filter(|&&o| o).count() > 1 {
+        return Err("give one operation per call (one of -c, -n, -r, -x, -k, -d, -e, -R)".into());
+    }
+    if a.grow_to.is_some() || a.shrink || a.defragment || a.check || a.repair {
+        return maintain(&a);
+    }
     if let Some(src) = &a.rename_from {
         let dst = a.disk.as_ref().ok_or("-n needs a new disk name")?;
         vdisk::ops::files::rename(src, dst).map_err(err)?;
@@ -259,7 +292,7 @@ fn run_vmware(a: VmwareArgs) -> CliResult {
         );
     }
     if !a.create {
-        return Err("no operation given (use -c to create, -r to convert, or a subcommand: info, convert, map, meta; see --help)".into());
+        return Err("no operation given (use -c to create, -r to convert, -x/-k/-d to grow, shrink or defragment, -e/-R to check or repair, or a subcommand: info, convert, map, meta, unlink; see --help)".into());
     }
     let disk = a.disk.ok_or("-c needs a disk file name")?;
     let size = parse_size(a.size.as_deref().ok_or("-c needs a capacity (-s SIZE)")?)?;
@@ -285,6 +318,91 @@ fn run_vmware(a: VmwareArgs) -> CliResult {
         );
     }
     Ok(())
+}
+
+/// Grow, shrink, defragment, check and repair (vmware-vdiskmanager -x, -k, -d, -e, -R).
+fn maintain(a: &VmwareArgs) -> CliResult {
+    let disk = a.disk.as_deref().ok_or("the operation needs a disk")?;
+    let name = disk.display();
+    let bar = step_bar(a.quiet, "working");
+    let mut progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+        true
+    };
+    if let Some(size) = &a.grow_to {
+        let size = parse_size(size)?;
+        let opts = vdisk::ops::grow::GrowOptions::default();
+        vdisk::ops::grow::grow(disk, size, &opts, &mut progress).map_err(err)?;
+        bar.finish_and_clear();
+        if !a.quiet {
+            outln!("Grew {name} to {}", human_bytes(size));
+        }
+        return Ok(());
+    }
+    if a.shrink {
+        let st = vdisk::ops::shrink::shrink(disk, &mut progress).map_err(err)?;
+        bar.finish_and_clear();
+        if !a.quiet {
+            outln!(
+                "Shrink completed: {name}: {} -> {} ({} zeroed grains reclaimed, {} pieces moved)",
+                human_bytes(st.bytes_before),
+                human_bytes(st.bytes_after),
+                st.zero_grains,
+                st.moved
+            );
+        }
+        return Ok(());
+    }
+    if a.defragment {
+        let st = vdisk::ops::defrag::defragment(disk, &mut progress).map_err(err)?;
+        bar.finish_and_clear();
+        if !a.quiet {
+            outln!(
+                "Defragmentation completed: {name}: {} fragments -> {}",
+                st.fragments_before,
+                st.fragments_after
+            );
+        }
+        return Ok(());
+    }
+    drop(bar);
+    let report = vdisk::ops::check::check(disk, a.repair).map_err(err)?;
+    for f in &report.findings {
+        let what = match (&f.repair, a.repair) {
+            (Some(r), true) => format!("repaired: {r}"),
+            (Some(r), false) => format!("repair would {r}"),
+            (None, _) => "cannot be repaired".to_string(),
+        };
+        outln!("{}: {} ({what})", f.file.display(), f.problem);
+    }
+    if report.is_clean() {
+        if !a.quiet {
+            outln!("The virtual disk, '{name}', is correctly configured.");
+        }
+        return Ok(());
+    }
+    match (a.repair, report.unrepaired()) {
+        (true, 0) => {
+            if !a.quiet {
+                outln!("The virtual disk, '{name}', was repaired.");
+            }
+            Ok(())
+        }
+        (true, n) => Err(format!("{name}: {} could not be repaired", problems(n))),
+        (false, n) => Err(format!(
+            "{name}: {} found; repair with vdiskmanager -R {name}",
+            problems(n)
+        )),
+    }
+}
+
+fn problems(n: usize) -> String {
+    if n == 1 {
+        "1 problem".to_string()
+    } else {
+        format!("{n} problems")
+    }
 }
 
 fn run_sub(c: Command) -> CliResult {

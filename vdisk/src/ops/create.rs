@@ -45,16 +45,19 @@ impl CreateOptions {
 }
 
 /// Files created so far, removed again if creation fails half way.
-struct Created(Vec<PathBuf>);
+#[derive(Default)]
+pub(crate) struct Created(Vec<PathBuf>);
 
 impl Created {
-    fn new_file(&mut self, path: &Path) -> Result<FileStorage> {
+    /// Creates `path` (which must not exist) and remembers it.
+    pub(crate) fn new_file(&mut self, path: &Path) -> Result<FileStorage> {
         let s = FileStorage::create_new(path)?;
         self.0.push(path.to_path_buf());
         Ok(s)
     }
 
-    fn keep(mut self) {
+    /// Keeps every file created (success).
+    pub(crate) fn keep(mut self) {
         self.0.clear();
     }
 }
@@ -251,7 +254,13 @@ pub fn start_stream(path: &Path, opts: &CreateOptions) -> Result<StreamWriter> {
     StreamWriter::create(path, opts.capacity, &descriptor.to_bytes())
 }
 
-fn extent(sectors: u64, kind: ExtentKind, file: &str, offset: Option<u64>) -> ExtentLine {
+/// A read-write extent line.
+pub(crate) fn extent(
+    sectors: u64,
+    kind: ExtentKind,
+    file: &str,
+    offset: Option<u64>,
+) -> ExtentLine {
     ExtentLine {
         access: ExtentAccess::ReadWrite,
         sectors,
@@ -263,7 +272,7 @@ fn extent(sectors: u64, kind: ExtentKind, file: &str, offset: Option<u64>) -> Ex
 }
 
 /// Extent sizes of a split disk (2047 MiB each, the last one the remainder).
-fn split(sectors: u64) -> impl Iterator<Item = u64> {
+pub(crate) fn split(sectors: u64) -> impl Iterator<Item = u64> {
     let n = sectors.div_ceil(SPLIT_EXTENT_SECTORS);
     (0..n).map(move |i| SPLIT_EXTENT_SECTORS.min(sectors - i * SPLIT_EXTENT_SECTORS))
 }
@@ -299,7 +308,9 @@ pub fn write_new_sparse(
             .write_all_at(&bytes, dir_start * SECTOR_SIZE)
             .map_err(io)
     };
-    write_dir(h.rgd_offset)?;
+    if h.has_redundant_gd() {
+        write_dir(h.rgd_offset)?;
+    }
     write_dir(h.gd_offset)?;
     if let Some(text) = descriptor {
         let area = (h.descriptor_size * SECTOR_SIZE) as usize;

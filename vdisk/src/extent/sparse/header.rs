@@ -243,7 +243,7 @@ pub fn new_sparse_header(
     grain_size: u64,
     descriptor_sectors: u64,
 ) -> Result<SparseHeader> {
-    let mut h = SparseHeader {
+    let h = SparseHeader {
         version: 1,
         flags: FLAG_VALID_NEWLINE | FLAG_REDUNDANT_GD,
         capacity,
@@ -257,18 +257,36 @@ pub fn new_sparse_header(
         unclean_shutdown: false,
         compress_algorithm: 0,
     };
-    // Validate through the parser's rules.
-    let mut probe = h.clone();
-    probe.gd_offset = 1;
-    SparseHeader::parse(&probe.to_bytes())?;
-    let tables = h.num_gdes() * h.gt_sectors();
-    let rgd = 1 + descriptor_sectors;
-    let gd = rgd + h.gd_sectors() + tables;
-    let end = gd + h.gd_sectors() + tables;
-    h.rgd_offset = rgd;
-    h.gd_offset = gd;
-    h.overhead = end.div_ceil(grain_size) * grain_size;
-    Ok(h)
+    h.fresh_layout()
+}
+
+impl SparseHeader {
+    /// This header with the layout of a freshly written extent: descriptor area
+    /// (if any) after the header, then the redundant directory and its tables (if
+    /// the flag is set), then the directory and its tables, all tables preallocated,
+    /// grains from a grain-aligned `overhead`. Validated through the parser's rules.
+    pub fn fresh_layout(mut self) -> Result<SparseHeader> {
+        let mut probe = self.clone();
+        probe.gd_offset = 1;
+        probe.rgd_offset = 1;
+        SparseHeader::parse(&probe.to_bytes())?;
+        let tables = self.num_gdes() * self.gt_sectors();
+        let mut at = 1;
+        if self.descriptor_offset != 0 {
+            self.descriptor_offset = 1;
+            at += self.descriptor_size;
+        }
+        if self.has_redundant_gd() {
+            self.rgd_offset = at;
+            at += self.gd_sectors() + tables;
+        } else {
+            self.rgd_offset = 0;
+        }
+        self.gd_offset = at;
+        let end = at + self.gd_sectors() + tables;
+        self.overhead = end.div_ceil(self.grain_size) * self.grain_size;
+        Ok(self)
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! their redundant copies), grain directories, header.
 
 pub mod header;
+pub mod offline;
 
 use std::collections::HashSet;
 use std::sync::{Condvar, Mutex, MutexGuard};
