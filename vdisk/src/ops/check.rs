@@ -175,7 +175,12 @@ fn check_inner(path: &Path, repair: bool) -> Result<CheckReport> {
     drop(top);
     // Whatever the tables say, the disk must open (and, for compressed extents whose
     // grains are only verified by decompressing them, read).
-    if report.findings.iter().all(|f| f.repairable) || !repair {
+    let verify = if repair {
+        report.findings.iter().all(|f| f.repairable)
+    } else {
+        report.findings.is_empty()
+    };
+    if verify {
         if let Err(e) = verify_opens(path, has_stream) {
             report
                 .findings
