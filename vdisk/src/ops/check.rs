@@ -45,7 +45,7 @@ pub struct Finding {
 pub struct CheckReport {
     /// Every problem found, in file order.
     pub findings: Vec<Finding>,
-    /// Whether repairs were written.
+    /// Whether repairs were written (false when only checking or nothing needed it).
     pub repaired: bool,
 }
 
@@ -55,8 +55,8 @@ impl CheckReport {
         self.findings.is_empty()
     }
 
-    /// Problems that remain after this call: all of them when only checking, those
-    /// repair could not fix otherwise.
+    /// Problems that remain after this call: all of them when nothing was repaired,
+    /// those repair could not fix otherwise.
     pub fn unrepaired(&self) -> usize {
         if self.repaired {
             self.findings.iter().filter(|f| !f.repairable).count()
@@ -81,7 +81,7 @@ fn check_inner(path: &Path, repair: bool) -> Result<CheckReport> {
     };
     let mut report = CheckReport {
         findings: Vec::new(),
-        repaired: repair,
+        repaired: false,
     };
     let top = FileStorage::open(path, repair, lock)?;
     let len = top
@@ -106,7 +106,7 @@ fn check_inner(path: &Path, repair: bool) -> Result<CheckReport> {
         if header.is_compressed() || header.gd_offset == GD_AT_END {
             has_stream = true;
         } else {
-            check_sparse(path, &top, header, repair, &mut report.findings)?;
+            report.repaired |= check_sparse(path, &top, header, repair, &mut report.findings)?;
         }
     } else {
         if len > MAX_DESCRIPTOR_BYTES as u64 {
@@ -142,7 +142,8 @@ fn check_inner(path: &Path, repair: bool) -> Result<CheckReport> {
             match line.kind {
                 ExtentKind::Flat | ExtentKind::Vmfs => {
                     let need = (line.offset.unwrap_or(0) + line.sectors) * SECTOR_SIZE;
-                    check_flat(&p, &storage, need, repair, &mut report.findings)?;
+                    report.repaired |=
+                        check_flat(&p, &storage, need, repair, &mut report.findings)?;
                 }
                 ExtentKind::Sparse => {
                     let mut h = [0u8; HEADER_SIZE];
@@ -161,7 +162,8 @@ fn check_inner(path: &Path, repair: bool) -> Result<CheckReport> {
                             has_stream = true
                         }
                         Ok(header) => {
-                            check_sparse(&p, &storage, header, repair, &mut report.findings)?
+                            report.repaired |=
+                                check_sparse(&p, &storage, header, repair, &mut report.findings)?
                         }
                         Err(e) => report
                             .findings
@@ -243,12 +245,12 @@ fn check_flat(
     need: u64,
     repair: bool,
     out: &mut Vec<Finding>,
-) -> Result<()> {
+) -> Result<bool> {
     let have = storage
         .len()
         .map_err(|e| Error::io(format!("cannot read the size of {}", p.display()), e))?;
     if have >= need {
-        return Ok(());
+        return Ok(false);
     }
     out.push(fixable(
         p,
@@ -263,7 +265,7 @@ fn check_flat(
             .and_then(|()| storage.sync())
             .map_err(|e| Error::io(format!("cannot extend {}", p.display()), e))?;
     }
-    Ok(())
+    Ok(repair)
 }
 
 /// The state of checking one hosted sparse file.
@@ -287,7 +289,7 @@ fn check_sparse(
     h: SparseHeader,
     repair: bool,
     out: &mut Vec<Finding>,
-) -> Result<()> {
+) -> Result<bool> {
     let file_len = storage
         .len()
         .map_err(|e| Error::io(format!("cannot read the size of {}", path.display()), e))?;
@@ -353,7 +355,7 @@ impl SparseCheck<'_> {
             && !self.overlaps_fixed(start, start + sectors)
     }
 
-    fn run(&mut self) -> Result<()> {
+    fn run(&mut self) -> Result<bool> {
         let h = self.h.clone();
         if h.descriptor_offset != 0 {
             self.fixed
@@ -405,7 +407,7 @@ impl SparseCheck<'_> {
                     h.gd_offset, h.rgd_offset
                 ),
             ));
-            return Ok(());
+            return Ok(false);
         }
         if !gd_ok {
             let at = self.allocate(gds)?;
@@ -503,6 +505,39 @@ impl SparseCheck<'_> {
         let gb = h.grain_bytes();
         let cap_bytes = h.capacity * SECTOR_SIZE;
         let zeroed_ok = h.zeroed_gte_enabled();
+        // Grains that an entry maps with no disagreement between the two copies.
+        let mut agreed = Bitmap::new(self.file_sectors.div_ceil(g));
+        for i in 0..n {
+            let p = gd[i];
+            let r = if redundant { rgd[i] } else { 0 };
+            let pt = if p != 0 {
+                Some(self.read_table(p, per)?)
+            } else {
+                None
+            };
+            let rt = if r != 0 {
+                Some(self.read_table(r, per)?)
+            } else {
+                None
+            };
+            for j in 0..per {
+                let grain = (i * per + j) as u64;
+                let valid = gb.min(cap_bytes.saturating_sub(grain * gb));
+                let x = match (pt.as_ref().map(|t| t[j]), rt.as_ref().map(|t| t[j])) {
+                    (Some(x), Some(y)) if x == y => x,
+                    (Some(x), None) | (None, Some(x)) => x,
+                    _ => continue,
+                };
+                let s = u64::from(x);
+                if x > GTE_ZEROED
+                    && s.is_multiple_of(g)
+                    && s / g < agreed.len
+                    && entry_sound(x, valid, zeroed_ok, &tables, self.file_len)
+                {
+                    agreed.set(s / g);
+                }
+            }
+        }
         let mut grain_starts = Bitmap::new(self.file_sectors.div_ceil(g));
         let mut data_writes: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut table_writes: Vec<(u32, Vec<u32>)> = Vec::new();
@@ -533,19 +568,12 @@ impl SparseCheck<'_> {
             for j in 0..per {
                 let grain = (i * per + j) as u64;
                 let valid = gb.min(cap_bytes.saturating_sub(grain * gb));
-                let sound = |x: u32| -> bool {
-                    match x {
-                        GTE_UNALLOCATED => true,
-                        GTE_ZEROED if zeroed_ok => true,
-                        _ => {
-                            let s = u64::from(x);
-                            let end = s + valid.div_ceil(SECTOR_SIZE).max(1);
-                            let k = tables.partition_point(|t| t.0 < end);
-                            valid > 0
-                                && s * SECTOR_SIZE < self.file_len
-                                && !(k > 0 && tables[k - 1].1 > s)
-                        }
-                    }
+                let sound = |x: u32| entry_sound(x, valid, zeroed_ok, &tables, self.file_len);
+                // A data entry that lands on a grain the other entries agree on is
+                // the damaged one of a pair.
+                let clash = |x: u32| {
+                    let s = u64::from(x);
+                    x > GTE_ZEROED && s.is_multiple_of(g) && s / g < agreed.len && agreed.get(s / g)
                 };
                 let a = pt.as_ref().map(|t| t[j]);
                 let b = rt.as_ref().map(|t| t[j]);
@@ -560,7 +588,7 @@ impl SparseCheck<'_> {
                     }
                     (Some(x), Some(y)) => {
                         differ += 1;
-                        match (sound(x), sound(y)) {
+                        match (sound(x) && !clash(x), sound(y) && !clash(y)) {
                             (true, true) if x == GTE_UNALLOCATED => y,
                             (true, _) => x,
                             (false, true) => y,
@@ -664,7 +692,7 @@ impl SparseCheck<'_> {
             }
         }
         if !self.repair {
-            return Ok(());
+            return Ok(false);
         }
         let dirs_changed =
             gd != orig_gd || (redundant && rgd != orig_rgd) || !gd_ok || (redundant && !rgd_ok);
@@ -674,7 +702,7 @@ impl SparseCheck<'_> {
             && !header_dirty
             && extend_to == self.file_len
         {
-            return Ok(());
+            return Ok(false);
         }
         let end = (self.next * SECTOR_SIZE).max(extend_to);
         if end > self.file_len {
@@ -717,11 +745,26 @@ impl SparseCheck<'_> {
                 .and_then(|()| self.storage.sync())
                 .map_err(self.io("cannot write the header"))?;
         }
-        Ok(())
+        Ok(true)
     }
 
     fn read_table(&self, sector: u32, per: usize) -> Result<Vec<u32>> {
         read_u32s(self.storage, u64::from(sector), per, "grain table")
+    }
+}
+
+/// Whether a grain table entry can be right: unallocated, a permitted zeroed grain,
+/// or data starting inside the file and clear of all metadata (`tables`, sorted).
+fn entry_sound(x: u32, valid: u64, zeroed_ok: bool, tables: &[(u64, u64)], file_len: u64) -> bool {
+    match x {
+        GTE_UNALLOCATED => true,
+        GTE_ZEROED if zeroed_ok => true,
+        _ => {
+            let s = u64::from(x);
+            let end = s + valid.div_ceil(SECTOR_SIZE).max(1);
+            let k = tables.partition_point(|t| t.0 < end);
+            valid > 0 && s * SECTOR_SIZE < file_len && !(k > 0 && tables[k - 1].1 > s)
+        }
     }
 }
 
