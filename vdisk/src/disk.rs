@@ -5,13 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::chain::{self, ChainPolicy};
 use crate::descriptor::ExtentAccess;
 use crate::disk_type::DiskType;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::ExtentMapping;
 use crate::geometry::Geometry;
 use crate::ids;
-use crate::limits::SECTOR_SIZE;
+use crate::limits::{MAX_CHAIN_DEPTH, SECTOR_SIZE};
 use crate::link::{Link, LinkOpen};
 
 /// How to open a disk.
@@ -20,6 +21,7 @@ pub struct OpenOptions {
     read_only: bool,
     lock: bool,
     sync: bool,
+    chain: ChainPolicy,
 }
 
 impl Default for OpenOptions {
@@ -28,6 +30,12 @@ impl Default for OpenOptions {
             read_only: true,
             lock: true,
             sync: true,
+            chain: ChainPolicy {
+                single_link: false,
+                check_cid: true,
+                strict_paths: false,
+                max_depth: MAX_CHAIN_DEPTH,
+            },
         }
     }
 }
@@ -55,6 +63,33 @@ impl OpenOptions {
     /// metadata order is kept either way.
     pub fn sync(mut self, yes: bool) -> OpenOptions {
         self.sync = yes;
+        self
+    }
+
+    /// Open only the named link, not its parents: ranges it does not hold read as
+    /// zeros (VDDK's `VIXDISKLIB_FLAG_OPEN_SINGLE_LINK`).
+    pub fn single_link(mut self, yes: bool) -> OpenOptions {
+        self.chain.single_link = yes;
+        self
+    }
+
+    /// Check that each parent's CID equals its child's parentCID (default). Turning
+    /// this off opens chains whose parent changed after the snapshot (forensics).
+    pub fn check_cid(mut self, yes: bool) -> OpenOptions {
+        self.chain.check_cid = yes;
+        self
+    }
+
+    /// Refuse parent names that are absolute, contain `..` or pass through symbolic
+    /// links (for untrusted images). Off by default.
+    pub fn strict_paths(mut self, yes: bool) -> OpenOptions {
+        self.chain.strict_paths = yes;
+        self
+    }
+
+    /// Most links in the chain (default [`MAX_CHAIN_DEPTH`]).
+    pub fn max_depth(mut self, links: usize) -> OpenOptions {
+        self.chain.max_depth = links.max(1);
         self
     }
 
@@ -178,17 +213,16 @@ impl Disk {
     }
 
     fn open_with(path: &Path, opts: &OpenOptions) -> Result<Disk> {
-        let link = Link::open(
-            path,
-            LinkOpen {
-                writable: !opts.read_only,
-                lock: opts.lock,
-                sync: opts.sync,
-            },
-        )?;
+        let how = LinkOpen {
+            writable: !opts.read_only,
+            lock: opts.lock,
+            sync: opts.sync,
+        };
+        let link = Link::open(path, how)?;
         let capacity = link.capacity();
+        let links = chain::open_chain(link, how, &opts.chain)?;
         Ok(Disk {
-            links: vec![link],
+            links,
             capacity,
             writable: !opts.read_only,
             cid_renewed: AtomicBool::new(false),
@@ -236,6 +270,10 @@ impl Disk {
             buf.fill(0);
             return Ok(());
         };
+        // A parent smaller than its child reads as zeros past its end.
+        let inside = link.capacity().saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (buf, past) = buf.split_at_mut(inside);
+        past.fill(0);
         let mut pos = 0usize;
         while pos < buf.len() {
             let want = (buf.len() - pos) as u64;
@@ -338,6 +376,9 @@ impl Disk {
             );
             return Ok(());
         };
+        let full = len;
+        let inside = link.capacity().saturating_sub(offset).min(len);
+        let len = inside;
         let mut pos = 0u64;
         while pos < len {
             let (_, mapping, n) = link.map(offset + pos, len - pos)?;
@@ -360,6 +401,18 @@ impl Disk {
                 },
             );
             pos += n;
+        }
+        // Past the end of a parent smaller than its child: nothing below either.
+        if inside < full {
+            push_range(
+                out,
+                MapRange {
+                    offset: offset + inside,
+                    length: full - inside,
+                    kind: RangeKind::Unallocated,
+                    depth: level,
+                },
+            );
         }
         Ok(())
     }

@@ -54,6 +54,10 @@ pub enum ErrorKind {
     DiskNotSupported,
     /// A metadata key does not exist (`VIX_E_DISK_KEY_NOTFOUND`, 16052).
     KeyNotFound,
+    /// A snapshot chain is deeper than the limit (`VIX_E_DISK_TOOMANYREDO`, 16028).
+    TooManyRedo,
+    /// A snapshot chain is malformed: a loop, a delta without a parent name (`VIX_E_DISK_INVALIDCHAIN`, 16030).
+    InvalidChain,
     /// A check found damage that repair cannot undo (`VIX_E_DISK_CANTREPAIR`, 16062).
     CantRepair,
     /// The disk's files are malformed: bad descriptor, header, tables (`VIX_E_DISK_INVALIDDISK`, 16063).
@@ -88,6 +92,8 @@ impl ErrorKind {
             ErrorKind::UnsupportedDiskVersion => 16011,
             ErrorKind::DiskNotSupported => 16013,
             ErrorKind::KeyNotFound => 16052,
+            ErrorKind::TooManyRedo => 16028,
+            ErrorKind::InvalidChain => 16030,
             ErrorKind::CantRepair => 16062,
             ErrorKind::InvalidDisk => 16063,
             ErrorKind::CapacityMismatch => 16067,
@@ -119,6 +125,8 @@ impl ErrorKind {
             ErrorKind::UnsupportedDiskVersion => "unsupported disk version",
             ErrorKind::DiskNotSupported => "disk type not supported",
             ErrorKind::KeyNotFound => "metadata key not found",
+            ErrorKind::TooManyRedo => "snapshot chain too deep",
+            ErrorKind::InvalidChain => "invalid snapshot chain",
             ErrorKind::CantRepair => "disk damage cannot be repaired",
             ErrorKind::InvalidDisk => "invalid disk",
             ErrorKind::CapacityMismatch => "capacity mismatch",

@@ -23,6 +23,7 @@
 //! falls through to parents. See `ARCHITECTURE.md`.
 
 pub mod cache;
+pub mod chain;
 pub mod descriptor;
 pub mod disk;
 pub mod disk_type;

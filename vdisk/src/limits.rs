@@ -35,3 +35,6 @@ pub const SPLIT_EXTENT_SECTORS: u64 = 4_192_256;
 pub const MAX_REBUILT_GRAINS: u64 = 1 << 24;
 /// Padding or junk tolerated after a streamOptimized footer when looking for it.
 pub const MAX_TRAILING_BYTES: u64 = 1 << 20;
+
+/// Most links a snapshot chain may have (ESXi's limit of delta disks per chain).
+pub const MAX_CHAIN_DEPTH: usize = 255;

@@ -232,7 +232,13 @@ impl Link {
                     ))
                 }
                 (ExtentKind::Zero, None) => (Extent::Zero { len }, None),
-                (kind @ (ExtentKind::Flat | ExtentKind::Vmfs | ExtentKind::Sparse), None) => {
+                (
+                    kind @ (ExtentKind::Flat
+                    | ExtentKind::Vmfs
+                    | ExtentKind::Sparse
+                    | ExtentKind::VmfsSparse),
+                    None,
+                ) => {
                     let name = line.file.as_deref().ok_or_else(|| {
                         Error::invalid(format!("extent {} has no file name", i + 1))
                     })?;
@@ -240,7 +246,7 @@ impl Link {
                     let lock = LinkOpen { writable, ..how }.lock_mode();
                     let mut storage = FileStorage::open(&p, writable, lock)?;
                     storage.set_sync(how.sync);
-                    let extent = if *kind == ExtentKind::Sparse {
+                    let extent = if matches!(kind, ExtentKind::Sparse | ExtentKind::VmfsSparse) {
                         let mut head = [0u8; 8];
                         let n = storage
                             .read_at(&mut head, 0)
@@ -248,18 +254,13 @@ impl Link {
                         match sniff(&head[..n]) {
                             FileKind::HostedSparse => open_hosted_sparse(storage, writable)?,
                             FileKind::Cowd => {
-                                return Err(Error::new(
-                                    ErrorKind::DiskNotSupported,
-                                    format!(
-                                        "{}: COWD sparse extents are not supported yet",
-                                        p.display()
-                                    ),
-                                ))
+                                Extent::Sparse(Box::new(SparseExtent::open(storage, writable)?))
                             }
                             _ => {
                                 return Err(Error::invalid(format!(
-                                    "{}: SPARSE extent file has no sparse header",
-                                    p.display()
+                                    "{}: {} extent file has no sparse (KDMV or COWD) header",
+                                    p.display(),
+                                    kind.as_str()
                                 )))
                             }
                         }
@@ -534,6 +535,7 @@ fn check_supported(d: &Descriptor, t: &CreateType) -> Result<()> {
         | CreateType::VmfsPreallocated
         | CreateType::VmfsEagerZeroedThick
         | CreateType::VmfsThick
+        | CreateType::VmfsSparse
         | CreateType::StreamOptimized => {}
         other => {
             return Err(Error::new(
@@ -544,14 +546,6 @@ fn check_supported(d: &Descriptor, t: &CreateType) -> Result<()> {
                 ),
             ))
         }
-    }
-    let has_parent = d.parent_file_name_hint().is_some()
-        || d.parent_cid().is_some_and(|c| c != ids::CID_NO_PARENT);
-    if has_parent {
-        return Err(Error::new(
-            ErrorKind::DiskNotSupported,
-            "delta disks (links with a parent) are not supported yet",
-        ));
     }
     Ok(())
 }

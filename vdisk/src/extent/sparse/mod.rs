@@ -7,6 +7,7 @@
 //! crash-consistent order on [`SparseExtent::flush`]: grain data, grain tables (and
 //! their redundant copies), grain directories, header.
 
+pub mod cowd;
 pub mod header;
 pub mod offline;
 
@@ -18,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::extent::{BelowFn, ExtentMapping};
 use crate::limits::{GT_CACHE_BYTES, MAX_SPARSE_FILE_SECTORS, SECTOR_SIZE};
 use crate::storage::{FileStorage, Storage};
+use cowd::{has_cowd_magic, CowdHeader, COWD_HEADER_SIZE};
 
 pub use header::{SparseHeader, GD_AT_END, HEADER_SIZE};
 
@@ -38,6 +40,9 @@ enum GrainState {
 #[derive(Debug)]
 struct State {
     header: SparseHeader,
+    /// The file's own header when it is a vmfsSparse (COWD) file; `header` then
+    /// describes its geometry.
+    cowd: Option<CowdHeader>,
     header_dirty: bool,
     gd: Vec<u32>,
     rgd: Option<Vec<u32>>,
@@ -62,6 +67,8 @@ pub struct SparseExtent {
     storage: FileStorage,
     name: String,
     writable: bool,
+    /// Entry 1 means "zeroed grain" (hosted sparse); in COWD files it is a sector.
+    zeroed_gte: bool,
     grain_bytes: u64,
     capacity_bytes: u64,
     gtes_per_gt: u64,
@@ -140,7 +147,20 @@ impl SparseExtent {
         storage
             .read_exact_at(&mut hb, 0)
             .map_err(|e| Error::io("cannot read the sparse header", e))?;
-        let header = SparseHeader::parse(&hb)?;
+        let (header, cowd, header_sectors) = if has_cowd_magic(&hb) {
+            let mut cb = vec![0u8; COWD_HEADER_SIZE];
+            storage
+                .read_exact_at(&mut cb, 0)
+                .map_err(|e| Error::io("cannot read the COWD header", e))?;
+            let c = CowdHeader::parse(&cb)?;
+            (
+                c.geometry(),
+                Some(c),
+                (COWD_HEADER_SIZE as u64) / SECTOR_SIZE,
+            )
+        } else {
+            (SparseHeader::parse(&hb)?, None, 1)
+        };
         if header.is_compressed() || header.gd_offset == GD_AT_END {
             return Err(Error::new(
                 ErrorKind::DiskNotSupported,
@@ -150,7 +170,7 @@ impl SparseExtent {
         let file_sectors = file_len / SECTOR_SIZE;
         let gd_sectors = header.gd_sectors();
         let num_gdes = header.num_gdes() as usize;
-        let mut protected: Vec<(u64, u64, &'static str)> = vec![(0, 1, "the header")];
+        let mut protected: Vec<(u64, u64, &'static str)> = vec![(0, header_sectors, "the header")];
         if header.descriptor_offset != 0 {
             let end = region_end(header.descriptor_offset, header.descriptor_size)?;
             if end > file_sectors {
@@ -259,6 +279,7 @@ impl SparseExtent {
             storage,
             name: name.to_string(),
             writable,
+            zeroed_gte: cowd.is_none(),
             grain_bytes: header.grain_bytes(),
             capacity_bytes: header.capacity * SECTOR_SIZE,
             gtes_per_gt: u64::from(header.num_gtes_per_gt),
@@ -266,6 +287,7 @@ impl SparseExtent {
             protected,
             state: Mutex::new(State {
                 header,
+                cowd,
                 header_dirty: false,
                 gd,
                 rgd,
@@ -289,7 +311,7 @@ impl SparseExtent {
         }
         let mut st = self.lock()?;
         st.header.unclean_shutdown = true;
-        let bytes = st.header.to_bytes();
+        let bytes = header_bytes(&st);
         self.storage
             .write_all_at(&bytes, 0)
             .and_then(|()| self.storage.sync())
@@ -429,7 +451,7 @@ impl SparseExtent {
         };
         match entry {
             GTE_UNALLOCATED => Ok(GrainState::Unallocated),
-            GTE_ZEROED => Ok(GrainState::Zero),
+            GTE_ZEROED if self.zeroed_gte => Ok(GrainState::Zero),
             sector => {
                 let sector = u64::from(sector);
                 let start = grain * self.grain_bytes;
@@ -770,7 +792,7 @@ impl SparseExtent {
     }
 
     fn write_header(&self, st: &mut State) -> Result<()> {
-        let bytes = st.header.to_bytes();
+        let bytes = header_bytes(st);
         self.storage
             .write_all_at(&bytes, 0)
             .map_err(|e| Error::io(format!("{}: cannot write the header", self.name), e))?;
@@ -793,6 +815,20 @@ impl SparseExtent {
     /// Size of the extent file in bytes.
     pub fn file_len(&self) -> Result<u64> {
         Ok(self.lock()?.file_len)
+    }
+}
+
+/// The bytes of the file's header as the state describes it (COWD files keep their
+/// own header, with the unclean flag and next free sector updated).
+fn header_bytes(st: &State) -> Vec<u8> {
+    match &st.cowd {
+        Some(c) => {
+            let mut c = c.clone();
+            c.unclean_shutdown = st.header.unclean_shutdown;
+            c.free_sector = u32::try_from(st.next_free).unwrap_or(u32::MAX);
+            c.to_bytes()
+        }
+        None => st.header.to_bytes().to_vec(),
     }
 }
 

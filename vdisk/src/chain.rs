@@ -1,0 +1,192 @@
+//! Opening a snapshot chain: from a link, follow `parentFileNameHint` to its parent,
+//! and so on down to the base.
+//!
+//! Parent names are resolved by an open policy. By default a relative hint is taken
+//! relative to the child's folder, and an absolute hint that does not exist here (an
+//! ESXi `/vmfs/volumes/...` path, a Windows path) falls back to its file name in the
+//! child's folder. The strict policy, for untrusted images, refuses absolute hints,
+//! `..` components and symbolic links. Parents are opened read-only; each parent's
+//! CID must equal its child's `parentCID` unless the caller opts out; loops and chains
+//! deeper than the limit are refused, each with its own error.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::ids::CID_NO_PARENT;
+use crate::link::{Link, LinkOpen};
+
+/// How to follow a chain.
+#[derive(Clone, Copy, Debug)]
+pub struct ChainPolicy {
+    /// Open only the named link; unallocated ranges read as zeros (VDDK's
+    /// `OPEN_SINGLE_LINK`).
+    pub single_link: bool,
+    /// Refuse a parent whose CID differs from the child's parentCID.
+    pub check_cid: bool,
+    /// Refuse absolute parent names, `..` and symbolic links.
+    pub strict_paths: bool,
+    /// Most links in the chain, the top one included.
+    pub max_depth: usize,
+}
+
+/// What a link says about its parent.
+pub fn parent_of(link: &Link) -> Result<Option<(Vec<u8>, u32)>> {
+    let d = link.descriptor()?;
+    let parent_cid = d.parent_cid().unwrap_or(CID_NO_PARENT);
+    match d.parent_file_name_hint() {
+        Some(hint) if !hint.is_empty() => Ok(Some((d.file_name_bytes(hint), parent_cid))),
+        _ if parent_cid != CID_NO_PARENT => Err(Error::new(
+            ErrorKind::InvalidChain,
+            format!(
+                "{}: the link has a parentCID ({parent_cid:08x}) but no parentFileNameHint naming its parent",
+                link.path().display()
+            ),
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Resolves a parent name found in the descriptor `child` under `policy`.
+pub fn resolve_parent(child: &Path, hint: &[u8], strict: bool) -> Result<PathBuf> {
+    let dir = child.parent().unwrap_or(Path::new("."));
+    let text = String::from_utf8_lossy(hint);
+    let windows_absolute = text.starts_with("\\\\")
+        || (hint.len() > 2 && hint[1] == b':' && (hint[2] == b'\\' || hint[2] == b'/'));
+    let shown = text.to_string();
+    if strict {
+        if windows_absolute || hint.first() == Some(&b'/') {
+            return Err(Error::new(
+                ErrorKind::AccessDenied,
+                format!(
+                    "{}: the parent name {shown:?} is absolute, which the strict open policy refuses",
+                    child.display()
+                ),
+            ));
+        }
+        let rel = Path::new(OsStr::from_bytes(hint));
+        if rel
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
+            || hint.contains(&b'\\')
+        {
+            return Err(Error::new(
+                ErrorKind::AccessDenied,
+                format!(
+                    "{}: the parent name {shown:?} leaves the disk's folder, which the strict open policy refuses",
+                    child.display()
+                ),
+            ));
+        }
+        let p = dir.join(rel);
+        // No component below the child's folder may be a symbolic link.
+        let mut at = dir.to_path_buf();
+        for c in rel.components() {
+            at.push(c);
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(Error::new(
+                    ErrorKind::AccessDenied,
+                    format!(
+                        "{}: the parent {} is reached through a symbolic link, which the strict open policy refuses",
+                        child.display(),
+                        at.display()
+                    ),
+                ));
+            }
+        }
+        return Ok(p);
+    }
+    let candidate = if windows_absolute {
+        None
+    } else {
+        Some(dir.join(Path::new(OsStr::from_bytes(hint))))
+    };
+    if let Some(p) = &candidate {
+        if p.exists() {
+            return Ok(p.clone());
+        }
+    }
+    // Fall back to the file name in the child's folder (copied VM folders, ESXi and
+    // Windows paths).
+    let base = hint
+        .rsplit(|&b| b == b'/' || b == b'\\')
+        .next()
+        .unwrap_or(hint);
+    let fallback = dir.join(Path::new(OsStr::from_bytes(base)));
+    if fallback.exists() {
+        return Ok(fallback);
+    }
+    Err(Error::new(
+        ErrorKind::FileNotFound,
+        format!(
+            "the parent disk {shown:?} named by {} is missing (looked for {})",
+            child.display(),
+            candidate.as_deref().unwrap_or(&fallback).display()
+        ),
+    ))
+}
+
+/// Opens the parents below `top` (already open) and returns the whole chain, top first.
+pub fn open_chain(top: Link, how: LinkOpen, policy: &ChainPolicy) -> Result<Vec<Link>> {
+    let mut seen = HashSet::new();
+    seen.insert(canonical(top.path()));
+    let mut links = vec![top];
+    if policy.single_link {
+        return Ok(links);
+    }
+    loop {
+        let child = links.last().expect("chain has a top link");
+        let Some((hint, parent_cid)) = parent_of(child)? else {
+            return Ok(links);
+        };
+        if links.len() >= policy.max_depth {
+            return Err(Error::new(
+                ErrorKind::TooManyRedo,
+                format!(
+                    "the snapshot chain of {} has more than {} links",
+                    links[0].path().display(),
+                    policy.max_depth
+                ),
+            ));
+        }
+        let path = resolve_parent(child.path(), &hint, policy.strict_paths)?;
+        if !seen.insert(canonical(&path)) {
+            return Err(Error::new(
+                ErrorKind::InvalidChain,
+                format!(
+                    "the snapshot chain loops: {} names {} as its parent, which is already in the chain",
+                    child.path().display(),
+                    path.display()
+                ),
+            ));
+        }
+        let parent = Link::open(
+            &path,
+            LinkOpen {
+                writable: false,
+                ..how
+            },
+        )?;
+        if policy.check_cid {
+            let cid = parent.descriptor()?.cid();
+            if cid != Some(parent_cid) {
+                return Err(Error::new(
+                    ErrorKind::CidMismatch,
+                    format!(
+                        "{} expects its parent {} to have CID {parent_cid:08x}, but it has {}: the parent changed after the snapshot was taken",
+                        child.path().display(),
+                        path.display(),
+                        cid.map_or("none".to_string(), |c| format!("{c:08x}"))
+                    ),
+                ));
+            }
+        }
+        links.push(parent);
+    }
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
