@@ -30,6 +30,9 @@ pub struct ChainPolicy {
     pub strict_paths: bool,
     /// Most links in the chain, the top one included.
     pub max_depth: usize,
+    /// Open only this many links from the top (no error if the chain goes on); used
+    /// to read the links above a commit target without locking the target.
+    pub stop_after: Option<usize>,
 }
 
 /// What a link says about its parent.
@@ -141,6 +144,9 @@ pub fn open_chain(top: Link, how: LinkOpen, policy: &ChainPolicy) -> Result<Vec<
         let Some((hint, parent_cid)) = parent_of(child)? else {
             return Ok(links);
         };
+        if policy.stop_after.is_some_and(|n| links.len() >= n) {
+            return Ok(links);
+        }
         if links.len() >= policy.max_depth {
             return Err(Error::new(
                 ErrorKind::TooManyRedo,

@@ -35,6 +35,7 @@ impl Default for OpenOptions {
                 check_cid: true,
                 strict_paths: false,
                 max_depth: MAX_CHAIN_DEPTH,
+                stop_after: None,
             },
         }
     }
@@ -90,6 +91,14 @@ impl OpenOptions {
     /// Most links in the chain (default [`MAX_CHAIN_DEPTH`]).
     pub fn max_depth(mut self, links: usize) -> OpenOptions {
         self.chain.max_depth = links.max(1);
+        self
+    }
+
+    /// Open only the top `links` links of the chain: below them, ranges read as
+    /// zeros and map as unallocated (used by commit to read the links above its
+    /// target).
+    pub fn top_links(mut self, links: usize) -> OpenOptions {
+        self.chain.stop_after = Some(links.max(1));
         self
     }
 
@@ -324,6 +333,12 @@ impl Disk {
         }
         let below = |off: u64, buf: &mut [u8]| self.read_chain(1, off, buf);
         top.write(offset, data, &below)
+    }
+
+    /// Writes from now on keep the top link's CID (commit changes it once, at the
+    /// end, so an interrupted commit leaves the chain above it valid).
+    pub(crate) fn keep_cid(&self) {
+        self.cid_renewed.store(true, Ordering::SeqCst);
     }
 
     /// Writes back all metadata and makes written data durable.

@@ -21,7 +21,7 @@ use vdisk_utils::{human_bytes, parse_size, progress_bar, step_bar};
 #[command(
     name = "vdiskmanager",
     about = "Create, inspect, convert, grow, shrink, defragment, check and repair VMware virtual disks",
-    after_help = "Subcommands: info [--json] DISK | convert -f FMT -O FMT [-t N] SRC DST | map [--json] DISK | meta list|get KEY|set KEY VALUE DISK | unlink DISK\n\
+    after_help = "Subcommands: info [--json] DISK | convert -f FMT -O FMT [-t N] SRC DST | map [--json] DISK | meta list|get KEY|set KEY VALUE DISK | snapshot [-t TYPE] PARENT [CHILD] | commit [--keep-child] [--links N] CHILD | unlink DISK\n\
                   Disk types (-t): 0 monolithicSparse, 1 twoGbMaxExtentSparse, 2 monolithicFlat, 3 twoGbMaxExtentFlat, 4 vmfs, 5 streamOptimized, 6 vmfsThin"
 )]
 struct VmwareArgs {
@@ -137,6 +137,34 @@ enum Command {
         /// The disk.
         disk: PathBuf,
     },
+    /// Create a child (snapshot delta) of a disk; the parent becomes read-only by convention.
+    Snapshot {
+        /// Child type: monolithicSparse, twoGbMaxExtentSparse, vmfsSparse or seSparse
+        /// (default: what suits the parent).
+        #[arg(short = 't')]
+        disk_type: Option<String>,
+        /// Do not print messages.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The parent disk.
+        parent: PathBuf,
+        /// The new child (default: VMware's next name, `disk-000001.vmdk`).
+        child: Option<PathBuf>,
+    },
+    /// Merge a child (snapshot delta) into its parent and remove it.
+    Commit {
+        /// Keep the child (re-pointed at the updated parent) instead of deleting it.
+        #[arg(long)]
+        keep_child: bool,
+        /// Number of links from the top to merge into the link below them.
+        #[arg(long, default_value_t = 1)]
+        links: usize,
+        /// Do not show progress or messages.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The child (top of the chain).
+        child: PathBuf,
+    },
     /// Delete a disk: its descriptor and every extent file.
     Unlink {
         /// The disk.
@@ -199,7 +227,7 @@ fn main() -> ExitCode {
     let is_sub = args.get(1).is_some_and(|a| {
         matches!(
             a.as_str(),
-            "info" | "convert" | "map" | "meta" | "unlink" | "help"
+            "info" | "convert" | "map" | "meta" | "unlink" | "snapshot" | "commit" | "help"
         )
     });
     let result = if is_sub {
@@ -435,8 +463,69 @@ fn run_sub(c: Command) -> CliResult {
         }
         Command::Map { json, disk } => map(&disk, json),
         Command::Unlink { disk } => vdisk::ops::files::unlink(&disk).map_err(err),
+        Command::Commit {
+            keep_child,
+            links,
+            quiet,
+            child,
+        } => {
+            let bar = progress_bar(0, quiet, "committing");
+            let mut progress = |done: u64, total: u64| {
+                bar.set_length(total);
+                bar.set_position(done);
+                true
+            };
+            let opts = vdisk::ops::commit::CommitOptions { links, keep_child };
+            let st = vdisk::ops::commit::commit(&child, &opts, &mut progress).map_err(err)?;
+            bar.finish_and_clear();
+            if !quiet {
+                outln!(
+                    "Committed {} into {} ({} written, new CID {:08x})",
+                    child.display(),
+                    st.target.display(),
+                    human_bytes(st.bytes),
+                    st.cid
+                );
+            }
+            Ok(())
+        }
+        Command::Snapshot {
+            disk_type,
+            quiet,
+            parent,
+            child,
+        } => snapshot(&parent, child, disk_type.as_deref(), quiet),
         Command::Meta { action } => meta(action),
     }
+}
+
+fn snapshot(parent: &Path, child: Option<PathBuf>, t: Option<&str>, quiet: bool) -> CliResult {
+    use vdisk::ops::child::{create_child, default_child_type, next_child_name};
+    let child = match child {
+        Some(c) => c,
+        None => next_child_name(parent).map_err(err)?,
+    };
+    let disk_type = match t {
+        Some(t) => t.parse::<DiskType>().map_err(err)?,
+        None => {
+            let disk = Disk::open(parent).map_err(err)?;
+            let ct = disk.links()[0]
+                .descriptor()
+                .map_err(err)?
+                .create_type()
+                .unwrap_or(vdisk::descriptor::CreateType::MonolithicSparse);
+            default_child_type(&ct, disk.capacity())
+        }
+    };
+    create_child(parent, &child, disk_type).map_err(err)?;
+    if !quiet {
+        outln!(
+            "Created {} ({disk_type}), a child of {}",
+            child.display(),
+            parent.display()
+        );
+    }
+    Ok(())
 }
 
 /// Runs a conversion with a progress bar (on a terminal, unless quiet).

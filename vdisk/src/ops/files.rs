@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::disk::Disk;
+use crate::disk::OpenOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ops::create::base_name;
 use crate::storage::{FileStorage, LockMode};
@@ -18,7 +18,8 @@ struct LinkFiles {
 }
 
 fn link_files(path: &Path) -> Result<LinkFiles> {
-    let disk = Disk::open(path)?;
+    // Only this link: its parents need not be present, nor unlocked.
+    let disk = OpenOptions::new().single_link(true).open(path)?;
     let link = &disk.links()[0];
     let embedded = link.has_embedded_descriptor();
     let extents = link

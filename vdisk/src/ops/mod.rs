@@ -1,7 +1,9 @@
 //! Whole-disk operations, each a plain function over paths or an open [`crate::Disk`].
 
 pub mod check;
+pub mod child;
 pub mod closed;
+pub mod commit;
 pub mod convert;
 pub mod create;
 pub mod defrag;
