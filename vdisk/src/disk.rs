@@ -19,6 +19,8 @@ use crate::link::{Link, LinkOpen};
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
     read_only: bool,
+    /// Writes go to a throwaway redo log in this folder (None: persistent).
+    redo_dir: Option<PathBuf>,
     lock: bool,
     sync: bool,
     chain: ChainPolicy,
@@ -28,6 +30,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             read_only: true,
+            redo_dir: None,
             lock: true,
             sync: true,
             chain: ChainPolicy {
@@ -91,6 +94,21 @@ impl OpenOptions {
     /// Most links in the chain (default [`MAX_CHAIN_DEPTH`]).
     pub fn max_depth(mut self, links: usize) -> OpenOptions {
         self.chain.max_depth = links.max(1);
+        self
+    }
+
+    /// Independent non-persistent open: the disk is opened read-only and writes go
+    /// to a throwaway redo log (a sparse file created in the system's temporary
+    /// folder and unlinked at once), discarded on close. No file of the disk changes.
+    pub fn non_persistent(self, yes: bool) -> OpenOptions {
+        let dir = yes.then(std::env::temp_dir);
+        self.non_persistent_in(dir)
+    }
+
+    /// Like [`OpenOptions::non_persistent`], with the redo log in `dir` (None:
+    /// persistent).
+    pub fn non_persistent_in(mut self, dir: Option<PathBuf>) -> OpenOptions {
+        self.redo_dir = dir;
         self
     }
 
@@ -223,17 +241,23 @@ impl Disk {
 
     fn open_with(path: &Path, opts: &OpenOptions) -> Result<Disk> {
         let how = LinkOpen {
-            writable: !opts.read_only,
+            writable: !opts.read_only && opts.redo_dir.is_none(),
             lock: opts.lock,
             sync: opts.sync,
         };
         let link = Link::open(path, how)?;
         let capacity = link.capacity();
-        let links = chain::open_chain(link, how, &opts.chain)?;
+        let mut links = chain::open_chain(link, how, &opts.chain)?;
+        let mut writable = !opts.read_only;
+        if let Some(dir) = &opts.redo_dir {
+            let redo = Link::redo_log(capacity, &links[0], dir)?;
+            links.insert(0, redo);
+            writable = true;
+        }
         Ok(Disk {
             links,
             capacity,
-            writable: !opts.read_only,
+            writable,
             cid_renewed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         })
@@ -434,10 +458,12 @@ impl Disk {
 
     /// Capacity, geometry, adapter, hardware version, CIDs, extents and allocation.
     pub fn info(&self) -> Result<DiskInfo> {
-        let top = &self.links[0];
+        // A non-persistent open's redo log is not part of the disk.
+        let disk_links: Vec<&Link> = self.links.iter().filter(|l| !l.is_redo_log()).collect();
+        let top = disk_links.first().copied().unwrap_or(&self.links[0]);
         let mut chain = Vec::with_capacity(self.links.len());
         let mut file_bytes = 0u64;
-        for link in &self.links {
+        for link in disk_links {
             let d = link.descriptor()?;
             let mut extents = Vec::new();
             for e in link.extents() {

@@ -19,6 +19,8 @@ enum DescriptorHome {
     File(FileStorage),
     /// Embedded in the first (sparse) extent.
     Embedded,
+    /// Kept in memory only (the throwaway redo log of a non-persistent open).
+    Memory,
 }
 
 /// One extent placed in the link's address space.
@@ -322,6 +324,65 @@ impl Link {
         })
     }
 
+    /// A throwaway redo log of `capacity` bytes on top of `parent`: a sparse file
+    /// created in `dir` and unlinked at once, so it vanishes when the link is dropped
+    /// (or the process dies); its descriptor lives in memory only.
+    pub fn redo_log(capacity: u64, parent: &Link, dir: &Path) -> Result<Link> {
+        use crate::extent::sparse::header::new_sparse_header;
+        let sectors = capacity.div_ceil(SECTOR_SIZE);
+        let name = format!(".vdisk-redo-{:016x}.vmdk", ids::random_u64());
+        let path = dir.join(&name);
+        let storage = FileStorage::create_new(&path)?;
+        let made = crate::ops::create::write_new_sparse(
+            &storage,
+            &new_sparse_header(sectors, crate::ops::create::DEFAULT_GRAIN_SECTORS, 0)?,
+            None,
+        );
+        let removed = std::fs::remove_file(&path)
+            .map_err(|e| Error::io(format!("cannot unlink the redo log {}", path.display()), e));
+        made?;
+        removed?;
+        let mut storage = storage;
+        storage.set_sync(false);
+        let extent = Extent::Sparse(Box::new(SparseExtent::open(storage, true)?));
+        let parent_cid = parent.descriptor()?.cid().unwrap_or(ids::CID_NO_PARENT);
+        let line = ExtentLine {
+            access: ExtentAccess::ReadWrite,
+            sectors,
+            kind: ExtentKind::Sparse,
+            file: Some(name),
+            offset: None,
+            extra: Vec::new(),
+        };
+        let parent_name = parent.path().display().to_string();
+        let descriptor = Descriptor::new(
+            &CreateType::MonolithicSparse,
+            ids::new_cid(),
+            parent_cid,
+            Some(&parent_name),
+            std::slice::from_ref(&line),
+            &[],
+        );
+        Ok(Link {
+            path,
+            descriptor: Mutex::new(descriptor),
+            home: DescriptorHome::Memory,
+            extents: vec![LinkExtent {
+                start: 0,
+                line,
+                path: None,
+                extent,
+            }],
+            capacity: sectors * SECTOR_SIZE,
+            writable: true,
+        })
+    }
+
+    /// Whether this link is a throwaway redo log (non-persistent open).
+    pub fn is_redo_log(&self) -> bool {
+        matches!(self.home, DescriptorHome::Memory)
+    }
+
     /// Path of the descriptor (or monolithic file).
     pub fn path(&self) -> &Path {
         &self.path
@@ -440,6 +501,7 @@ impl Link {
                         e,
                     )
                 }),
+            DescriptorHome::Memory => Ok(()),
             DescriptorHome::Embedded => match self.extents.first().map(|e| &e.extent) {
                 Some(Extent::Sparse(s)) => s.write_embedded_descriptor(&bytes),
                 _ => Err(Error::new(

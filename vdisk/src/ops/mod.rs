@@ -1,5 +1,6 @@
 //! Whole-disk operations, each a plain function over paths or an open [`crate::Disk`].
 
+pub mod attach;
 pub mod check;
 pub mod child;
 pub mod closed;
