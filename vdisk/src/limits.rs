@@ -24,6 +24,10 @@ pub const MAX_GD_ENTRIES: u64 = 1 << 22;
 /// table entries are 32-bit sector numbers.
 pub const MAX_SPARSE_FILE_SECTORS: u64 = 1 << 32;
 
+/// Largest capacity of a seSparse extent: 2^37 sectors (64 TiB; qemu puts the
+/// format's maximum just below). Bounds its grain directory to 4 Mi entries.
+pub const MAX_SESPARSE_CAPACITY_SECTORS: u64 = 1 << 37;
+
 /// Bytes of grain tables kept in memory per sparse extent (the cache is bounded).
 pub const GT_CACHE_BYTES: usize = 4 << 20;
 

@@ -7,7 +7,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::descriptor::{CreateType, Descriptor, ExtentAccess, ExtentKind, ExtentLine};
 use crate::error::{Error, ErrorKind, Result};
-use crate::extent::{BelowFn, Extent, ExtentMapping, FlatExtent, SparseExtent, StreamExtent};
+use crate::extent::{
+    BelowFn, Extent, ExtentMapping, FlatExtent, SeSparseExtent, SparseExtent, StreamExtent,
+};
 use crate::ids;
 use crate::limits::{MAX_CAPACITY_SECTORS, MAX_DESCRIPTOR_BYTES, SECTOR_SIZE};
 use crate::storage::{FileStorage, LockMode, Storage};
@@ -238,7 +240,8 @@ impl Link {
                     kind @ (ExtentKind::Flat
                     | ExtentKind::Vmfs
                     | ExtentKind::Sparse
-                    | ExtentKind::VmfsSparse),
+                    | ExtentKind::VmfsSparse
+                    | ExtentKind::SeSparse),
                     None,
                 ) => {
                     let name = line.file.as_deref().ok_or_else(|| {
@@ -248,7 +251,10 @@ impl Link {
                     let lock = LinkOpen { writable, ..how }.lock_mode();
                     let mut storage = FileStorage::open(&p, writable, lock)?;
                     storage.set_sync(how.sync);
-                    let extent = if matches!(kind, ExtentKind::Sparse | ExtentKind::VmfsSparse) {
+                    let extent = if matches!(
+                        kind,
+                        ExtentKind::Sparse | ExtentKind::VmfsSparse | ExtentKind::SeSparse
+                    ) {
                         let mut head = [0u8; 8];
                         let n = storage
                             .read_at(&mut head, 0)
@@ -258,12 +264,16 @@ impl Link {
                             FileKind::Cowd => {
                                 Extent::Sparse(Box::new(SparseExtent::open(storage, writable)?))
                             }
+                            FileKind::SeSparse => Extent::SeSparse(Box::new(
+                                SeSparseExtent::open(storage, writable)
+                                    .map_err(|e| e.within(p.display()))?,
+                            )),
                             _ => {
                                 return Err(Error::invalid(format!(
-                                    "{}: {} extent file has no sparse (KDMV or COWD) header",
-                                    p.display(),
-                                    kind.as_str()
-                                )))
+                                "{}: {} extent file has no sparse (KDMV, COWD or seSparse) header",
+                                p.display(),
+                                kind.as_str()
+                            )))
                             }
                         }
                     } else {
@@ -598,6 +608,7 @@ fn check_supported(d: &Descriptor, t: &CreateType) -> Result<()> {
         | CreateType::VmfsEagerZeroedThick
         | CreateType::VmfsThick
         | CreateType::VmfsSparse
+        | CreateType::SeSparse
         | CreateType::StreamOptimized => {}
         other => {
             return Err(Error::new(

@@ -612,7 +612,7 @@ fn cases() -> Vec<Case> {
             },
             Open,
             InvalidDisk,
-            "s-s002.vmdk: SPARSE extent file has no sparse (KDMV or COWD) header",
+            "s-s002.vmdk: SPARSE extent file has no sparse (KDMV, COWD or seSparse) header",
         ),
         case(
             "header_version_9",

@@ -3,11 +3,13 @@
 //! live?" with an [`ExtentMapping`], reads file bytes where told, and writes.
 
 pub mod flat;
+pub mod sesparse;
 pub mod sparse;
 pub mod stream;
 
 use crate::error::{Error, ErrorKind, Result};
 pub use flat::FlatExtent;
+pub use sesparse::SeSparseExtent;
 pub use sparse::SparseExtent;
 pub use stream::StreamExtent;
 
@@ -52,6 +54,8 @@ pub enum Extent {
     Sparse(Box<SparseExtent>),
     /// streamOptimized (compressed KDMV), read-only.
     Stream(Box<StreamExtent>),
+    /// ESXi space-efficient sparse (`SESPARSE`).
+    SeSparse(Box<SeSparseExtent>),
 }
 
 impl Extent {
@@ -62,6 +66,7 @@ impl Extent {
             Extent::Zero { len } => *len,
             Extent::Sparse(s) => s.capacity_bytes(),
             Extent::Stream(s) => s.capacity_bytes(),
+            Extent::SeSparse(s) => s.capacity_bytes(),
         }
     }
 
@@ -72,6 +77,7 @@ impl Extent {
             Extent::Zero { len: cap } => Ok((ExtentMapping::Zero, len.min(cap - offset))),
             Extent::Sparse(s) => s.map(offset, len),
             Extent::Stream(s) => s.map(offset, len),
+            Extent::SeSparse(s) => s.map(offset, len),
         }
     }
 
@@ -84,6 +90,7 @@ impl Extent {
                 Ok(())
             }
             Extent::Sparse(s) => s.read_data(file_offset, buf),
+            Extent::SeSparse(s) => s.read_data(file_offset, buf),
             Extent::Stream(_) => Err(Error::new(
                 ErrorKind::Fail,
                 "streamOptimized extents hold only compressed grains",
@@ -114,6 +121,7 @@ impl Extent {
                 "a ZERO extent cannot be written",
             )),
             Extent::Sparse(s) => s.write(offset, data, below),
+            Extent::SeSparse(s) => s.write(offset, data, below),
             Extent::Stream(_) => Err(Error::new(
                 ErrorKind::NotSupported,
                 "streamOptimized disks cannot be written in place; convert them to another type",
@@ -127,6 +135,7 @@ impl Extent {
             Extent::Flat(f) => f.flush(),
             Extent::Zero { .. } => Ok(()),
             Extent::Sparse(s) => s.flush(),
+            Extent::SeSparse(s) => s.flush(),
             Extent::Stream(_) => Ok(()),
         }
     }
@@ -135,6 +144,7 @@ impl Extent {
     pub fn begin_write(&self) -> Result<()> {
         match self {
             Extent::Sparse(s) => s.begin_write(),
+            Extent::SeSparse(s) => s.begin_write(),
             _ => Ok(()),
         }
     }
@@ -145,6 +155,7 @@ impl Extent {
             Extent::Flat(f) => f.flush(),
             Extent::Zero { .. } => Ok(()),
             Extent::Sparse(s) => s.close(),
+            Extent::SeSparse(s) => s.close(),
             Extent::Stream(_) => Ok(()),
         }
     }
@@ -156,6 +167,7 @@ impl Extent {
             Extent::Zero { .. } => Ok(0),
             Extent::Sparse(s) => s.file_len(),
             Extent::Stream(s) => Ok(s.file_len()),
+            Extent::SeSparse(s) => s.file_len(),
         }
     }
 }

@@ -168,10 +168,10 @@ fn create_child_inner(parent: &Path, child: &Path, disk_type: DiskType) -> Resul
             (vec![extent(sectors, ExtentKind::VmfsSparse, &name, None)], false)
         }
         DiskType::SeSparse => {
-            return Err(Error::new(
-                ErrorKind::NotSupported,
-                "seSparse children are not supported by this build yet",
-            ))
+            let name = format!("{stem}-sesparse.vmdk");
+            let storage = created.new_file(&dir.join(&name))?;
+            crate::extent::sesparse::create_sesparse(&storage, sectors)?;
+            (vec![extent(sectors, ExtentKind::SeSparse, &name, None)], false)
         }
         other => {
             return Err(Error::new(

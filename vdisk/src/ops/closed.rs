@@ -27,6 +27,8 @@ pub enum ClosedKind {
     Flat,
     /// `ZERO` extent (no file).
     Zero,
+    /// ESXi seSparse file (no maintenance operations).
+    SeSparse,
 }
 
 /// One extent of a closed link.
@@ -79,6 +81,7 @@ impl ClosedLink {
                     kind: match (&e.extent, &e.line.kind) {
                         (Extent::Sparse(_), _) => ClosedKind::Sparse,
                         (Extent::Stream(_), _) => ClosedKind::Stream,
+                        (Extent::SeSparse(_), _) => ClosedKind::SeSparse,
                         (Extent::Zero { .. }, _) | (_, ExtentKind::Zero) => ClosedKind::Zero,
                         (Extent::Flat(_), _) => ClosedKind::Flat,
                     },

@@ -50,6 +50,9 @@ fn defrag_inner(path: &Path, progress: Progress<'_>) -> Result<DefragStats> {
                     "preallocated (flat) disks are stored in guest order already; only growable (sparse) disks can be defragmented",
                 ))
             }
+            ClosedKind::SeSparse => {
+                return Err(Error::new(ErrorKind::NotSupported, "seSparse disks cannot be defragmented"))
+            }
             ClosedKind::Stream => {
                 return Err(Error::new(
                     ErrorKind::NotSupported,

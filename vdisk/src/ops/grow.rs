@@ -109,7 +109,10 @@ fn grow_inner(
     };
     let last_index = link.extents.len() - 1;
     let last = &link.extents[last_index];
-    if matches!(last.kind, ClosedKind::Zero | ClosedKind::Stream) {
+    if matches!(
+        last.kind,
+        ClosedKind::Zero | ClosedKind::Stream | ClosedKind::SeSparse
+    ) {
         return Err(Error::new(
             ErrorKind::NotSupported,
             "the last extent of this disk cannot grow",

@@ -59,6 +59,9 @@ fn shrink_inner(path: &Path, progress: Progress<'_>) -> Result<ShrinkStats> {
                     "preallocated (flat) extents cannot shrink; convert the disk to a growable type instead",
                 ))
             }
+            ClosedKind::SeSparse => {
+                return Err(Error::new(ErrorKind::CantShrink, "seSparse disks cannot shrink here (their free-space bitmap is not understood)"))
+            }
             ClosedKind::Stream => {
                 return Err(Error::new(
                     ErrorKind::CantShrink,
