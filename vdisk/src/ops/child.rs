@@ -103,9 +103,29 @@ pub fn create_child(parent: &Path, child: &Path, disk_type: DiskType) -> Result<
 }
 
 fn create_child_inner(parent: &Path, child: &Path, disk_type: DiskType) -> Result<()> {
+    let disk = Disk::open(parent)?;
+    create_child_from(&disk, parent, child, disk_type)
+}
+
+/// Like [`create_child`], for a parent that is already open (VDDK's CreateChild on a
+/// disk handle): the child names `parent_path` and takes the open disk's current CID.
+pub fn create_child_of(
+    disk: &Disk,
+    parent_path: &Path,
+    child: &Path,
+    disk_type: DiskType,
+) -> Result<()> {
+    disk.flush()?;
+    create_child_from(disk, parent_path, child, disk_type).map_err(|e| e.within(child.display()))
+}
+
+fn create_child_from(disk: &Disk, parent: &Path, child: &Path, disk_type: DiskType) -> Result<()> {
     let (capacity, parent_cid, ddb) = {
-        let disk = Disk::open(parent)?;
-        let top = &disk.links()[0];
+        let top = disk
+            .links()
+            .iter()
+            .find(|l| !l.is_redo_log())
+            .unwrap_or(&disk.links()[0]);
         let d = top.descriptor()?;
         let cid = d
             .cid()
