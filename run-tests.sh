@@ -8,6 +8,8 @@ need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v vmdkinfo >/dev/null 2>&1 || need+=(libvmdk-utils)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "run-tests: missing ${need[*]}: run as root (apt-get) or install them" >&2
