@@ -248,6 +248,7 @@ impl Disk {
         let link = Link::open(path, how)?;
         let capacity = link.capacity();
         let mut links = chain::open_chain(link, how, &opts.chain)?;
+        links[0].begin_write()?;
         let mut writable = !opts.read_only;
         if let Some(dir) = &opts.redo_dir {
             let redo = Link::redo_log(capacity, &links[0], dir)?;

@@ -317,13 +317,6 @@ impl Link {
                     Error::invalid("the extents add up to more than the capacity limit")
                 })?;
         }
-        if how.writable {
-            for e in &extents {
-                if e.line.access == ExtentAccess::ReadWrite {
-                    e.extent.begin_write()?;
-                }
-            }
-        }
         Ok(Link {
             path: path.to_path_buf(),
             descriptor: Mutex::new(descriptor),
@@ -386,6 +379,21 @@ impl Link {
             capacity: sectors * SECTOR_SIZE,
             writable: true,
         })
+    }
+
+    /// Marks the link's read-write extents open for writing (`uncleanShutdown`).
+    /// Called once the whole chain opened fine, so that a refused open never changes
+    /// a file.
+    pub fn begin_write(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        for e in &self.extents {
+            if e.line.access == ExtentAccess::ReadWrite {
+                e.extent.begin_write()?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether this link is a throwaway redo log (non-persistent open).

@@ -495,3 +495,265 @@ fn concurrent_writers() {
         );
     }
 }
+
+/// Child types the chain model snapshots with.
+const CHILD_TYPES: [DiskType; 3] = [
+    DiskType::MonolithicSparse,
+    DiskType::TwoGbMaxExtentSparse,
+    DiskType::VmfsSparse,
+];
+
+/// The files of the link `stem.vmdk` of type `t` in `dir`.
+fn link_files(dir: &Path, stem: &str, t: DiskType) -> Vec<PathBuf> {
+    let mut v = vec![dir.join(format!("{stem}.vmdk"))];
+    match t {
+        DiskType::TwoGbMaxExtentSparse => v.push(dir.join(format!("{stem}-s001.vmdk"))),
+        DiskType::VmfsSparse => v.push(dir.join(format!("{stem}-delta.vmdk"))),
+        DiskType::MonolithicFlat | DiskType::Vmfs => v.push(dir.join(format!("{stem}-flat.vmdk"))),
+        _ => {}
+    }
+    v
+}
+
+/// A chain under test: links bottom first, with their types.
+struct ChainRun {
+    dir: PathBuf,
+    capacity: u64,
+    links: Vec<(String, DiskType)>,
+    model: Model,
+    rng: Rng,
+    ctx: String,
+    next_name: u32,
+}
+
+impl ChainRun {
+    fn top(&self) -> PathBuf {
+        self.dir
+            .join(format!("{}.vmdk", self.links.last().unwrap().0))
+    }
+
+    fn open_rw(&self) -> Disk {
+        let d = OpenOptions::new()
+            .write(true)
+            .open(self.top())
+            .unwrap_or_else(|e| panic!("{}: open the top read-write: {e}", self.ctx));
+        assert_eq!(
+            d.links().len(),
+            self.links.len(),
+            "{}: chain length",
+            self.ctx
+        );
+        assert_eq!(d.capacity(), self.capacity);
+        d
+    }
+
+    fn pick(&mut self) -> (u64, u64) {
+        let cap = self.capacity;
+        let len = match self.rng.below(10) {
+            0..=3 => self.rng.range(1, 4096),
+            4..=6 => self.rng.range(1, 300 * KIB),
+            _ => self.rng.range(1, 3) * GRAIN,
+        }
+        .min(cap);
+        let off = match self.rng.below(10) {
+            0 => cap - len,
+            1..=3 => {
+                // Around a grain boundary.
+                let g = self.rng.below(cap / GRAIN) * GRAIN;
+                (g + self.rng.below(2 * KIB)).saturating_sub(KIB)
+            }
+            4..=5 => self.rng.below(cap / SECTOR) * SECTOR,
+            _ => self.rng.below(cap),
+        };
+        (off.min(cap - len), len)
+    }
+
+    fn read_compare(&self, d: &Disk, offset: u64, len: usize) {
+        let mut buf = vec![0u8; len];
+        d.read_at(&mut buf, offset)
+            .unwrap_or_else(|e| panic!("{}: read {len} at {offset}: {e}", self.ctx));
+        assert_same(&buf, &self.model.expected(offset, len), offset, &self.ctx);
+    }
+
+    fn verify_all(&self, d: &Disk) {
+        let mut off = 0;
+        while off < self.capacity {
+            let n = (self.capacity - off).min(4 * MIB);
+            self.read_compare(d, off, n as usize);
+            off += n;
+        }
+    }
+}
+
+/// Random writes, reads, flushes, reopens, snapshots (a child of a random type on
+/// the current top, written from then on) and commits (the top links merged into
+/// the link below, sometimes two at once, sometimes keeping the child), checked
+/// against the model; the model never changes with a snapshot or a commit.
+fn run_chain_model(base_type: DiskType, capacity: u64, seed: u64, ops: usize) {
+    use vdisk::ops::child::create_child;
+    use vdisk::ops::commit::{commit, CommitOptions};
+    let tmp = scratch();
+    let mut run = ChainRun {
+        dir: tmp.path().to_path_buf(),
+        capacity,
+        links: vec![("m".to_string(), base_type)],
+        model: Model::default(),
+        rng: Rng(seed),
+        ctx: String::new(),
+        next_name: 0,
+    };
+    create(&run.top(), &CreateOptions::new(base_type, capacity)).unwrap();
+    let mut disk = run.open_rw();
+    let (mut snapshots, mut commits) = (0, 0);
+    for op in 0..ops {
+        run.ctx = format!(
+            "chain on {base_type:?} seed {seed} op {op} ({} links)",
+            run.links.len()
+        );
+        match run.rng.below(100) {
+            0..=39 => {
+                let (off, len) = run.pick();
+                let mut data = vec![0u8; len as usize];
+                if !run.rng.percent(8) {
+                    run.rng.fill(&mut data);
+                }
+                disk.write_at(&data, off)
+                    .unwrap_or_else(|e| panic!("{}: write {len} at {off}: {e}", run.ctx));
+                run.model.write(off, &data);
+            }
+            40..=62 => {
+                let (off, len) = run.pick();
+                run.read_compare(&disk, off, len as usize);
+            }
+            63..=66 => disk
+                .flush()
+                .unwrap_or_else(|e| panic!("{}: flush: {e}", run.ctx)),
+            67..=72 => {
+                disk.close()
+                    .unwrap_or_else(|e| panic!("{}: close: {e}", run.ctx));
+                disk = run.open_rw();
+            }
+            73..=84 => {
+                disk.close()
+                    .unwrap_or_else(|e| panic!("{}: close: {e}", run.ctx));
+                let t = CHILD_TYPES[run.rng.below(3) as usize];
+                run.next_name += 1;
+                let name = format!("m-{:06}", run.next_name);
+                let parent = run.top();
+                let child = run.dir.join(format!("{name}.vmdk"));
+                create_child(&parent, &child, t)
+                    .unwrap_or_else(|e| panic!("{}: snapshot {t:?}: {e}", run.ctx));
+                run.links.push((name, t));
+                snapshots += 1;
+                disk = run.open_rw();
+                // The fresh child reads as its parent.
+                for _ in 0..3 {
+                    let (off, len) = run.pick();
+                    run.read_compare(&disk, off, len as usize);
+                }
+            }
+            85..=94 => {
+                if run.links.len() < 2 {
+                    continue;
+                }
+                disk.close()
+                    .unwrap_or_else(|e| panic!("{}: close: {e}", run.ctx));
+                let links = if run.links.len() > 2 && run.rng.percent(30) {
+                    2
+                } else {
+                    1
+                };
+                let keep = run.rng.percent(25);
+                let top = run.top();
+                commit(
+                    &top,
+                    &CommitOptions {
+                        links,
+                        keep_child: keep,
+                    },
+                    &mut |_, _| true,
+                )
+                .unwrap_or_else(|e| panic!("{}: commit {links} links (keep {keep}): {e}", run.ctx));
+                commits += 1;
+                if !keep {
+                    let n = run.links.len();
+                    for (name, t) in run.links.split_off(n - links) {
+                        for f in link_files(&run.dir, &name, t) {
+                            assert!(
+                                !f.exists(),
+                                "{}: {} left after commit",
+                                run.ctx,
+                                f.display()
+                            );
+                        }
+                    }
+                    // The target alone reads as the whole chain did.
+                    let ro = Disk::open(run.top()).unwrap();
+                    run.verify_all(&ro);
+                }
+                disk = run.open_rw();
+            }
+            _ => {
+                disk.close()
+                    .unwrap_or_else(|e| panic!("{}: close: {e}", run.ctx));
+                let ro = Disk::open(run.top())
+                    .unwrap_or_else(|e| panic!("{}: open read-only: {e}", run.ctx));
+                run.verify_all(&ro);
+                drop(ro);
+                disk = run.open_rw();
+            }
+        }
+    }
+    run.ctx = format!("chain on {base_type:?} seed {seed} final");
+    run.verify_all(&disk);
+    disk.close().unwrap();
+    assert!(
+        snapshots >= 3 && commits >= 2,
+        "{}: only {snapshots} snapshots and {commits} commits",
+        run.ctx
+    );
+    // Everything merged down into the base.
+    if run.links.len() > 1 {
+        let links = run.links.len() - 1;
+        commit(
+            &run.top(),
+            &CommitOptions {
+                links,
+                keep_child: false,
+            },
+            &mut |_, _| true,
+        )
+        .unwrap_or_else(|e| panic!("{}: final commit of {links} links: {e}", run.ctx));
+        run.links.truncate(1);
+    }
+    let ro = Disk::open(run.top()).unwrap();
+    assert_eq!(ro.links().len(), 1);
+    run.verify_all(&ro);
+    drop(ro);
+    let left: Vec<String> = std::fs::read_dir(&run.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut want: Vec<String> = link_files(&run.dir, "m", base_type)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let mut left = left;
+    left.sort();
+    want.sort();
+    assert_eq!(left, want, "{}: files left in the folder", run.ctx);
+}
+
+#[test]
+fn model_chain_on_sparse_base() {
+    for seed in [0xc4a1_0001, 0xc4a1_0002, 0xc4a1_0003] {
+        run_chain_model(DiskType::MonolithicSparse, 12 * MIB + 3 * SECTOR, seed, 400);
+    }
+}
+
+#[test]
+fn model_chain_on_flat_base() {
+    for seed in [0xf1a7_0001, 0xf1a7_0002] {
+        run_chain_model(DiskType::Vmfs, 8 * MIB, seed, 400);
+    }
+}
