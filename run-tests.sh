@@ -10,6 +10,7 @@ command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v vmdkinfo >/dev/null 2>&1 || need+=(libvmdk-utils)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
+command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "run-tests: missing ${need[*]}: run as root (apt-get) or install them" >&2
@@ -28,6 +29,10 @@ echo "== cargo build (the interoperability tests run the vdiskmanager binary)"
 cargo build --workspace
 echo "== cargo test"
 cargo test --workspace
+echo "== C ABI: install libvixDiskLib, run the C sample and C tests (under valgrind)"
+cargo build --release -p vdisk-utils -p vdisk-examples
+./vdisk-ffi/install.sh target/vddk >/dev/null
+bash tests/c/run.sh target/vddk
 echo "== demo"
 ./run-demo.sh >/dev/null
 echo "run-tests: all checks passed"

@@ -809,6 +809,121 @@ typedef Bool (*VixDiskLibProgressFunc)(void *progressData, int percentCompleted)
 #define VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED 26000
 
 /**
+ * The VMDB operation failed.
+ */
+#define VIX_E_VMDB 16
+
+/**
+ * The job has not finished.
+ */
+#define VIX_E_UNFINISHED_JOB 29
+
+/**
+ * A decryption key is required.
+ */
+#define VIX_E_NEED_KEY 30
+
+/**
+ * The operation is already in progress.
+ */
+#define VIX_E_OPERATION_ALREADY_IN_PROGRESS 31
+
+/**
+ * This operation is not licensed.
+ */
+#define VIX_E_LICENSE 32
+
+/**
+ * The host is disconnected.
+ */
+#define VIX_E_VM_HOST_DISCONNECTED 34
+
+/**
+ * Authentication failed.
+ */
+#define VIX_E_AUTHENTICATION_FAIL 35
+
+/**
+ * The connection to the host was lost.
+ */
+#define VIX_E_HOST_CONNECTION_LOST 36
+
+/**
+ * The name is already in use.
+ */
+#define VIX_E_DUPLICATE_NAME 41
+
+/**
+ * An argument is too big.
+ */
+#define VIX_E_ARGUMENT_TOO_BIG 44
+
+/**
+ * The disk parameter is invalid.
+ */
+#define VIX_E_HOST_DISK_INVALID_VALUE 14003
+
+/**
+ * The disk sector size check failed.
+ */
+#define VIX_E_HOST_DISK_SECTORSIZE 14004
+
+/**
+ * Read beyond the end of file.
+ */
+#define VIX_E_HOST_FILE_ERROR_EOF 14005
+
+/**
+ * Error in protocol.
+ */
+#define VIX_E_HOST_NETBLKDEV_HANDSHAKE 14006
+
+/**
+ * Unable to create a socket.
+ */
+#define VIX_E_HOST_SOCKET_CREATION_ERROR 14007
+
+/**
+ * The specified server could not be contacted.
+ */
+#define VIX_E_HOST_SERVER_NOT_FOUND 14008
+
+/**
+ * The server refused connection.
+ */
+#define VIX_E_HOST_NETWORK_CONN_REFUSED 14009
+
+/**
+ * There was an error in communication.
+ */
+#define VIX_E_HOST_TCP_SOCKET_ERROR 14010
+
+/**
+ * The connection was lost.
+ */
+#define VIX_E_HOST_TCP_CONN_LOST 14011
+
+/**
+ * NBD_ERR_HASHFILE_VOLUME.
+ */
+#define VIX_E_HOST_NBD_HASHFILE_VOLUME 14012
+
+/**
+ * NBD_ERR_HASHFILE_INIT.
+ */
+#define VIX_E_HOST_NBD_HASHFILE_INIT 14013
+
+/**
+ * The server is shutting down.
+ */
+#define VIX_E_HOST_SERVER_SHUTDOWN 14014
+
+/**
+ * The host name specification is invalid.
+ */
+#define VIX_E_INVALID_HOSTNAME_SPECIFICATION 18002
+
+/**
  * One growable file.
  */
 #define VIXDISKLIB_DISK_MONOLITHIC_SPARSE 1
@@ -1021,8 +1136,8 @@ VixError VixDiskLib_Flush(VixDiskLibHandle diskHandle);
 VixError VixDiskLib_ReadMetadata(VixDiskLibHandle diskHandle,
                                  const char *key,
                                  char *buf,
-                                 uintptr_t bufLen,
-                                 uintptr_t *requiredLen);
+                                 size_t bufLen,
+                                 size_t *requiredLen);
 
 /**
  * Creates or changes a disk database entry.
@@ -1041,13 +1156,14 @@ VixError VixDiskLib_WriteMetadata(VixDiskLibHandle diskHandle, const char *key, 
  */
 VixError VixDiskLib_GetMetadataKeys(VixDiskLibHandle diskHandle,
                                     char *keys,
-                                    uintptr_t maxLen,
-                                    uintptr_t *requiredLen);
+                                    size_t maxLen,
+                                    size_t *requiredLen);
 
 /**
  * The allocated chunks of `[startSector, startSector + numSectors)`, `chunkSize`
  * sectors each, merged into blocks (sorted, inside the range; a request past the
- * end of the disk is clipped to it). The list comes from `malloc`: free it with
+ * end of the disk is clipped to it). `startSector` and `numSectors` must be
+ * multiples of `chunkSize` (128 to 131072 sectors), at most 524288 chunks per call. The list comes from `malloc`: free it with
  * FreeBlockList (or `free`).
  *
  * # Safety
@@ -1330,11 +1446,6 @@ VixError VixDiskLib_SpaceNeededForClone(VixDiskLibHandle diskHandle,
  * `filename` NUL-terminated.
  */
 VixError VixDiskLib_CheckRepair(VixDiskLibConnection connection, const char *filename, Bool repair);
-
-/**
- * `csrc/trampoline.c`: calls `f("%s", message)` with a real `va_list`.
- */
-extern void vdisk_ffi_call_log(void *f, const char *message);
 
 #ifdef __cplusplus
 }  // extern "C"

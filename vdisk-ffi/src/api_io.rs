@@ -33,6 +33,8 @@ pub unsafe extern "C" fn VixDiskLib_Open(
         if diskHandle.is_null() {
             return Err(FfiError::new(VIX_E_INVALID_ARG, "diskHandle is NULL"));
         }
+        // SAFETY: non-NULL out pointer given by the caller: NULL until success.
+        unsafe { *diskHandle = std::ptr::null_mut() };
         let (conn_id, conn) = state::connection(connection as usize)?;
         // SAFETY: per the contract.
         let path = unsafe { c_path(path, "path") }?;
@@ -98,6 +100,8 @@ pub unsafe extern "C" fn VixDiskLib_GetInfo(
         if info.is_null() {
             return Err(FfiError::new(VIX_E_INVALID_ARG, "info is NULL"));
         }
+        // SAFETY: non-NULL out pointer given by the caller: NULL until success.
+        unsafe { *info = std::ptr::null_mut() };
         let h = state::disk(diskHandle as usize)?;
         let i = h.with_disk(|d| Ok(d.info()?))?;
         let phys = geometry(i.geometry);
@@ -459,7 +463,8 @@ pub unsafe extern "C" fn VixDiskLib_GetMetadataKeys(
 
 /// The allocated chunks of `[startSector, startSector + numSectors)`, `chunkSize`
 /// sectors each, merged into blocks (sorted, inside the range; a request past the
-/// end of the disk is clipped to it). The list comes from `malloc`: free it with
+/// end of the disk is clipped to it). `startSector` and `numSectors` must be
+/// multiples of `chunkSize` (128 to 131072 sectors), at most 524288 chunks per call. The list comes from `malloc`: free it with
 /// FreeBlockList (or `free`).
 ///
 /// # Safety
@@ -476,11 +481,21 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
         if blockList.is_null() {
             return Err(FfiError::new(VIX_E_INVALID_ARG, "blockList is NULL"));
         }
+        // SAFETY: non-NULL out pointer given by the caller: NULL until success.
+        unsafe { *blockList = std::ptr::null_mut() };
         if !(VIXDISKLIB_MIN_CHUNK_SIZE..=VIXDISKLIB_MAX_CHUNK_SIZE).contains(&chunkSize) {
             return Err(FfiError::new(
                 VIX_E_INVALID_ARG,
                 format!(
                     "chunkSize {chunkSize} is outside {VIXDISKLIB_MIN_CHUNK_SIZE}..={VIXDISKLIB_MAX_CHUNK_SIZE} sectors"
+                ),
+            ));
+        }
+        if !startSector.is_multiple_of(chunkSize) || !numSectors.is_multiple_of(chunkSize) {
+            return Err(FfiError::new(
+                VIX_E_INVALID_ARG,
+                format!(
+                    "startSector {startSector} and numSectors {numSectors} must be multiples of chunkSize {chunkSize}"
                 ),
             ));
         }

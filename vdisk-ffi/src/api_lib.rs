@@ -157,6 +157,8 @@ pub unsafe extern "C" fn VixDiskLib_ConnectEx(
         if connection.is_null() {
             return Err(FfiError::new(VIX_E_INVALID_ARG, "connection is NULL"));
         }
+        // SAFETY: non-NULL out pointer given by the caller: NULL until success.
+        unsafe { *connection = std::ptr::null_mut() };
         // SAFETY: per the contract.
         if !unsafe { is_local(connectParams) } {
             return Err(remote_refused());
@@ -282,6 +284,8 @@ pub unsafe extern "C" fn VixDiskLib_GetConnectParams(
         if connectParams.is_null() {
             return Err(FfiError::new(VIX_E_INVALID_ARG, "connectParams is NULL"));
         }
+        // SAFETY: non-NULL out pointer given by the caller: NULL until success.
+        unsafe { *connectParams = std::ptr::null_mut() };
         state::connection(connection as usize)?;
         let p = VixDiskLib_AllocateConnectParams();
         if p.is_null() {

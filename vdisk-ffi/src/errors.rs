@@ -139,6 +139,53 @@ pub const VIX_ASYNC: VixError = 25000;
 /// Mixing synchronous and asynchronous I/O on one handle is not supported.
 pub const VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED: VixError = 26000;
 
+/// The VMDB operation failed.
+pub const VIX_E_VMDB: VixError = 16;
+/// The job has not finished.
+pub const VIX_E_UNFINISHED_JOB: VixError = 29;
+/// A decryption key is required.
+pub const VIX_E_NEED_KEY: VixError = 30;
+/// The operation is already in progress.
+pub const VIX_E_OPERATION_ALREADY_IN_PROGRESS: VixError = 31;
+/// This operation is not licensed.
+pub const VIX_E_LICENSE: VixError = 32;
+/// The host is disconnected.
+pub const VIX_E_VM_HOST_DISCONNECTED: VixError = 34;
+/// Authentication failed.
+pub const VIX_E_AUTHENTICATION_FAIL: VixError = 35;
+/// The connection to the host was lost.
+pub const VIX_E_HOST_CONNECTION_LOST: VixError = 36;
+/// The name is already in use.
+pub const VIX_E_DUPLICATE_NAME: VixError = 41;
+/// An argument is too big.
+pub const VIX_E_ARGUMENT_TOO_BIG: VixError = 44;
+/// The disk parameter is invalid.
+pub const VIX_E_HOST_DISK_INVALID_VALUE: VixError = 14003;
+/// The disk sector size check failed.
+pub const VIX_E_HOST_DISK_SECTORSIZE: VixError = 14004;
+/// Read beyond the end of file.
+pub const VIX_E_HOST_FILE_ERROR_EOF: VixError = 14005;
+/// Error in protocol.
+pub const VIX_E_HOST_NETBLKDEV_HANDSHAKE: VixError = 14006;
+/// Unable to create a socket.
+pub const VIX_E_HOST_SOCKET_CREATION_ERROR: VixError = 14007;
+/// The specified server could not be contacted.
+pub const VIX_E_HOST_SERVER_NOT_FOUND: VixError = 14008;
+/// The server refused connection.
+pub const VIX_E_HOST_NETWORK_CONN_REFUSED: VixError = 14009;
+/// There was an error in communication.
+pub const VIX_E_HOST_TCP_SOCKET_ERROR: VixError = 14010;
+/// The connection was lost.
+pub const VIX_E_HOST_TCP_CONN_LOST: VixError = 14011;
+/// NBD_ERR_HASHFILE_VOLUME.
+pub const VIX_E_HOST_NBD_HASHFILE_VOLUME: VixError = 14012;
+/// NBD_ERR_HASHFILE_INIT.
+pub const VIX_E_HOST_NBD_HASHFILE_INIT: VixError = 14013;
+/// The server is shutting down.
+pub const VIX_E_HOST_SERVER_SHUTDOWN: VixError = 14014;
+/// The host name specification is invalid.
+pub const VIX_E_INVALID_HOSTNAME_SPECIFICATION: VixError = 18002;
+
 /// The English text of `code` (the low 16 bits), as `GetErrorText` returns it.
 pub fn error_text(code: VixError) -> &'static str {
     match code & 0xFFFF {
@@ -210,6 +257,29 @@ pub fn error_text(code: VixError) -> &'static str {
         18001 => "Only a local connection is supported",
         25000 => "The asynchronous operation has been queued",
         26000 => "Mixing synchronous and asynchronous I/O on one handle is not supported",
+        16 => "The VMDB operation failed",
+        29 => "The job has not finished",
+        30 => "A decryption key is required",
+        31 => "The operation is already in progress",
+        32 => "This operation is not licensed",
+        34 => "The host is disconnected",
+        35 => "Authentication failed",
+        36 => "The connection to the host was lost",
+        41 => "The name is already in use",
+        44 => "An argument is too big",
+        14003 => "The disk parameter is invalid",
+        14004 => "The disk sector size check failed",
+        14005 => "Read beyond the end of file",
+        14006 => "Error in protocol",
+        14007 => "Unable to create a socket",
+        14008 => "The specified server could not be contacted",
+        14009 => "The server refused connection",
+        14010 => "There was an error in communication",
+        14011 => "The connection was lost",
+        14012 => "NBD_ERR_HASHFILE_VOLUME",
+        14013 => "NBD_ERR_HASHFILE_INIT",
+        14014 => "The server is shutting down",
+        18002 => "The host name specification is invalid",
         _ => "Unknown error",
     }
 }
