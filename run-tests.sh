@@ -11,6 +11,16 @@ command -v vmdkinfo >/dev/null 2>&1 || need+=(libvmdk-utils)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+# Partition and filesystem tools for the vdisk-mount tests.
+PATH=$PATH:/usr/sbin:/sbin
+command -v sfdisk >/dev/null 2>&1 || need+=(fdisk)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v mkfs.fat >/dev/null 2>&1 || need+=(dosfstools)
+command -v mkswap >/dev/null 2>&1 || need+=(util-linux)
+command -v mkfs.ntfs >/dev/null 2>&1 || need+=(ntfs-3g)
+command -v mkfs.exfat >/dev/null 2>&1 || need+=(exfatprogs)
+command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
+command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "run-tests: missing ${need[*]}: run as root (apt-get) or install them" >&2
