@@ -21,6 +21,9 @@ command -v mkfs.ntfs >/dev/null 2>&1 || need+=(ntfs-3g)
 command -v mkfs.exfat >/dev/null 2>&1 || need+=(exfatprogs)
 command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
 command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
+# FUSE mounts (vdisk-mount) and FAT file access without a vfat kernel module.
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+command -v mcopy >/dev/null 2>&1 || need+=(mtools)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "run-tests: missing ${need[*]}: run as root (apt-get) or install them" >&2

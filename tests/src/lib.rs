@@ -117,6 +117,37 @@ pub fn path_str(p: &Path) -> &str {
 /// found from the test executable, which lives in `target/<profile>/deps/`. Panics
 /// with a clear message if it has not been built.
 pub fn vdiskmanager_bin() -> PathBuf {
+    static FRESH: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    workspace_bin(
+        "vdiskmanager",
+        &[
+            "vdisk/src",
+            "utils/src/lib.rs",
+            "utils/src/bin/vdiskmanager.rs",
+        ],
+        &FRESH,
+    )
+}
+
+/// The `vdisk-mount` binary of the current build (`target/<profile>/vdisk-mount`),
+/// checked like [`vdiskmanager_bin`].
+pub fn vdisk_mount_bin() -> PathBuf {
+    static FRESH: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    workspace_bin(
+        "vdisk-mount",
+        &[
+            "vdisk/src",
+            "vdisk-mount/src",
+            "utils/src/lib.rs",
+            "utils/src/bin/vdisk-mount.rs",
+        ],
+        &FRESH,
+    )
+}
+
+/// The binary `name` of the vdisk-utils package in `target/<profile>/`, checked
+/// (once, through `fresh`) to be newer than the sources under `sources`.
+fn workspace_bin(name: &str, sources: &[&str], fresh: &std::sync::OnceLock<()>) -> PathBuf {
     let exe = std::env::current_exe().expect("cannot locate the test executable");
     let deps = exe.parent().expect("test executable has no parent folder");
     let profile_dir = if deps.file_name() == Some(OsStr::new("deps")) {
@@ -124,21 +155,43 @@ pub fn vdiskmanager_bin() -> PathBuf {
     } else {
         deps
     };
-    let bin = profile_dir.join(format!("vdiskmanager{}", std::env::consts::EXE_SUFFIX));
+    let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
-        "the vdiskmanager binary was not found at {}: cargo builds it only when the \
+        "the {name} binary was not found at {}: cargo builds it only when the \
          vdisk-utils package is built too - run `cargo test --workspace` (or \
          `cargo build -p vdisk-utils` before `cargo test -p vdisk-interop`)",
         bin.display()
     );
-    static FRESH: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    FRESH.get_or_init(|| assert_binary_is_fresh(&bin));
+    fresh.get_or_init(|| assert_binary_is_fresh(&bin, sources));
     bin
 }
 
-/// Newest modification time of the `.rs` files under `dir` (recursively).
+/// The path of the external tool `name`, searched in `PATH` and the sbin folders
+/// (mkfs, sfdisk and losetup live there); panics naming the Debian `package` that
+/// provides it if it is not installed (tests never skip).
+pub fn require_tool_from(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "required external tool `{name}` was not found: install the Debian package \
+         `{package}` (apt-get install {package}) - these tests never skip"
+    );
+}
+
+/// Newest modification time of the `.rs` files under `dir` (recursively), or of
+/// `dir` itself if it is a file.
 fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    if dir.is_file() {
+        return std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+    }
     let mut newest = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
@@ -154,22 +207,21 @@ fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
     newest
 }
 
-/// Panics if a source file of the library or of the tools is newer than the
-/// `vdiskmanager` binary: `cargo test -p vdisk-interop` does not rebuild it, and
-/// testing a stale binary would test old code.
-fn assert_binary_is_fresh(bin: &Path) {
+/// Panics if a source file under `sources` (folders or files of the workspace) is newer than
+/// the binary `bin`: `cargo test -p vdisk-interop` does not rebuild it, and testing a
+/// stale binary would test old code.
+fn assert_binary_is_fresh(bin: &Path, sources: &[&str]) {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-    let sources = ["vdisk/src", "utils/src"]
+    let sources = sources
         .iter()
         .filter_map(|d| newest_mtime(&workspace.join(d)))
         .max();
     if let (Some(built), Some(sources)) = (built, sources) {
         assert!(
             sources <= built,
-            "the vdiskmanager binary at {} is older than the sources of vdisk / \
-             vdisk-utils: rebuild it (`cargo build -p vdisk-utils`) or run the tests \
-             with `cargo test --workspace`",
+            "the binary {} is older than its sources: rebuild it \
+             (`cargo build -p vdisk-utils`) or run the tests with `cargo test --workspace`",
             bin.display()
         );
     }

@@ -1,4 +1,4 @@
-//! Disk mount library, first layer: what is on a disk.
+//! Disk mount library: what is on a disk, and mounting it with FUSE.
 //!
 //! [`read_partitions`] finds the partition table of a disk (GPT, with its protective
 //! MBR, header and entry-array CRCs checked and the backup header used when the
@@ -14,6 +14,11 @@
 //! [`PartWarning`] in [`PartitionTable::warnings`]; damage it does not survive is a
 //! [`PartError`]. Sectors are 512 bytes.
 //!
+//! [`mount`] serves an open disk with FUSE as a directory holding `flat` (the whole
+//! disk) and `p1`, `p2`, ... (its partitions), non-persistent by default (writes go
+//! to a throwaway redo log; the disk files never change), persistent or read-only on
+//! request; [`mountinfo`] finds the mounts made that way.
+//!
 //! ```
 //! use vdisk_mount::{read_partitions, Scheme};
 //! let blank = vec![0u8; 1 << 20];
@@ -24,12 +29,17 @@
 
 mod error;
 mod filesystem;
+mod fuse;
 mod gpt;
 mod mbr;
+mod mount;
+pub mod mountinfo;
 mod source;
 
 pub use error::{GptHeaderError, PartError, PartWarning};
 pub use filesystem::{detect_filesystem, Filesystem, FsKind};
+pub use fuse::{MountedFile, MAX_REQUEST};
+pub use mount::{fusermount3, mount, Mode, MountError, MountOptions, Mounted};
 pub use source::BlockSource;
 
 /// The bounds every parser keeps to, whatever the disk says.

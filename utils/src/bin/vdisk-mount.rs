@@ -1,0 +1,688 @@
+//! `vdisk-mount`: list the partitions of a virtual disk and mount it with FUSE,
+//! with vmware-mount's syntax.
+//!
+//! ```text
+//! vdisk-mount -p DISK                 list partitions
+//! vdisk-mount -f [-r | --persistent] [-o OPTS] DISK DIR
+//!                                     mount DIR/flat (the whole disk) and DIR/pN
+//! vdisk-mount -L                      list vdisk mounts
+//! vdisk-mount -d DIR                  unmount DIR
+//! vdisk-mount -k DISK                 unmount every mount of DISK
+//! vdisk-mount -x                      unmount every vdisk mount
+//! ```
+//!
+//! A mount is served by a background process (this program re-run with a hidden
+//! `--serve` argument, detached, its standard streams on /dev/null); the command
+//! returns once the mount is in place. Mounts are non-persistent unless
+//! `--persistent` is given: writes go to a throwaway redo log and the disk files
+//! never change.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use vdisk_mount::mountinfo::{vdisk_mount_at, vdisk_mounts, MountEntry};
+use vdisk_mount::{
+    read_partitions, Mode, MountOptions, Partition, PartitionKind, PartitionTable, Scheme,
+};
+
+/// How long `-f` waits for the serving process to mount.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `-d` waits for the serving process to flush and exit after unmounting.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often state is polled while waiting.
+const POLL: Duration = Duration::from_millis(20);
+/// The hidden argument that makes this program the serving process.
+const SERVE: &str = "--serve";
+
+/// vmware-mount style invocation.
+#[derive(Parser, Debug)]
+#[command(
+    name = "vdisk-mount",
+    about = "List the partitions of a virtual disk and mount it with FUSE (vmware-mount syntax)",
+    after_help = "Usage:\n  vdisk-mount -p DISK                    list the partitions of DISK\n  \
+                  vdisk-mount -f [-r|--persistent] [-o OPTIONS] DISK DIR\n                                         \
+                  mount DIR/flat (the whole disk) and DIR/p1, DIR/p2, ... (its partitions)\n  \
+                  vdisk-mount -L                         list vdisk mounts\n  \
+                  vdisk-mount -d DIR                     unmount DIR\n  \
+                  vdisk-mount -k DISK                    unmount every mount of DISK\n  \
+                  vdisk-mount -x                         unmount every vdisk mount\n\
+                  Mounts are non-persistent unless --persistent is given: writes go to a throwaway \
+                  redo log and the disk files never change. A snapshot is chosen by naming its \
+                  descriptor."
+)]
+struct Args {
+    /// List the partitions of DISK (number, start, size, type, file system, label).
+    #[arg(short = 'p', value_name = "DISK")]
+    partitions: Option<PathBuf>,
+    /// Mount a flat representation of the disk: DIR/flat and one file per partition.
+    #[arg(short = 'f')]
+    flat: bool,
+    /// List the vdisk mounts.
+    #[arg(short = 'L')]
+    list: bool,
+    /// Unmount DIR (waits until the disk is closed).
+    #[arg(short = 'd', value_name = "DIR")]
+    unmount: Option<PathBuf>,
+    /// Unmount every mount of DISK.
+    #[arg(short = 'k', value_name = "DISK")]
+    unmount_disk: Option<PathBuf>,
+    /// Unmount every vdisk mount.
+    #[arg(short = 'x')]
+    unmount_all: bool,
+    /// Mount read-only.
+    #[arg(short = 'r')]
+    read_only: bool,
+    /// Write through to the disk files (default: non-persistent, writes are discarded
+    /// at unmount).
+    #[arg(long)]
+    persistent: bool,
+    /// Comma-separated mount options: allow_other, ro, rw.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Option<String>,
+    /// Serve a mount in this process (used by -f).
+    #[arg(long = "serve", hide = true)]
+    serve: bool,
+    /// Where the serving process reports its progress.
+    #[arg(long, hide = true, value_name = "FILE")]
+    status: Option<PathBuf>,
+    /// DISK [N] DIR
+    #[arg(value_name = "ARGS")]
+    args: Vec<PathBuf>,
+}
+
+type CliResult<T = ()> = Result<T, String>;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind as K;
+            if matches!(
+                e.kind(),
+                K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "vdisk-mount: error: {} (see --help)",
+                first.trim().trim_start_matches("error: ")
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("vdisk-mount: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: Args) -> CliResult {
+    let operations = [
+        a.partitions.is_some(),
+        a.flat,
+        a.list,
+        a.unmount.is_some(),
+        a.unmount_disk.is_some(),
+        a.unmount_all,
+        a.serve,
+    ];
+    if operations.iter().filter(|&&o| o).count() > 1 {
+        return Err("give one operation per call (one of -p, -f, -L, -d, -k, -x)".into());
+    }
+    let no_args = |what: &str| -> CliResult {
+        if a.args.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{what} takes no further arguments"))
+        }
+    };
+    if let Some(disk) = &a.partitions {
+        no_args("-p DISK")?;
+        return list_partitions(disk);
+    }
+    if a.list {
+        no_args("-L")?;
+        return list_mounts();
+    }
+    if let Some(dir) = &a.unmount {
+        no_args("-d DIR")?;
+        return unmount(dir);
+    }
+    if let Some(disk) = &a.unmount_disk {
+        no_args("-k DISK")?;
+        return unmount_disk(disk);
+    }
+    if a.unmount_all {
+        no_args("-x")?;
+        return unmount_all();
+    }
+    let opts = mount_options(&a)?;
+    if a.serve {
+        let [disk, dir] = a.args.as_slice() else {
+            return Err("--serve needs DISK DIR".into());
+        };
+        let status = a.status.as_deref().ok_or("--serve needs --status FILE")?;
+        return serve(disk, dir, &opts, status);
+    }
+    match a.args.as_slice() {
+        [disk, dir] if a.flat => mount_flat(disk, dir, &opts),
+        _ if a.flat => Err("-f needs DISK DIR".into()),
+        [] => Err(
+            "nothing to do: give -p DISK, -f DISK DIR, -L, -d DIR, -k DISK or -x (see --help)"
+                .into(),
+        ),
+        [_] => Err("a mount needs DISK and DIR: vdisk-mount -f DISK DIR (see --help)".into()),
+        [_, _] | [_, _, _] => Err(
+            "mounting a partition's file system (vdisk-mount DISK [N] DIR) is not supported yet: \
+             use -f DISK DIR and mount DIR/pN with `mount -o loop`"
+                .into(),
+        ),
+        _ => Err("too many arguments (see --help)".into()),
+    }
+}
+
+/// The mount options of -r, --persistent and -o.
+fn mount_options(a: &Args) -> CliResult<MountOptions> {
+    let mut read_only = a.read_only;
+    let mut allow_other = false;
+    for opt in a.options.iter().flat_map(|o| o.split(',')) {
+        match opt.trim() {
+            "" | "rw" => {}
+            "ro" => read_only = true,
+            "allow_other" => allow_other = true,
+            other => {
+                return Err(format!(
+                    "unknown mount option {other:?} (known: allow_other, ro, rw)"
+                ))
+            }
+        }
+    }
+    if read_only && a.persistent {
+        return Err("a read-only mount cannot be --persistent".into());
+    }
+    let mode = if read_only {
+        Mode::ReadOnly
+    } else if a.persistent {
+        Mode::Persistent
+    } else {
+        Mode::NonPersistent
+    };
+    Ok(MountOptions { mode, allow_other })
+}
+
+// ---------------------------------------------------------------------------------
+// -p
+
+/// A short name for a well-known GPT partition type, else the GUID.
+fn gpt_type_name(guid: &str) -> &str {
+    match guid {
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B" => "EFI System",
+        "21686148-6449-6E6F-744E-656564454649" => "BIOS boot",
+        "E3C9E316-0B5C-4DB8-817D-F92DF00215AE" => "Microsoft reserved",
+        "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7" => "Microsoft basic data",
+        "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC" => "Windows recovery",
+        "0FC63DAF-8483-4772-8E79-3D69D8477DE4" => "Linux filesystem",
+        "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F" => "Linux swap",
+        "E6D6D379-F507-44C2-A23C-238F2A3DF928" => "Linux LVM",
+        "A19D880F-05FC-4D3B-A006-743F0F84911E" => "Linux RAID",
+        "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709" => "Linux root (x86-64)",
+        "933AC7E1-2EB4-4F13-B844-0E14E2AEF915" => "Linux home",
+        "BC13C2FF-59E6-4262-A352-B275FD6F7172" => "Linux extended boot",
+        "AA31E02A-400F-11DB-9590-000C2911D1B8" => "VMware VMFS",
+        other => other,
+    }
+}
+
+fn type_column(p: &Partition) -> String {
+    match &p.kind {
+        PartitionKind::Mbr { type_byte, .. } => format!("0x{type_byte:02x}"),
+        PartitionKind::Gpt { type_guid, .. } => gpt_type_name(type_guid).to_string(),
+    }
+}
+
+fn partition_rows(table: &PartitionTable) -> Vec<[String; 6]> {
+    table
+        .partitions
+        .iter()
+        .map(|p| {
+            let (fs, label) = if p.is_extended() {
+                ("extended".to_string(), "-".to_string())
+            } else {
+                match &p.filesystem {
+                    Some(f) => (
+                        f.kind.to_string(),
+                        f.label.clone().unwrap_or_else(|| "-".into()),
+                    ),
+                    None => ("-".into(), "-".into()),
+                }
+            };
+            [
+                p.number.to_string(),
+                (p.start / 512).to_string(),
+                (p.length / 512).to_string(),
+                type_column(p),
+                fs,
+                label,
+            ]
+        })
+        .collect()
+}
+
+/// Prints rows as left-aligned columns (the last one unpadded).
+fn print_table(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[c]));
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+}
+
+fn list_partitions(disk: &Path) -> CliResult {
+    let handle = vdisk::OpenOptions::new()
+        .open(disk)
+        .map_err(|e| e.to_string())?;
+    let table = read_partitions(&handle).map_err(|e| format!("{}: {e}", disk.display()))?;
+    for w in &table.warnings {
+        eprintln!("vdisk-mount: warning: {}: {w}", disk.display());
+    }
+    let capacity = handle.capacity();
+    let scheme = match table.scheme {
+        Scheme::Mbr => "MBR partition table",
+        Scheme::Gpt => "GPT partition table",
+        Scheme::None => "no partition table",
+    };
+    let id = table
+        .id
+        .as_ref()
+        .map(|id| format!(", identifier {id}"))
+        .unwrap_or_default();
+    println!(
+        "Disk {}: {} ({} sectors), {scheme}{id}",
+        disk.display(),
+        vdisk_utils::human_bytes(capacity),
+        capacity / 512
+    );
+    if table.scheme == Scheme::None {
+        match &table.filesystem {
+            Some(fs) => println!("The whole disk holds a file system: {fs}"),
+            None => println!("No file system found on the whole disk"),
+        }
+        return Ok(());
+    }
+    let header = ["Nr", "Start", "Size", "Type", "Filesystem", "Label"];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    rows.extend(partition_rows(&table).into_iter().map(Vec::from));
+    print_table(&rows);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// -f and --serve
+
+/// A status file no other process uses, in the temporary folder.
+fn new_status_file() -> CliResult<(PathBuf, File)> {
+    let dir = std::env::temp_dir();
+    for attempt in 0..100u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = dir.join(format!(
+            "vdisk-mount-{}-{nanos}-{attempt}.status",
+            std::process::id()
+        ));
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(format!(
+                    "cannot create a status file in {}: {e}",
+                    dir.display()
+                ))
+            }
+        }
+    }
+    Err(format!("cannot create a status file in {}", dir.display()))
+}
+
+/// Mounts with a detached serving process and returns once the mount is in place.
+fn mount_flat(disk: &Path, dir: &Path, opts: &MountOptions) -> CliResult {
+    let meta = std::fs::metadata(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("mount point {} does not exist", dir.display()),
+        _ => format!("mount point {}: {e}", dir.display()),
+    })?;
+    if !meta.is_dir() {
+        return Err(format!("mount point {} is not a directory", dir.display()));
+    }
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("mount point {}: {e}", dir.display()))?;
+    if let Some(m) =
+        vdisk_mount_at(&dir).map_err(|e| format!("cannot read the mount table: {e}"))?
+    {
+        return Err(format!(
+            "{} is already a vdisk mount (of {}): unmount it first with vdisk-mount -d",
+            dir.display(),
+            m.source
+        ));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let (status_path, status_file) = new_status_file()?;
+    drop(status_file);
+    let _cleanup = RemoveOnDrop(status_path.clone());
+    let mut cmd = Command::new(exe);
+    cmd.arg(SERVE).arg("--status").arg(&status_path);
+    match opts.mode {
+        Mode::ReadOnly => {
+            cmd.arg("-r");
+        }
+        Mode::Persistent => {
+            cmd.arg("--persistent");
+        }
+        Mode::NonPersistent => {}
+    }
+    if opts.allow_other {
+        cmd.arg("-o").arg("allow_other");
+    }
+    // The disk as given (the serving process keeps this folder as its own); the
+    // folder canonical, as the mount table shows it.
+    cmd.arg("--").arg(disk).arg(&dir);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the serving process: {e}"))?;
+    let start = Instant::now();
+    loop {
+        let status = std::fs::read_to_string(&status_path).unwrap_or_default();
+        if let Some(msg) = status.lines().find_map(|l| l.strip_prefix("error: ")) {
+            let _ = child.wait();
+            return Err(msg.to_string());
+        }
+        let ready = status.lines().any(|l| l == "ready");
+        if ready && vdisk_mount_at(&dir).is_ok_and(|m| m.is_some()) {
+            for w in status.lines().filter_map(|l| l.strip_prefix("warning: ")) {
+                eprintln!("vdisk-mount: warning: {w}");
+            }
+            return Ok(());
+        }
+        if let Ok(Some(exit)) = child.try_wait() {
+            let status = std::fs::read_to_string(&status_path).unwrap_or_default();
+            return Err(status
+                .lines()
+                .find_map(|l| l.strip_prefix("error: "))
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    format!("the serving process ended ({exit}) without mounting")
+                }));
+        }
+        if start.elapsed() > MOUNT_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{} did not show up as a mount point within {} s",
+                dir.display(),
+                MOUNT_TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Appends one line to the status file the parent reads.
+fn report(status: &Path, line: &str) {
+    if let Ok(mut f) = OpenOptions::new().append(true).open(status) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// The serving process: mounts, reports, and serves until unmounted (from outside,
+/// or on SIGINT, SIGTERM or SIGHUP), then closes the disk and exits.
+fn serve(disk: &Path, dir: &Path, opts: &MountOptions, status: &Path) -> CliResult {
+    // Leave the caller's session so its terminal's signals do not reach us.
+    let _ = nix::unistd::setsid();
+    // Signals are taken by one thread (below); every thread started after this
+    // inherits the mask.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    let _ = signals.thread_block();
+    let mounted = match vdisk_mount::mount(disk, dir, opts) {
+        Ok(m) => m,
+        Err(e) => {
+            report(status, &format!("error: {e}"));
+            return Err(e.to_string());
+        }
+    };
+    for w in mounted.warnings() {
+        report(status, &format!("warning: {}: {w}", disk.display()));
+    }
+    report(status, "ready");
+    // Keep no folder busy (the disk's files are open by now).
+    let _ = std::env::set_current_dir("/");
+    let target = mounted.mountpoint().to_path_buf();
+    std::thread::spawn(move || {
+        if signals.wait().is_ok() {
+            // A lazy unmount: the session ends and the disk is closed below.
+            let helper = vdisk_mount::fusermount3().unwrap_or_else(|| "fusermount3".into());
+            let _ = Command::new(helper)
+                .args(["-u", "-z", "--"])
+                .arg(&target)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    });
+    let res = mounted.wait().map_err(|e| e.to_string());
+    // Wait (briefly) for fusermount3's auto-unmount helper to see the session end,
+    // so that once this process is gone nothing is left that could touch a new
+    // mount on the same folder.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => std::thread::sleep(POLL),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    res
+}
+
+// ---------------------------------------------------------------------------------
+// -L, -d, -k, -x
+
+/// A serving process: its pid and the arguments it was started with.
+struct Server {
+    pid: u32,
+    args: Vec<String>,
+}
+
+/// The serving process of the mount on `mountpoint` (its last argument), if any.
+fn server_of(mountpoint: &Path) -> Option<Server> {
+    let want = mountpoint.to_string_lossy();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours = args.first().is_some_and(|a0| {
+            Path::new(a0)
+                .file_name()
+                .is_some_and(|n| n == "vdisk-mount")
+        });
+        if ours && args.iter().any(|a| a == SERVE) && args.last().is_some_and(|l| *l == want) {
+            return Some(Server { pid, args });
+        }
+    }
+    None
+}
+
+fn mode_of(server: Option<&Server>) -> &'static str {
+    match server {
+        Some(s) if s.args.iter().any(|a| a == "--persistent") => Mode::Persistent.as_str(),
+        Some(s) if s.args.iter().any(|a| a == "-r") => Mode::ReadOnly.as_str(),
+        Some(_) => Mode::NonPersistent.as_str(),
+        None => "unknown (no serving process)",
+    }
+}
+
+fn mounts() -> CliResult<Vec<MountEntry>> {
+    vdisk_mounts().map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))
+}
+
+fn list_mounts() -> CliResult {
+    let all = mounts()?;
+    if all.is_empty() {
+        println!("No vdisk mounts");
+        return Ok(());
+    }
+    let mut rows = vec![["Disk", "Mount point", "Mode", "PID"]
+        .map(String::from)
+        .to_vec()];
+    for m in &all {
+        let server = server_of(&m.mountpoint);
+        rows.push(vec![
+            m.source.clone(),
+            m.mountpoint.display().to_string(),
+            mode_of(server.as_ref()).to_string(),
+            server.map_or("-".into(), |s| s.pid.to_string()),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// Whether process `pid` is gone (or a zombie).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// Unmounts one vdisk mount and waits for its serving process to close the disk.
+fn unmount_entry(m: &MountEntry) -> CliResult {
+    let server = server_of(&m.mountpoint);
+    let helper = vdisk_mount::fusermount3()
+        .ok_or("fusermount3 was not found: install the Debian package fuse3")?;
+    let out = Command::new(&helper)
+        .args(["-u", "--"])
+        .arg(&m.mountpoint)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", helper.display()))?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr);
+        let msg = msg.trim();
+        let prefix = format!("{}: ", helper.display());
+        let msg = msg.strip_prefix(prefix.as_str()).unwrap_or(msg);
+        return Err(format!("cannot unmount {}: {msg}", m.mountpoint.display()));
+    }
+    if let Some(server) = server {
+        let start = Instant::now();
+        while !exited(server.pid) {
+            if start.elapsed() > EXIT_TIMEOUT {
+                return Err(format!(
+                    "{} is unmounted but its serving process {} has not exited after {} s",
+                    m.mountpoint.display(),
+                    server.pid,
+                    EXIT_TIMEOUT.as_secs()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+    Ok(())
+}
+
+fn unmount(dir: &Path) -> CliResult {
+    let entry =
+        vdisk_mount_at(dir).map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+    match entry {
+        Some(m) => unmount_entry(&m),
+        None => Err(format!("{} is not a vdisk mount", dir.display())),
+    }
+}
+
+/// Unmounts every entry (the newest first), reporting every failure.
+fn unmount_each(entries: &[MountEntry]) -> CliResult {
+    let errors: Vec<String> = entries
+        .iter()
+        .rev()
+        .filter_map(|m| unmount_entry(m).err())
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+fn unmount_disk(disk: &Path) -> CliResult {
+    let canonical = disk.canonicalize().unwrap_or_else(|_| disk.to_path_buf());
+    let entries: Vec<MountEntry> = mounts()?
+        .into_iter()
+        .filter(|m| Path::new(&m.source) == canonical || Path::new(&m.source) == disk)
+        .collect();
+    if entries.is_empty() {
+        return Err(format!("{} is not mounted", disk.display()));
+    }
+    unmount_each(&entries)
+}
+
+fn unmount_all() -> CliResult {
+    unmount_each(&mounts()?)
+}

@@ -1,0 +1,407 @@
+//! The FUSE file system of a mounted disk: one directory holding `flat` (the whole
+//! disk) and `p1`, `p2`, ... (one file per partition, a byte range of the disk).
+//!
+//! Every file is read and written through the one open [`vdisk::Disk`], so what a
+//! write goes to (the disk files, or a throwaway redo log) is decided by how the disk
+//! was opened. The kernel's page cache is dropped at each open of a file
+//! (`FOPEN_KEEP_CACHE` is not set), so `flat` and the partition files, which alias the
+//! same bytes, agree from one open to the next; writes go straight through (no
+//! write-back cache).
+
+use std::ffi::OsStr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+use vdisk::{Disk, ErrorKind, RangeKind};
+
+/// The largest read or write request asked of the kernel (1 MiB).
+pub const MAX_REQUEST: u32 = 1 << 20;
+/// How long the kernel may cache names and attributes.
+const TTL: Duration = Duration::from_secs(1);
+/// The inode of the first file (`flat`); the root directory is 1.
+const FIRST_FILE_INO: u64 = 2;
+/// The allocation map is asked for at most this many bytes at a time by `lseek`.
+const SEEK_WINDOW: u64 = 1 << 30;
+/// Block size reported by `stat` and `statfs`.
+const BLOCK_SIZE: u32 = 4096;
+
+/// One file of the mount: a byte range of the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountedFile {
+    /// Its name in the mount directory (`flat`, `p1`, ...).
+    pub name: String,
+    /// Where it starts on the disk, in bytes.
+    pub offset: u64,
+    /// Its size in bytes (a partition running past the end of the disk is cut there).
+    pub size: u64,
+    /// The partition number, `None` for `flat`.
+    pub partition: Option<u32>,
+}
+
+/// The FUSE file system over one open disk.
+pub(crate) struct DiskFs {
+    disk: Disk,
+    files: Vec<MountedFile>,
+    writable: bool,
+    uid: u32,
+    gid: u32,
+    /// When the mount was made (access and change times).
+    mounted: SystemTime,
+    /// The last modification: the disk's descriptor mtime, then the last write.
+    mtime: Mutex<SystemTime>,
+}
+
+impl DiskFs {
+    pub(crate) fn new(disk: Disk, files: Vec<MountedFile>, mtime: SystemTime) -> DiskFs {
+        DiskFs {
+            writable: disk.is_writable(),
+            disk,
+            files,
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            mounted: SystemTime::now(),
+            mtime: Mutex::new(mtime),
+        }
+    }
+
+    fn file(&self, ino: INodeNo) -> Option<&MountedFile> {
+        let index = ino.0.checked_sub(FIRST_FILE_INO)?;
+        self.files.get(usize::try_from(index).ok()?)
+    }
+
+    fn mtime(&self) -> SystemTime {
+        *self.mtime.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dir_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo::ROOT,
+            size: 0,
+            blocks: 0,
+            atime: self.mounted,
+            mtime: self.mounted,
+            ctime: self.mounted,
+            crtime: self.mounted,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: BLOCK_SIZE,
+            flags: 0,
+        }
+    }
+
+    fn file_attr(&self, index: usize) -> FileAttr {
+        let f = &self.files[index];
+        let mtime = self.mtime();
+        FileAttr {
+            ino: INodeNo(FIRST_FILE_INO + index as u64),
+            size: f.size,
+            blocks: f.size.div_ceil(512),
+            atime: self.mounted,
+            mtime,
+            ctime: mtime,
+            crtime: self.mounted,
+            kind: FileType::RegularFile,
+            perm: if self.writable { 0o644 } else { 0o444 },
+            nlink: 1,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: BLOCK_SIZE,
+            flags: 0,
+        }
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        if ino == INodeNo::ROOT {
+            return Some(self.dir_attr());
+        }
+        self.file(ino)?;
+        Some(self.file_attr((ino.0 - FIRST_FILE_INO) as usize))
+    }
+
+    /// The first offset at or after `from` (file-relative) that is data (`data`) or a
+    /// hole (`!data`), as the disk's allocation map says.
+    fn seek(&self, f: &MountedFile, from: u64, data: bool) -> Result<u64, Errno> {
+        if from >= f.size {
+            return Err(Errno::ENXIO);
+        }
+        let mut pos = from;
+        while pos < f.size {
+            let len = (f.size - pos).min(SEEK_WINDOW);
+            let map = self
+                .disk
+                .allocation_map(f.offset + pos, len)
+                .map_err(|e| errno(&e))?;
+            for r in &map {
+                if (r.kind == RangeKind::Data) == data {
+                    return Ok(r.offset.max(f.offset + pos) - f.offset);
+                }
+            }
+            pos += len;
+        }
+        if data {
+            Err(Errno::ENXIO)
+        } else {
+            Ok(f.size)
+        }
+    }
+}
+
+/// The errno for a disk error.
+fn errno(e: &vdisk::Error) -> Errno {
+    match e.kind() {
+        ErrorKind::ReadOnly => Errno::EROFS,
+        ErrorKind::OutOfRange => Errno::EINVAL,
+        ErrorKind::DiskFull => Errno::ENOSPC,
+        ErrorKind::FileTooBig => Errno::EFBIG,
+        ErrorKind::AccessDenied => Errno::EACCES,
+        ErrorKind::OutOfMemory => Errno::ENOMEM,
+        _ => Errno::EIO,
+    }
+}
+
+impl Filesystem for DiskFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Each setter returns the nearest value the kernel takes when ours is refused.
+        if let Err(nearest) = config.set_max_write(MAX_REQUEST) {
+            let _ = config.set_max_write(nearest);
+        }
+        if let Err(nearest) = config.set_max_readahead(MAX_REQUEST) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent != INodeNo::ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        match self.files.iter().position(|f| OsStr::new(&f.name) == name) {
+            Some(i) => reply.entry(&TTL, &self.file_attr(i), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(attr) = self.attr(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let changes_size = size.is_some_and(|s| s != attr.size);
+        let changes_owner = mode.is_some_and(|m| m & 0o7777 != u32::from(attr.perm))
+            || uid.is_some_and(|u| u != attr.uid)
+            || gid.is_some_and(|g| g != attr.gid);
+        if (changes_size || changes_owner) && !self.writable {
+            return reply.error(Errno::EROFS);
+        }
+        // The files are fixed views of the disk: they cannot be truncated, grown or
+        // given other owners. Time changes (touch) are accepted and ignored.
+        if changes_size || changes_owner {
+            return reply.error(Errno::EPERM);
+        }
+        reply.attr(&TTL, &attr);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.file(ino).is_none() {
+            return reply.error(if ino == INodeNo::ROOT {
+                Errno::EISDIR
+            } else {
+                Errno::ENOENT
+            });
+        }
+        if flags.acc_mode() != OpenAccMode::O_RDONLY && !self.writable {
+            return reply.error(Errno::EROFS);
+        }
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(f) = self.file(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        // Reads past the end are short (empty at or after the end).
+        let len = f.size.saturating_sub(offset).min(u64::from(size)) as usize;
+        if len == 0 {
+            return reply.data(&[]);
+        }
+        let mut buf = vec![0u8; len];
+        match self.disk.read_at(&mut buf, f.offset + offset) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(f) = self.file(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if !self.writable {
+            return reply.error(Errno::EROFS);
+        }
+        if data.is_empty() {
+            return reply.written(0);
+        }
+        // A write that starts at or past the end fails; one that runs past it is cut
+        // short there (the caller's next write then fails).
+        if offset >= f.size {
+            return reply.error(Errno::EFBIG);
+        }
+        let len = (f.size - offset).min(data.len() as u64) as usize;
+        match self.disk.write_at(&data[..len], f.offset + offset) {
+            Ok(()) => {
+                *self.mtime.lock().unwrap_or_else(|e| e.into_inner()) = SystemTime::now();
+                // `len` is at most the request's length, which is a u32.
+                reply.written(len as u32)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.disk.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.disk.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != INodeNo::ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let dots = [(INodeNo::ROOT, "."), (INodeNo::ROOT, "..")];
+        let entries = dots
+            .into_iter()
+            .map(|(i, n)| (i, FileType::Directory, n))
+            .chain(self.files.iter().enumerate().map(|(i, f)| {
+                (
+                    INodeNo(FIRST_FILE_INO + i as u64),
+                    FileType::RegularFile,
+                    f.name.as_str(),
+                )
+            }));
+        for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+            // The offset given with an entry is where the next readdir resumes.
+            if reply.add(ino, i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.disk.capacity().div_ceil(u64::from(BLOCK_SIZE));
+        let files = self.files.len() as u64 + 1;
+        reply.statfs(blocks, 0, 0, files, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Some(f) = self.file(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Ok(from) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            // SEEK_SET, SEEK_CUR and SEEK_END are answered by the kernel itself.
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match self.seek(f, from, data) {
+            Ok(pos) => reply.offset(pos as i64),
+            Err(e) => reply.error(e),
+        }
+    }
+}
