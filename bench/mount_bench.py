@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Side-by-side mount benchmark: sequential read of a whole disk through a FUSE mount,
+`vdisk-mount -r -f` (file `flat`) against libvmdk's `vmdkmount` (file `vmdk1`).
+
+For the 2 GiB random and text images of ../shared/bench/gen.py converted to
+monolithicSparse and streamOptimized (made with vdiskmanager in target/bench), each
+tool mounts the disk, and `dd bs=1M` reads the whole disk image file; the page cache
+is dropped before every timed read (so both read through their FUSE servers), runs
+are interleaved, and the median times and their ratio (vmdkmount time / ours) are
+printed. Needs root (FUSE, drop_caches).
+
+usage: mount_bench.py [--rounds N] [--kinds random,text]
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GEN = os.path.join(ROOT, "..", "shared", "bench", "gen.py")
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def timed_read(path):
+    drop_caches()
+    t0 = time.monotonic()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def wait_for(path, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            sys.exit(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kinds", default="random,text")
+    a = ap.parse_args()
+    work = os.path.join(ROOT, "target", "bench")
+    os.makedirs(work, exist_ok=True)
+    vdm = os.path.join(ROOT, "target", "release", "vdiskmanager")
+    vmount = os.path.join(ROOT, "target", "release", "vdisk-mount")
+    print(f"{'case':32} {'ours s':>8} {'vmdkmount s':>12} {'ratio':>7}")
+    for kind in a.kinds.split(","):
+        raw = os.path.join(work, f"{kind}-2048.raw")
+        if not os.path.exists(raw):
+            subprocess.run([sys.executable, GEN, raw, "2048", kind], check=True)
+        for name, t in (("monolithicSparse", "0"), ("streamOptimized", "5")):
+            disk = os.path.join(work, f"mb-{kind}-{name}.vmdk")
+            if not os.path.exists(disk):
+                subprocess.run([vdm, "convert", "-q", "-f", "raw", "-t", t, raw, disk], check=True)
+            with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as theirs_dir:
+                subprocess.run([vmount, "-r", "-f", disk, ours_dir], check=True)
+                # vmdkmount daemonizes once the mount is up.
+                subprocess.run(["vmdkmount", disk, theirs_dir], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    wait_for(os.path.join(theirs_dir, "vmdk1"))
+                    ours_f, theirs_f = os.path.join(ours_dir, "flat"), os.path.join(theirs_dir, "vmdk1")
+                    timed_read(ours_f)
+                    timed_read(theirs_f)
+                    to, tt = [], []
+                    for _ in range(a.rounds):
+                        to.append(timed_read(ours_f))
+                        tt.append(timed_read(theirs_f))
+                finally:
+                    subprocess.run([vmount, "-d", ours_dir])
+                    subprocess.run(["fusermount3", "-u", theirs_dir])
+            mo, mt = statistics.median(to), statistics.median(tt)
+            print(f"{kind + ': ' + name:32} {mo:>8.2f} {mt:>12.2f} {mt / mo:>6.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
