@@ -14,8 +14,8 @@ use crate::extent::sparse::header::new_sparse_header;
 use crate::ids;
 use crate::limits::SECTOR_SIZE;
 use crate::ops::create::{
-    base_name, extent, split, write_new_sparse, Created, DEFAULT_GRAIN_SECTORS,
-    EMBEDDED_DESCRIPTOR_SECTORS,
+    base_name, extent, split, write_descriptor_file, write_new_sparse, Created,
+    DEFAULT_GRAIN_SECTORS,
 };
 use crate::storage::Storage;
 
@@ -211,18 +211,12 @@ fn create_child_from(disk: &Disk, parent: &Path, child: &Path, disk_type: DiskTy
         &extents,
         &ddb_refs,
     );
-    let text = descriptor.to_bytes();
-    let storage = created.new_file(child)?;
-    if embedded {
-        let header =
-            new_sparse_header(sectors, DEFAULT_GRAIN_SECTORS, EMBEDDED_DESCRIPTOR_SECTORS)?;
-        write_new_sparse(&storage, &header, Some(&text))?;
-    } else {
-        storage
-            .write_all_at(&text, 0)
-            .and_then(|()| storage.sync())
-            .map_err(|e| Error::io("cannot write the descriptor", e))?;
-    }
+    write_descriptor_file(
+        &mut created,
+        child,
+        &descriptor,
+        embedded.then_some(sectors),
+    )?;
     created.keep();
     Ok(())
 }

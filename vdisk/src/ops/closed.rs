@@ -124,6 +124,23 @@ impl ClosedLink {
         Ok(f)
     }
 
+    /// Opens every hosted sparse extent for maintenance (ZERO extents are skipped);
+    /// any other kind of extent is refused with the error `refuse` gives for it,
+    /// before any file is opened for writing.
+    pub fn sparse_files(&self, refuse: impl Fn(ClosedKind) -> Error) -> Result<Vec<SparseFile>> {
+        if let Some(e) = self
+            .extents
+            .iter()
+            .find(|e| !matches!(e.kind, ClosedKind::Sparse | ClosedKind::Zero))
+        {
+            return Err(refuse(e.kind));
+        }
+        (0..self.extents.len())
+            .filter(|&i| self.extents[i].kind == ClosedKind::Sparse)
+            .map(|i| self.open_sparse(i))
+            .collect()
+    }
+
     /// The file of extent `index`.
     pub fn extent_path(&self, index: usize) -> Result<&Path> {
         self.extents

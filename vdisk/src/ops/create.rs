@@ -213,20 +213,32 @@ fn create_inner(path: &Path, opts: &CreateOptions) -> Result<()> {
         &extents,
         &ddb_refs,
     );
-    let text = descriptor.to_bytes();
-    let storage = created.new_file(path)?;
-    if embedded {
-        let header =
-            new_sparse_header(sectors, DEFAULT_GRAIN_SECTORS, EMBEDDED_DESCRIPTOR_SECTORS)?;
-        write_new_sparse(&storage, &header, Some(&text))?;
-    } else {
-        storage
-            .write_all_at(&text, 0)
-            .and_then(|()| storage.sync())
-            .map_err(|e| Error::io("cannot write the descriptor", e))?;
-    }
+    write_descriptor_file(&mut created, path, &descriptor, embedded.then_some(sectors))?;
     created.keep();
     Ok(())
+}
+
+/// Writes the file at `path` that holds a new link's descriptor: a monolithic sparse
+/// extent of `embedded_sectors` with the descriptor inside, or a descriptor file.
+pub(crate) fn write_descriptor_file(
+    created: &mut Created,
+    path: &Path,
+    descriptor: &Descriptor,
+    embedded_sectors: Option<u64>,
+) -> Result<()> {
+    let text = descriptor.to_bytes();
+    let storage = created.new_file(path)?;
+    match embedded_sectors {
+        Some(sectors) => {
+            let header =
+                new_sparse_header(sectors, DEFAULT_GRAIN_SECTORS, EMBEDDED_DESCRIPTOR_SECTORS)?;
+            write_new_sparse(&storage, &header, Some(&text))
+        }
+        None => storage
+            .write_all_at(&text, 0)
+            .and_then(|()| storage.sync())
+            .map_err(|e| Error::io("cannot write the descriptor", e)),
+    }
 }
 
 /// Starts a new streamOptimized disk at `path`: header and embedded descriptor are

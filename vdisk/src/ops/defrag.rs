@@ -41,33 +41,14 @@ pub fn defragment(path: &Path, progress: Progress<'_>) -> Result<DefragStats> {
 
 fn defrag_inner(path: &Path, progress: Progress<'_>) -> Result<DefragStats> {
     let link = ClosedLink::open(path)?;
-    for e in &link.extents {
-        match e.kind {
-            ClosedKind::Sparse | ClosedKind::Zero => {}
-            ClosedKind::Flat => {
-                return Err(Error::new(
-                    ErrorKind::NotSupported,
-                    "preallocated (flat) disks are stored in guest order already; only growable (sparse) disks can be defragmented",
-                ))
-            }
-            ClosedKind::SeSparse => {
-                return Err(Error::new(ErrorKind::NotSupported, "seSparse disks cannot be defragmented"))
-            }
-            ClosedKind::Stream => {
-                return Err(Error::new(
-                    ErrorKind::NotSupported,
-                    "streamOptimized disks cannot be defragmented; convert the disk to a growable type instead",
-                ))
-            }
-        }
-    }
-    let sparse: Vec<usize> = (0..link.extents.len())
-        .filter(|&i| link.extents[i].kind == ClosedKind::Sparse)
-        .collect();
-    let files = sparse
-        .iter()
-        .map(|&i| link.open_sparse(i))
-        .collect::<Result<Vec<_>>>()?;
+    let files = link.sparse_files(|kind| {
+        let why = match kind {
+            ClosedKind::Flat => "preallocated (flat) disks are stored in guest order already; only growable (sparse) disks can be defragmented",
+            ClosedKind::SeSparse => "seSparse disks cannot be defragmented",
+            _ => "streamOptimized disks cannot be defragmented; convert the disk to a growable type instead",
+        };
+        Error::new(ErrorKind::NotSupported, why)
+    })?;
     let total: u64 = files.iter().map(|f| f.gd.len() as u64).sum();
     let mut done = 0u64;
     let mut stats = DefragStats::default();

@@ -50,34 +50,14 @@ pub fn shrink(path: &Path, progress: Progress<'_>) -> Result<ShrinkStats> {
 
 fn shrink_inner(path: &Path, progress: Progress<'_>) -> Result<ShrinkStats> {
     let link = ClosedLink::open(path)?;
-    for e in &link.extents {
-        match e.kind {
-            ClosedKind::Sparse | ClosedKind::Zero => {}
-            ClosedKind::Flat => {
-                return Err(Error::new(
-                    ErrorKind::CantShrink,
-                    "preallocated (flat) extents cannot shrink; convert the disk to a growable type instead",
-                ))
-            }
-            ClosedKind::SeSparse => {
-                return Err(Error::new(ErrorKind::CantShrink, "seSparse disks cannot shrink here (their free-space bitmap is not understood)"))
-            }
-            ClosedKind::Stream => {
-                return Err(Error::new(
-                    ErrorKind::CantShrink,
-                    "streamOptimized disks are compressed and already hold no free space",
-                ))
-            }
-        }
-    }
-    let sparse: Vec<usize> = (0..link.extents.len())
-        .filter(|&i| link.extents[i].kind == ClosedKind::Sparse)
-        .collect();
-    // Open (and check) every file before changing any.
-    let mut files = sparse
-        .iter()
-        .map(|&i| link.open_sparse(i))
-        .collect::<Result<Vec<_>>>()?;
+    let mut files = link.sparse_files(|kind| {
+        let why = match kind {
+            ClosedKind::Flat => "preallocated (flat) extents cannot shrink; convert the disk to a growable type instead",
+            ClosedKind::SeSparse => "seSparse disks cannot shrink here (their free-space bitmap is not understood)",
+            _ => "streamOptimized disks are compressed and already hold no free space",
+        };
+        Error::new(ErrorKind::CantShrink, why)
+    })?;
     let total_tables: u64 = files.iter().map(|f| f.gd.len() as u64).sum::<u64>() * 3;
     let mut done = 0u64;
     let mut stats = ShrinkStats::default();
