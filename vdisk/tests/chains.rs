@@ -4,9 +4,12 @@
 //! too deep) and that they change no file, the strict parent-name policy and its
 //! fallbacks, non-persistent opens and attach.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::{assert_same, merge_ranges, Rng};
 use vdisk::ops::attach::attach;
 use vdisk::ops::child::create_child;
 use vdisk::ops::commit::{commit, CommitOptions, CommitStats};
@@ -33,36 +36,6 @@ const BASE_TYPES: [DiskType; 6] = [
     DiskType::Vmfs,
     DiskType::VmfsThin,
 ];
-
-/// splitmix64: small, seedable, good enough for test inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        for chunk in v.chunks_mut(8) {
-            let x = self.next().to_le_bytes();
-            chunk.copy_from_slice(&x[..chunk.len()]);
-        }
-        v
-    }
-}
 
 /// One write: offset and data.
 type Write = (u64, Vec<u8>);
@@ -122,29 +95,7 @@ impl Content {
         for &x in extra {
             r.push((x.saturating_sub(MIB), (x + MIB).min(cap)));
         }
-        r.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in r {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        merged
-    }
-}
-
-fn assert_same(got: &[u8], want: &[u8], offset: u64, ctx: &str) {
-    assert_eq!(got.len(), want.len(), "{ctx}: lengths differ");
-    if got != want {
-        let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
-        panic!(
-            "{ctx}: content differs at disk byte {} (read of {} bytes at {offset}): got {:#04x}, expected {:#04x}",
-            offset + i as u64,
-            got.len(),
-            got[i],
-            want[i]
-        );
+        merge_ranges(r)
     }
 }
 

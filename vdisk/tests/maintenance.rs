@@ -6,10 +6,14 @@
 //! the data survived) and checks clean. Expected content comes from a model of the
 //! writes; sparse files are also inspected directly (header, directories, tables).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use common::{assert_same, merge_ranges};
 
 use vdisk::extent::sparse::header::{SparseHeader, HEADER_SIZE};
 use vdisk::ops::check::{check, CheckReport};
@@ -145,28 +149,7 @@ impl Expect {
             let p = (cap / 8 * i) / SECTOR * SECTOR;
             w.push(around(p));
         }
-        w.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in w {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
-        merged
-    }
-}
-
-fn assert_same(got: &[u8], want: &[u8], offset: u64, ctx: &str) {
-    assert_eq!(got.len(), want.len(), "{ctx}: lengths differ");
-    if got != want {
-        let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
-        panic!(
-            "{ctx}: guest byte {} differs: got {:#04x}, expected {:#04x}",
-            offset + i as u64,
-            got[i],
-            want[i]
-        );
+        merge_ranges(w)
     }
 }
 

@@ -7,6 +7,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::Rng;
 use vdisk::{create, CreateOptions, Disk, DiskType, OpenOptions};
 
 const KIB: u64 = 1 << 10;
@@ -15,40 +18,6 @@ const SECTOR: u64 = 512;
 const GRAIN: u64 = 64 * KIB;
 /// Offset of the uncleanShutdown byte in a hosted sparse header.
 const UNCLEAN_OFFSET: u64 = 72;
-
-/// splitmix64: small, seedable, good enough for test inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
 
 /// The expected content of the disk: only sectors ever written are stored; every
 /// other byte reads as zero.
