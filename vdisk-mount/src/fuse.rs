@@ -3,10 +3,12 @@
 //!
 //! Every file is read and written through the one open [`vdisk::Disk`], so what a
 //! write goes to (the disk files, or a throwaway redo log) is decided by how the disk
-//! was opened. The kernel's page cache is dropped at each open of a file
-//! (`FOPEN_KEEP_CACHE` is not set), so `flat` and the partition files, which alias the
-//! same bytes, agree from one open to the next; writes go straight through (no
-//! write-back cache).
+//! was opened. Files are opened for direct I/O: the kernel keeps no page cache of
+//! them, so `flat` and the partition files, which alias the same bytes, always agree,
+//! and a read's data is copied once, from the server straight into the reader's
+//! buffer (with the page cache it is copied into cache pages, then again to the
+//! reader, and each open has to drop the pages of the last). Writes go straight
+//! through; `mmap` still works on kernels that allow it for direct-I/O files (6.6+).
 
 use std::ffi::OsStr;
 use std::sync::Mutex;
@@ -18,6 +20,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
     WriteFlags,
 };
+use rayon::prelude::*;
 use vdisk::{Disk, ErrorKind, RangeKind};
 
 /// The largest read or write request asked of the kernel (1 MiB).
@@ -30,6 +33,34 @@ const FIRST_FILE_INO: u64 = 2;
 const SEEK_WINDOW: u64 = 1 << 30;
 /// Block size reported by `stat` and `statfs`.
 const BLOCK_SIZE: u32 = 4096;
+
+/// A request is read by several threads only if each gets at least this much.
+const PARALLEL_PIECE_MIN: usize = 256 << 10;
+/// Pieces of a parallel read start at multiples of this (a grain of a hosted disk).
+const PARALLEL_PIECE_ALIGN: usize = 64 << 10;
+
+/// The most threads that share one read.
+const MAX_READ_THREADS: usize = 4;
+
+/// A pool of up to [`MAX_READ_THREADS`] threads (one per CPU), or `None` with one
+/// CPU or if threads cannot be started (reads are then done by the serving thread).
+fn read_pool() -> Option<rayon::ThreadPool> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        return None;
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(cpus.min(MAX_READ_THREADS))
+        .thread_name(|i| format!("vdisk-read-{i}"))
+        .build()
+        .ok()
+}
+
+thread_local! {
+    /// The read buffer of a serving thread (grown to the largest request seen, at
+    /// most [`MAX_REQUEST`]).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// One file of the mount: a byte range of the disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +86,8 @@ pub(crate) struct DiskFs {
     mounted: SystemTime,
     /// The last modification: the disk's descriptor mtime, then the last write.
     mtime: Mutex<SystemTime>,
+    /// The threads that share a large read (none on a single CPU).
+    read_pool: Option<rayon::ThreadPool>,
 }
 
 impl DiskFs {
@@ -67,7 +100,31 @@ impl DiskFs {
             gid: nix::unistd::getegid().as_raw(),
             mounted: SystemTime::now(),
             mtime: Mutex::new(mtime),
+            read_pool: read_pool(),
         }
+    }
+
+    /// Reads `buf` at `offset` of the disk; a large request is cut into pieces read
+    /// at once by the read pool (a sequential reader with direct I/O has one request
+    /// in flight, and inflating a streamOptimized disk's grains is CPU work that
+    /// would otherwise use one core).
+    fn read_parallel(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+        let pieces = match &self.read_pool {
+            Some(pool) => pool
+                .current_num_threads()
+                .min(buf.len() / PARALLEL_PIECE_MIN),
+            None => 1,
+        };
+        let Some(pool) = self.read_pool.as_ref().filter(|_| pieces > 1) else {
+            return self.disk.read_at(buf, offset);
+        };
+        // Pieces are whole multiples of the piece alignment, the last takes the rest.
+        let piece = (buf.len() / pieces).next_multiple_of(PARALLEL_PIECE_ALIGN);
+        pool.install(|| {
+            buf.par_chunks_mut(piece)
+                .enumerate()
+                .try_for_each(|(i, chunk)| self.disk.read_at(chunk, offset + (i * piece) as u64))
+        })
     }
 
     fn file(&self, ino: INodeNo) -> Option<&MountedFile> {
@@ -180,6 +237,9 @@ impl Filesystem for DiskFs {
             let _ = config.set_max_readahead(nearest);
         }
         let _ = config.set_max_background(64);
+        // Files are opened for direct I/O; mmap of them still works where the
+        // kernel can allow it (6.6 and later).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         Ok(())
     }
 
@@ -247,7 +307,10 @@ impl Filesystem for DiskFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY && !self.writable {
             return reply.error(Errno::EROFS);
         }
-        reply.opened(FileHandle(0), FopenFlags::empty());
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
     }
 
     fn read(
@@ -269,11 +332,18 @@ impl Filesystem for DiskFs {
         if len == 0 {
             return reply.data(&[]);
         }
-        let mut buf = vec![0u8; len];
-        match self.disk.read_at(&mut buf, f.offset + offset) {
-            Ok(()) => reply.data(&buf),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // One buffer per serving thread, kept between requests: a fresh 1 MiB
+        // allocation per request is an mmap, 256 page faults and an munmap.
+        READ_BUF.with_borrow_mut(|buf| {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let buf = &mut buf[..len];
+            match self.read_parallel(buf, f.offset + offset) {
+                Ok(()) => reply.data(buf),
+                Err(e) => reply.error(errno(&e)),
+            }
+        })
     }
 
     fn write(

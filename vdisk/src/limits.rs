@@ -42,3 +42,12 @@ pub const MAX_TRAILING_BYTES: u64 = 1 << 20;
 
 /// Most links a snapshot chain may have (ESXi's limit of delta disks per chain).
 pub const MAX_CHAIN_DEPTH: usize = 255;
+
+/// How long a lock held by someone else is retried before the open fails with
+/// `Locked`. A `flock` lock is shared by every copy of the file descriptor, so a
+/// process that forks (another thread starting a helper program) holds the locks of
+/// its open disks in the child until the child execs: a lock can look taken for a
+/// moment although no one uses the disk.
+pub const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+/// Pause between two attempts to take a lock.
+pub const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);

@@ -57,6 +57,25 @@ pub enum LockMode {
     Exclusive,
 }
 
+/// Takes `lock` on `file`, trying again for up to [`crate::limits::LOCK_RETRY`] while
+/// it is held elsewhere (see there why a free disk can look locked for a moment).
+fn try_lock_for_a_while(file: &File, lock: LockMode) -> std::result::Result<(), TryLockError> {
+    let give_up = std::time::Instant::now() + crate::limits::LOCK_RETRY;
+    loop {
+        let locked = match lock {
+            LockMode::None => Ok(()),
+            LockMode::Shared => file.try_lock_shared(),
+            LockMode::Exclusive => file.try_lock(),
+        };
+        match locked {
+            Err(TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                std::thread::sleep(crate::limits::LOCK_RETRY_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A host file, opened for reading or for reading and writing, optionally locked.
 #[derive(Debug)]
 pub struct FileStorage {
@@ -73,12 +92,7 @@ impl FileStorage {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        let locked = match lock {
-            LockMode::None => Ok(()),
-            LockMode::Shared => file.try_lock_shared(),
-            LockMode::Exclusive => file.try_lock(),
-        };
-        match locked {
+        match try_lock_for_a_while(&file, lock) {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 return Err(Error::new(
@@ -116,7 +130,7 @@ impl FileStorage {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        file.try_lock().map_err(|_| {
+        try_lock_for_a_while(&file, LockMode::Exclusive).map_err(|_| {
             Error::new(ErrorKind::Locked, format!("cannot lock {}", path.display()))
         })?;
         Ok(FileStorage {
