@@ -1012,8 +1012,8 @@ fn errors_are_one_line() {
     let err = vm_error(&["-f", path_str(&garbage), path_str(&mnt)]);
     assert!(err.contains("not a valid VMDK descriptor"), "{err}");
     assert!(!is_mounted(&mnt));
-    let err = vm_error(&[d, "1", path_str(&mnt)]);
-    assert!(err.contains("not supported yet"), "{err}");
+    let err = vm_error(&[d, "x1", path_str(&mnt)]);
+    assert!(err.contains("not a number"), "{err}");
     let err = vm_error(&["-d", path_str(&mnt)]);
     assert!(err.contains("is not a vdisk mount"), "{err}");
     let err = vm_error(&["-r", "--persistent", "-f", d, path_str(&mnt)]);
@@ -1052,4 +1052,254 @@ fn errors_are_one_line() {
     assert!(err.contains("busy"), "{err}");
     drop(f);
     m.unmount();
+}
+
+// ---------------------------------------------------------------------------------
+// Partition mounts (`vdisk-mount DISK [N] DIR`)
+
+/// What is mounted on `dir` (canonical), from mountinfo: (type, source, options).
+fn mount_at(dir: &Path) -> Option<(String, String, String)> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            (Path::new(&unescape(f[4])) == dir).then(|| {
+                (
+                    f[sep + 1].to_string(),
+                    unescape(f[sep + 2]),
+                    f[5].to_string(),
+                )
+            })
+        })
+        .next_back()
+}
+
+/// The loop devices attached, as `losetup -a` lists them.
+fn loop_devices() -> String {
+    stdout_text(&run(tool("losetup", "mount"), &["-a"]))
+}
+
+/// The records and private folders vdisk-mount keeps for partition mounts.
+fn runtime_entries() -> Vec<String> {
+    std::fs::read_dir("/run/vdisk-mount").map_or(Vec::new(), |d| {
+        d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    })
+}
+
+/// A `vdisk-mount [extra...] DISK [N] DIR` mount, cleaned up with `-k` if a test
+/// fails before `unmount`.
+struct PartMount {
+    disk: PathBuf,
+    dir: PathBuf,
+}
+
+impl PartMount {
+    fn new(disk: &Path, n: Option<u32>, dir: &Path, extra: &[&str]) -> PartMount {
+        std::fs::create_dir_all(dir).unwrap();
+        let n = n.map(|n| n.to_string());
+        let mut args: Vec<&str> = extra.to_vec();
+        args.push(path_str(disk));
+        args.extend(n.as_deref());
+        args.push(path_str(dir));
+        let out = vm(&args);
+        assert!(stdout_text(&out).is_empty(), "{}", stdout_text(&out));
+        let (fs_type, source, _) =
+            mount_at(dir).unwrap_or_else(|| panic!("nothing mounted on {}", dir.display()));
+        assert_eq!(fs_type, "ext4", "{}", dir.display());
+        assert!(source.starts_with("/dev/loop"), "{source}");
+        PartMount {
+            disk: disk.to_path_buf(),
+            dir: dir.canonicalize().unwrap(),
+        }
+    }
+
+    fn unmount(self) {
+        vm(&["-d", path_str(&self.dir)]);
+        assert!(
+            mount_at(&self.dir).is_none(),
+            "{} still mounted after -d",
+            self.dir.display()
+        );
+    }
+}
+
+impl Drop for PartMount {
+    fn drop(&mut self) {
+        if mount_at(&self.dir).is_some() {
+            let _ = Command::new(vdisk_mount_bin())
+                .arg("-k")
+                .arg(&self.disk)
+                .status();
+        }
+    }
+}
+
+/// Asserts nothing of vdisk-mount's is left: no mount on `dir`, no vdisk mount at
+/// all, no loop device reading from a vdisk mount, no records.
+fn assert_all_clean(dir: &Path) {
+    assert!(mount_at(dir).is_none(), "{} still mounted", dir.display());
+    assert!(vdisk_mounts().is_empty(), "{:?}", vdisk_mounts());
+    let loops = loop_devices();
+    assert!(
+        !loops.contains("/run/vdisk-mount") && !loops.contains("(/p") && !loops.contains("flat"),
+        "loop devices left:\n{loops}"
+    );
+    assert!(runtime_entries().is_empty(), "{:?}", runtime_entries());
+}
+
+#[test]
+fn partition_file_systems_mount_take_changes_and_leave_every_disk_file_unchanged() {
+    let _guard = setup();
+    let dir = tempdir();
+    let (raw, _) = mbr_raw(dir.path());
+    let sparse = to_vmdk(&raw, dir.path(), "sparse", 0);
+    let split = to_vmdk(&raw, dir.path(), "split", 1);
+    vdiskmanager(&["snapshot", "-q", path_str(&sparse)]);
+    let child = sparse.with_file_name("sparse-000001.vmdk");
+    let mnt = dir.path().join("mnt");
+    let data = pattern(7, 300_000);
+    for disk in [&sparse, &split, &child] {
+        let folder = disk.parent().unwrap();
+        let before = hashes(folder);
+        // N omitted: the first partition with a file system (1); then the logical 5.
+        for n in [None, Some(5)] {
+            let m = PartMount::new(disk, n, &mnt, &[]);
+            let listing = stdout_text(&vm(&["-L"]));
+            let what = format!("partition {}", n.unwrap_or(1));
+            assert!(
+                listing.lines().any(|l| l.contains(path_str(disk))
+                    && l.contains(&what)
+                    && l.contains("non-persistent")),
+                "{listing}"
+            );
+            assert_eq!(std::fs::read(mnt.join("hello.txt")).unwrap(), HELLO);
+            assert_same_bytes(
+                "data.bin",
+                &std::fs::read(mnt.join("data.bin")).unwrap(),
+                &data,
+            );
+            std::fs::write(mnt.join("new.txt"), b"created\n").unwrap();
+            std::fs::remove_file(mnt.join("hello.txt")).unwrap();
+            std::fs::write(mnt.join("data.bin"), pattern(8, 500_000)).unwrap();
+            run("sync", &[] as &[&str]);
+            m.unmount();
+            assert_all_clean(&mnt);
+            assert_eq!(
+                hashes(folder),
+                before,
+                "{}: a disk file changed",
+                disk.display()
+            );
+        }
+        // The changes were thrown away.
+        let m = PartMount::new(disk, Some(1), &mnt, &["-r"]);
+        assert!(mount_at(&mnt).unwrap().2.split(',').any(|o| o == "ro"));
+        assert_eq!(std::fs::read(mnt.join("hello.txt")).unwrap(), HELLO);
+        assert!(!mnt.join("new.txt").exists());
+        assert!(
+            std::fs::write(mnt.join("x"), b"x").is_err(),
+            "a read-only mount took a write"
+        );
+        m.unmount();
+        assert_all_clean(&mnt);
+        assert_eq!(hashes(folder), before);
+    }
+}
+
+#[test]
+fn gpt_and_persistent_partition_mounts() {
+    let _guard = setup();
+    let dir = tempdir();
+    let (raw, _) = gpt_raw(dir.path());
+    let disk = to_vmdk(&raw, dir.path(), "gpt", 0);
+    let mnt = dir.path().join("mnt");
+    let m = PartMount::new(&disk, Some(1), &mnt, &["--persistent", "-o", "noexec"]);
+    assert!(mount_at(&mnt).unwrap().2.split(',').any(|o| o == "noexec"));
+    std::fs::write(mnt.join("kept.txt"), b"kept\n").unwrap();
+    // A busy file system is not unmounted.
+    let busy = File::open(mnt.join("kept.txt")).unwrap();
+    let err = vm_error(&["-d", path_str(&mnt)]);
+    assert!(err.contains("busy"), "{err}");
+    assert!(mount_at(&mnt).is_some());
+    drop(busy);
+    m.unmount();
+    assert_all_clean(&mnt);
+    vdiskmanager(&["-e", path_str(&disk)]);
+    run("qemu-img", &["check", path_str(&disk)]);
+    let m = PartMount::new(&disk, None, &mnt, &["-r"]);
+    assert_eq!(std::fs::read(mnt.join("kept.txt")).unwrap(), b"kept\n");
+    assert_eq!(std::fs::read(mnt.join("hello.txt")).unwrap(), HELLO);
+    m.unmount();
+    assert_all_clean(&mnt);
+}
+
+#[test]
+fn partition_mount_errors_and_crash_cleanup() {
+    let _guard = setup();
+    let dir = tempdir();
+    let (raw, _) = mbr_raw(dir.path());
+    let disk = to_vmdk(&raw, dir.path(), "sparse", 0);
+    let d = path_str(&disk);
+    let before = hashes(disk.parent().unwrap());
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = path_str(&mnt);
+    let err = vm_error(&[d, "3", m]);
+    assert!(err.contains("extended partition"), "{err}");
+    let err = vm_error(&[d, "9", m]);
+    assert!(
+        err.contains("no partition 9 (partitions: 1, 2, 5)"),
+        "{err}"
+    );
+    let err = vm_error(&[d, "0", m]);
+    assert!(err.contains("not a number from 1 up"), "{err}");
+    // The FAT partition mounts where the kernel has vfat, else mount's reason is given.
+    let vfat = std::fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("vfat"));
+    if vfat {
+        vm(&[d, "2", m]);
+        assert_eq!(std::fs::read(mnt.join("README.TXT")).unwrap(), README);
+        vm(&["-d", m]);
+    } else {
+        let err = vm_error(&[d, "2", m]);
+        assert!(err.contains("mount of partition 2 failed"), "{err}");
+    }
+    assert_all_clean(&mnt);
+
+    // A killed serving process: -L shows the mount as stale, -k cleans everything up.
+    let part = PartMount::new(&disk, Some(1), &mnt, &[]);
+    let listing = stdout_text(&vm(&["-L"]));
+    let pid = listing
+        .lines()
+        .find(|l| l.contains(m) && l.contains("partition 1"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("mount not listed:\n{listing}"))
+        .to_string();
+    run("kill", &["-KILL", &pid]);
+    let start = Instant::now();
+    while !stdout_text(&vm(&["-L"])).contains("stale") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "not shown as stale"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm(&["-k", d]);
+    assert_all_clean(&mnt);
+    drop(part);
+    // -x unmounts partition mounts and -f mounts alike.
+    let other = dir.path().join("other");
+    let _p = PartMount::new(&disk, Some(5), &mnt, &["-r"]);
+    let _f = FlatMount::new(&disk, &other, &["-r"]);
+    vm(&["-x"]);
+    assert_all_clean(&mnt);
+    assert!(!is_mounted(&other));
+    assert_eq!(hashes(disk.parent().unwrap()), before);
+    assert_eq!(stdout_text(&vm(&["-L"])).trim(), "No vdisk mounts");
 }

@@ -17,7 +17,9 @@
 //! [`mount`] serves an open disk with FUSE as a directory holding `flat` (the whole
 //! disk) and `p1`, `p2`, ... (its partitions), non-persistent by default (writes go
 //! to a throwaway redo log; the disk files never change), persistent or read-only on
-//! request; [`mountinfo`] finds the mounts made that way.
+//! request; [`mountinfo`] finds the mounts made that way. [`mount_volume`] mounts the
+//! file system of one partition on a folder (FUSE, then a loop device and mount(8),
+//! as root), as vmware-mount does.
 //!
 //! ```
 //! use vdisk_mount::{read_partitions, Scheme};
@@ -35,12 +37,14 @@ mod mbr;
 mod mount;
 pub mod mountinfo;
 mod source;
+pub mod volume;
 
 pub use error::{GptHeaderError, PartError, PartWarning};
 pub use filesystem::{detect_filesystem, Filesystem, FsKind};
 pub use fuse::{MountedFile, MAX_REQUEST};
 pub use mount::{fusermount3, mount, Mode, MountError, MountOptions, Mounted};
 pub use source::BlockSource;
+pub use volume::{mount_volume, MountedVolume, VolumeOptions};
 
 /// The bounds every parser keeps to, whatever the disk says.
 pub mod limits {

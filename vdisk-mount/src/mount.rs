@@ -81,6 +81,14 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
+    /// A partition's file system could not be mounted or unmounted on `target`.
+    #[error("{}: {reason}", target.display())]
+    Volume {
+        /// The folder the file system was to be mounted on.
+        target: PathBuf,
+        /// What went wrong (mount(8)'s or umount(8)'s message, or ours).
+        reason: String,
+    },
     /// The FUSE session ended with an error.
     #[error("FUSE session on {} failed: {source}", dir.display())]
     Session {
@@ -279,7 +287,7 @@ fn raise_readahead(dir: &Path) {
 }
 
 /// Checks that `dir` exists and is a directory, and returns its canonical path.
-fn check_mountpoint(dir: &Path) -> Result<PathBuf, MountError> {
+pub(crate) fn check_mountpoint(dir: &Path) -> Result<PathBuf, MountError> {
     let bad = |reason: String| MountError::Mountpoint {
         path: dir.to_path_buf(),
         reason,

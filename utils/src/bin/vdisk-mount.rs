@@ -5,6 +5,8 @@
 //! vdisk-mount -p DISK                 list partitions
 //! vdisk-mount -f [-r | --persistent] [-o OPTS] DISK DIR
 //!                                     mount DIR/flat (the whole disk) and DIR/pN
+//! vdisk-mount [-r | --persistent] [-o OPTS] DISK [N] DIR
+//!                                     mount partition N's file system on DIR (root)
 //! vdisk-mount -L                      list vdisk mounts
 //! vdisk-mount -d DIR                  unmount DIR
 //! vdisk-mount -k DISK                 unmount every mount of DISK
@@ -15,7 +17,10 @@
 //! `--serve` argument, detached, its standard streams on /dev/null); the command
 //! returns once the mount is in place. Mounts are non-persistent unless
 //! `--persistent` is given: writes go to a throwaway redo log and the disk files
-//! never change.
+//! never change. A partition mount is the FUSE mount of the disk in a private folder
+//! (see `vdisk_mount::volume`) with the partition's file mounted on DIR through a
+//! loop device; `-d DIR` unmounts both, and `-k DISK` also cleans up what a crashed
+//! serving process left.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -26,9 +31,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
-use vdisk_mount::mountinfo::{vdisk_mount_at, vdisk_mounts, MountEntry};
+use vdisk_mount::mountinfo::{all_mounts, vdisk_mount_at, vdisk_mounts, MountEntry};
+use vdisk_mount::volume::{runtime_dir, server_alive, volume_records, VolumeRecord};
 use vdisk_mount::{
-    read_partitions, Mode, MountOptions, Partition, PartitionKind, PartitionTable, Scheme,
+    read_partitions, Mode, MountOptions, MountedVolume, Partition, PartitionKind, PartitionTable,
+    Scheme, VolumeOptions,
 };
 
 /// How long `-f` waits for the serving process to mount.
@@ -48,9 +55,11 @@ const SERVE: &str = "--serve";
     after_help = "Usage:\n  vdisk-mount -p DISK                    list the partitions of DISK\n  \
                   vdisk-mount -f [-r|--persistent] [-o OPTIONS] DISK DIR\n                                         \
                   mount DIR/flat (the whole disk) and DIR/p1, DIR/p2, ... (its partitions)\n  \
+                  vdisk-mount [-r|--persistent] [-o OPTIONS] DISK [N] DIR\n                                         \
+                  mount the file system of partition N (default: the first that has one) on DIR (root)\n  \
                   vdisk-mount -L                         list vdisk mounts\n  \
                   vdisk-mount -d DIR                     unmount DIR\n  \
-                  vdisk-mount -k DISK                    unmount every mount of DISK\n  \
+                  vdisk-mount -k DISK                    unmount every mount of DISK, cleaning up after a crash\n  \
                   vdisk-mount -x                         unmount every vdisk mount\n\
                   Mounts are non-persistent unless --persistent is given: writes go to a throwaway \
                   redo log and the disk files never change. A snapshot is chosen by naming its \
@@ -69,7 +78,7 @@ struct Args {
     /// Unmount DIR (waits until the disk is closed).
     #[arg(short = 'd', value_name = "DIR")]
     unmount: Option<PathBuf>,
-    /// Unmount every mount of DISK.
+    /// Unmount every mount of DISK, and clean up what a crashed serving process left.
     #[arg(short = 'k', value_name = "DISK")]
     unmount_disk: Option<PathBuf>,
     /// Unmount every vdisk mount.
@@ -82,9 +91,13 @@ struct Args {
     /// at unmount).
     #[arg(long)]
     persistent: bool,
-    /// Comma-separated mount options: allow_other, ro, rw.
+    /// Comma-separated mount options: allow_other, ro, rw; for a partition mount, any
+    /// other option is passed to mount(8).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Option<String>,
+    /// The serving process mounts a partition's file system (0: the first that has one).
+    #[arg(long, hide = true, value_name = "N")]
+    partition: Option<u32>,
     /// Serve a mount in this process (used by -f).
     #[arg(long = "serve", hide = true)]
     serve: bool,
@@ -167,43 +180,71 @@ fn run(a: Args) -> CliResult {
         no_args("-x")?;
         return unmount_all();
     }
-    let opts = mount_options(&a)?;
+    let opts = mount_options(&a, !a.flat)?;
     if a.serve {
         let [disk, dir] = a.args.as_slice() else {
             return Err("--serve needs DISK DIR".into());
         };
         let status = a.status.as_deref().ok_or("--serve needs --status FILE")?;
-        return serve(disk, dir, &opts, status);
+        let what = match a.partition {
+            None => What::Flat,
+            Some(0) => What::Volume(None),
+            Some(n) => What::Volume(Some(n)),
+        };
+        return serve(disk, dir, what, &opts, status);
     }
     match a.args.as_slice() {
-        [disk, dir] if a.flat => mount_flat(disk, dir, &opts),
+        [disk, dir] if a.flat => start_server(disk, dir, What::Flat, &opts),
         _ if a.flat => Err("-f needs DISK DIR".into()),
         [] => Err(
-            "nothing to do: give -p DISK, -f DISK DIR, -L, -d DIR, -k DISK or -x (see --help)"
+            "nothing to do: give -p DISK, -f DISK DIR, DISK [N] DIR, -L, -d DIR, -k DISK or -x \
+             (see --help)"
                 .into(),
         ),
-        [_] => Err("a mount needs DISK and DIR: vdisk-mount -f DISK DIR (see --help)".into()),
-        [_, _] | [_, _, _] => Err(
-            "mounting a partition's file system (vdisk-mount DISK [N] DIR) is not supported yet: \
-             use -f DISK DIR and mount DIR/pN with `mount -o loop`"
-                .into(),
-        ),
+        [_] => Err("a mount needs DISK and DIR: vdisk-mount DISK [N] DIR (see --help)".into()),
+        [disk, dir] => start_server(disk, dir, What::Volume(None), &opts),
+        [disk, n, dir] => {
+            let n = n
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    format!(
+                        "partition number {:?} is not a number from 1 up (see vdisk-mount -p DISK)",
+                        n
+                    )
+                })?;
+            start_server(disk, dir, What::Volume(Some(n)), &opts)
+        }
         _ => Err("too many arguments (see --help)".into()),
     }
 }
 
-/// The mount options of -r, --persistent and -o.
-fn mount_options(a: &Args) -> CliResult<MountOptions> {
+/// What a serving process mounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum What {
+    /// DIR/flat and DIR/pN (-f).
+    Flat,
+    /// The file system of a partition (or of the first that has one) on DIR.
+    Volume(Option<u32>),
+}
+
+/// The mount options of -r, --persistent and -o; with `volume`, unknown `-o` options
+/// are kept for mount(8).
+fn mount_options(a: &Args, volume: bool) -> CliResult<VolumeOptions> {
     let mut read_only = a.read_only;
     let mut allow_other = false;
+    let mut fs_options = Vec::new();
     for opt in a.options.iter().flat_map(|o| o.split(',')) {
         match opt.trim() {
             "" | "rw" => {}
             "ro" => read_only = true,
             "allow_other" => allow_other = true,
+            "loop" => {}
+            other if volume => fs_options.push(other.to_string()),
             other => {
                 return Err(format!(
-                    "unknown mount option {other:?} (known: allow_other, ro, rw)"
+                    "unknown mount option {other:?} (known with -f: allow_other, ro, rw)"
                 ))
             }
         }
@@ -218,7 +259,11 @@ fn mount_options(a: &Args) -> CliResult<MountOptions> {
     } else {
         Mode::NonPersistent
     };
-    Ok(MountOptions { mode, allow_other })
+    Ok(VolumeOptions {
+        mode,
+        allow_other,
+        fs_options,
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -373,7 +418,14 @@ fn new_status_file() -> CliResult<(PathBuf, File)> {
 }
 
 /// Mounts with a detached serving process and returns once the mount is in place.
-fn mount_flat(disk: &Path, dir: &Path, opts: &MountOptions) -> CliResult {
+fn start_server(disk: &Path, dir: &Path, what: What, opts: &VolumeOptions) -> CliResult {
+    if matches!(what, What::Volume(_)) && !nix::unistd::geteuid().is_root() {
+        return Err(
+            "mounting a partition's file system needs root (mount(8) and a loop device); \
+             without root, use -f DISK DIR and read DIR/pN"
+                .into(),
+        );
+    }
     let meta = std::fs::metadata(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => format!("mount point {} does not exist", dir.display()),
         _ => format!("mount point {}: {e}", dir.display()),
@@ -393,6 +445,14 @@ fn mount_flat(disk: &Path, dir: &Path, opts: &MountOptions) -> CliResult {
             m.source
         ));
     }
+    if let Some(r) = volume_records().into_iter().find(|r| r.target == dir) {
+        return Err(format!(
+            "{} is already a vdisk mount (of {}): unmount it first with vdisk-mount -d",
+            dir.display(),
+            r.disk.display()
+        ));
+    }
+    let before = mount_count(&dir);
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let (status_path, status_file) = new_status_file()?;
     drop(status_file);
@@ -408,8 +468,15 @@ fn mount_flat(disk: &Path, dir: &Path, opts: &MountOptions) -> CliResult {
         }
         Mode::NonPersistent => {}
     }
+    let mut o = opts.fs_options.clone();
     if opts.allow_other {
-        cmd.arg("-o").arg("allow_other");
+        o.push("allow_other".into());
+    }
+    if !o.is_empty() {
+        cmd.arg("-o").arg(o.join(","));
+    }
+    if let What::Volume(n) = what {
+        cmd.arg("--partition").arg(n.unwrap_or(0).to_string());
     }
     // The disk as given (the serving process keeps this folder as its own); the
     // folder canonical, as the mount table shows it.
@@ -428,7 +495,7 @@ fn mount_flat(disk: &Path, dir: &Path, opts: &MountOptions) -> CliResult {
             return Err(msg.to_string());
         }
         let ready = status.lines().any(|l| l == "ready");
-        if ready && vdisk_mount_at(&dir).is_ok_and(|m| m.is_some()) {
+        if ready && mount_count(&dir) > before {
             for w in status.lines().filter_map(|l| l.strip_prefix("warning: ")) {
                 eprintln!("vdisk-mount: warning: {w}");
             }
@@ -473,9 +540,20 @@ fn report(status: &Path, line: &str) {
     }
 }
 
+/// How many mounts sit on `dir` (stacked mounts count each).
+fn mount_count(dir: &Path) -> usize {
+    all_mounts().map_or(0, |all| all.iter().filter(|m| m.mountpoint == dir).count())
+}
+
+/// A mount made by the serving process.
+enum Served {
+    Flat(vdisk_mount::Mounted),
+    Volume(MountedVolume),
+}
+
 /// The serving process: mounts, reports, and serves until unmounted (from outside,
 /// or on SIGINT, SIGTERM or SIGHUP), then closes the disk and exits.
-fn serve(disk: &Path, dir: &Path, opts: &MountOptions, status: &Path) -> CliResult {
+fn serve(disk: &Path, dir: &Path, what: What, opts: &VolumeOptions, status: &Path) -> CliResult {
     // Leave the caller's session so its terminal's signals do not reach us.
     let _ = nix::unistd::setsid();
     // Signals are taken by one thread (below); every thread started after this
@@ -485,34 +563,66 @@ fn serve(disk: &Path, dir: &Path, opts: &MountOptions, status: &Path) -> CliResu
         signals.add(s);
     }
     let _ = signals.thread_block();
-    let mounted = match vdisk_mount::mount(disk, dir, opts) {
+    let flat_opts = MountOptions {
+        mode: opts.mode,
+        allow_other: opts.allow_other,
+    };
+    let mounted = match what {
+        What::Flat => vdisk_mount::mount(disk, dir, &flat_opts).map(Served::Flat),
+        What::Volume(n) => vdisk_mount::mount_volume(disk, n, dir, opts).map(Served::Volume),
+    };
+    let mounted = match mounted {
         Ok(m) => m,
         Err(e) => {
             report(status, &format!("error: {e}"));
             return Err(e.to_string());
         }
     };
-    for w in mounted.warnings() {
+    let (warnings, fuse_dir, target) = match &mounted {
+        Served::Flat(m) => (m.warnings().to_vec(), m.mountpoint().to_path_buf(), None),
+        Served::Volume(v) => (
+            v.disk_mount()
+                .map(|m| m.warnings().to_vec())
+                .unwrap_or_default(),
+            v.record().fuse_dir.clone(),
+            Some(v.target().to_path_buf()),
+        ),
+    };
+    for w in warnings {
         report(status, &format!("warning: {}: {w}", disk.display()));
     }
     report(status, "ready");
     // Keep no folder busy (the disk's files are open by now).
     let _ = std::env::set_current_dir("/");
-    let target = mounted.mountpoint().to_path_buf();
     std::thread::spawn(move || {
         if signals.wait().is_ok() {
-            // A lazy unmount: the session ends and the disk is closed below.
+            // The file system first (lazily if busy), then the FUSE mount, lazily:
+            // the session ends and the disk is closed below.
+            if let Some(target) = &target {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg("--")
+                    .arg(target)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
             let helper = vdisk_mount::fusermount3().unwrap_or_else(|| "fusermount3".into());
             let _ = Command::new(helper)
                 .args(["-u", "-z", "--"])
-                .arg(&target)
+                .arg(&fuse_dir)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
         }
     });
-    let res = mounted.wait().map_err(|e| e.to_string());
+    let res = match mounted {
+        Served::Flat(m) => m.wait(),
+        Served::Volume(v) => v.wait(),
+    }
+    .map_err(|e| e.to_string());
     // Wait (briefly) for fusermount3's auto-unmount helper to see the session end,
     // so that once this process is gone nothing is left that could touch a new
     // mount on the same folder.
@@ -576,26 +686,51 @@ fn mode_of(server: Option<&Server>) -> &'static str {
     }
 }
 
+/// The `-f` mounts (the FUSE mounts under volume mounts, in the runtime folder, are
+/// listed with their volume).
 fn mounts() -> CliResult<Vec<MountEntry>> {
-    vdisk_mounts().map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))
+    let private = runtime_dir();
+    Ok(vdisk_mounts()
+        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?
+        .into_iter()
+        .filter(|m| !m.mountpoint.starts_with(&private))
+        .collect())
 }
 
 fn list_mounts() -> CliResult {
     let all = mounts()?;
-    if all.is_empty() {
+    let volumes = volume_records();
+    if all.is_empty() && volumes.is_empty() {
         println!("No vdisk mounts");
         return Ok(());
     }
-    let mut rows = vec![["Disk", "Mount point", "Mode", "PID"]
+    let mut rows = vec![["Disk", "Mounted", "Mount point", "Mode", "PID"]
         .map(String::from)
         .to_vec()];
     for m in &all {
         let server = server_of(&m.mountpoint);
         rows.push(vec![
             m.source.clone(),
+            "flat".into(),
             m.mountpoint.display().to_string(),
             mode_of(server.as_ref()).to_string(),
             server.map_or("-".into(), |s| s.pid.to_string()),
+        ]);
+    }
+    for r in &volumes {
+        let alive = server_alive(r);
+        let server = server_of(&r.target).filter(|s| s.pid == r.pid);
+        rows.push(vec![
+            r.disk.display().to_string(),
+            r.partition
+                .map_or("whole disk".into(), |n| format!("partition {n}")),
+            r.target.display().to_string(),
+            if alive {
+                mode_of(server.as_ref()).to_string()
+            } else {
+                "stale: serving process died (clean up with -k DISK)".into()
+            },
+            r.pid.to_string(),
         ]);
     }
     print_table(&rows);
@@ -648,7 +783,33 @@ fn unmount_entry(m: &MountEntry) -> CliResult {
     Ok(())
 }
 
+/// Unmounts a partition mount (its file system, then the FUSE mount of the disk) and
+/// waits for its serving process to close the disk; cleans up after a dead one.
+fn unmount_volume_record(r: &VolumeRecord) -> CliResult {
+    let alive = server_alive(r);
+    vdisk_mount::volume::unmount_volume(r)?;
+    if alive {
+        let start = Instant::now();
+        while !exited(r.pid) {
+            if start.elapsed() > EXIT_TIMEOUT {
+                return Err(format!(
+                    "{} is unmounted but its serving process {} has not exited after {} s",
+                    r.target.display(),
+                    r.pid,
+                    EXIT_TIMEOUT.as_secs()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+    Ok(())
+}
+
 fn unmount(dir: &Path) -> CliResult {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    if let Some(r) = volume_records().iter().find(|r| r.target == canonical) {
+        return unmount_volume_record(r);
+    }
     let entry =
         vdisk_mount_at(dir).map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     match entry {
@@ -657,12 +818,13 @@ fn unmount(dir: &Path) -> CliResult {
     }
 }
 
-/// Unmounts every entry (the newest first), reporting every failure.
-fn unmount_each(entries: &[MountEntry]) -> CliResult {
-    let errors: Vec<String> = entries
+/// Unmounts every volume and entry (the newest first), reporting every failure.
+fn unmount_each(volumes: &[VolumeRecord], entries: &[MountEntry]) -> CliResult {
+    let errors: Vec<String> = volumes
         .iter()
         .rev()
-        .filter_map(|m| unmount_entry(m).err())
+        .filter_map(|r| unmount_volume_record(r).err())
+        .chain(entries.iter().rev().filter_map(|m| unmount_entry(m).err()))
         .collect();
     if errors.is_empty() {
         Ok(())
@@ -673,16 +835,20 @@ fn unmount_each(entries: &[MountEntry]) -> CliResult {
 
 fn unmount_disk(disk: &Path) -> CliResult {
     let canonical = disk.canonicalize().unwrap_or_else(|_| disk.to_path_buf());
+    let volumes: Vec<VolumeRecord> = volume_records()
+        .into_iter()
+        .filter(|r| r.disk == canonical || r.disk == disk)
+        .collect();
     let entries: Vec<MountEntry> = mounts()?
         .into_iter()
         .filter(|m| Path::new(&m.source) == canonical || Path::new(&m.source) == disk)
         .collect();
-    if entries.is_empty() {
+    if entries.is_empty() && volumes.is_empty() {
         return Err(format!("{} is not mounted", disk.display()));
     }
-    unmount_each(&entries)
+    unmount_each(&volumes, &entries)
 }
 
 fn unmount_all() -> CliResult {
-    unmount_each(&mounts()?)
+    unmount_each(&volume_records(), &mounts()?)
 }
