@@ -224,6 +224,8 @@ pub struct Disk {
     writable: bool,
     cid_renewed: AtomicBool,
     closed: AtomicBool,
+    /// The change tracker of the top link (not of a throwaway redo log).
+    cbt: Option<crate::cbt::Tracker>,
 }
 
 fn ddb_u32(link: &Link, key: &str) -> Result<Option<u32>> {
@@ -248,7 +250,16 @@ impl Disk {
         let link = Link::open(path, how)?;
         let capacity = link.capacity();
         let mut links = chain::open_chain(link, how, &opts.chain)?;
+        // Tracking is checked against the files before this open changes them.
+        let cbt = if opts.redo_dir.is_none() {
+            crate::cbt::Tracker::open(&links[0], how.writable)?
+        } else {
+            None
+        };
         links[0].begin_write()?;
+        if let Some(t) = &cbt {
+            t.begin(&links[0])?;
+        }
         let mut writable = !opts.read_only;
         if let Some(dir) = &opts.redo_dir {
             let redo = Link::redo_log(capacity, &links[0], dir)?;
@@ -261,7 +272,57 @@ impl Disk {
             writable,
             cid_renewed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            cbt,
         })
+    }
+
+    /// The change tracker, if change tracking is enabled on the disk (and it is not
+    /// open non-persistent).
+    pub fn tracker(&self) -> Option<&crate::cbt::Tracker> {
+        self.cbt.as_ref()
+    }
+
+    /// The change ID of the disk's current state (see [`crate::cbt`]): a backup of
+    /// what the disk holds now records it and later asks what changed since.
+    pub fn change_id(&self) -> Result<String> {
+        match &self.cbt {
+            Some(t) => t.change_id(),
+            None => Err(self.untracked()),
+        }
+    }
+
+    fn untracked(&self) -> Error {
+        Error::new(
+            ErrorKind::NotSupported,
+            format!(
+                "change tracking is not enabled on {} (enable it first)",
+                self.links[0].path().display()
+            ),
+        )
+    }
+
+    /// The areas of `[offset, offset+len)` that changed since change ID `since`, as
+    /// sorted, merged `(offset, length)` byte ranges (blocks of the tracker's block
+    /// size, clipped to the range). `since` = `*` gives every area holding data (the
+    /// allocated data of the whole chain), tracked or not, for a first full backup.
+    pub fn changed_areas(&self, since: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        if since.trim() == crate::cbt::ALL {
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            for r in self.allocation_map(offset, len)? {
+                if r.kind != RangeKind::Data {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == r.offset => last.1 += r.length,
+                    _ => out.push((r.offset, r.length)),
+                }
+            }
+            return Ok(out);
+        }
+        match &self.cbt {
+            Some(t) => t.changed_since(since, offset, len, self.capacity),
+            None => Err(self.untracked()),
+        }
     }
 
     /// Virtual size in bytes.
@@ -357,7 +418,12 @@ impl Disk {
             }
         }
         let below = |off: u64, buf: &mut [u8]| self.read_chain(1, off, buf);
-        top.write(offset, data, &below)
+        // Marked even if the write fails part-way: some of it may have landed.
+        let res = top.write(offset, data, &below);
+        if let Some(t) = &self.cbt {
+            t.mark(offset, data.len() as u64)?;
+        }
+        res
     }
 
     /// Writes from now on keep the top link's CID (commit changes it once, at the
@@ -385,7 +451,11 @@ impl Disk {
             return Ok(());
         }
         self.links[0].flush()?;
-        self.links[0].close()
+        self.links[0].close()?;
+        if let Some(t) = &self.cbt {
+            t.close(&self.links[0])?;
+        }
+        Ok(())
     }
 
     /// The allocation map of `[offset, offset+len)`: coalesced runs saying whether

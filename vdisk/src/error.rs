@@ -64,6 +64,11 @@ pub enum ErrorKind {
     InvalidDisk,
     /// The disk's capacity does not match what its parts say (`VIX_E_DISK_CAPACITY_MISMATCH`, 16067).
     CapacityMismatch,
+    /// A change ID cannot be used: the disk's change tracking was restarted, or cannot
+    /// be trusted (an unclean shutdown, a write by a program that does not track);
+    /// take a full backup. No VDDK code: the extension code `VDISK_E_CHANGE_ID_REFUSED`
+    /// (0x56440001).
+    ChangeIdRefused,
 }
 
 impl ErrorKind {
@@ -97,6 +102,7 @@ impl ErrorKind {
             ErrorKind::CantRepair => 16062,
             ErrorKind::InvalidDisk => 16063,
             ErrorKind::CapacityMismatch => 16067,
+            ErrorKind::ChangeIdRefused => 0x5644_0001,
         }
     }
 
@@ -130,6 +136,7 @@ impl ErrorKind {
             ErrorKind::CantRepair => "disk damage cannot be repaired",
             ErrorKind::InvalidDisk => "invalid disk",
             ErrorKind::CapacityMismatch => "capacity mismatch",
+            ErrorKind::ChangeIdRefused => "change ID refused: take a full backup",
         }
     }
 }

@@ -23,6 +23,7 @@
 //! falls through to parents. See `ARCHITECTURE.md`.
 
 pub mod cache;
+pub mod cbt;
 pub mod chain;
 pub mod descriptor;
 pub mod disk;

@@ -218,7 +218,8 @@ fn create_child_from(disk: &Disk, parent: &Path, child: &Path, disk_type: DiskTy
         embedded.then_some(sectors),
     )?;
     created.keep();
-    Ok(())
+    // A tracked parent's history goes on in the child.
+    crate::cbt::inherit(disk, child)
 }
 
 #[cfg(test)]

@@ -79,6 +79,13 @@ fn commit_inner(top: &Path, opts: &CommitOptions, progress: Progress<'_>) -> Res
             links[..n].iter().map(|l| l.path().to_path_buf()).collect(),
         )
     };
+    // The target takes over the top link's change-tracking history (unless the
+    // top link stays).
+    let history = if opts.keep_child {
+        None
+    } else {
+        crate::cbt::history(&merged[0])?
+    };
     let source = OpenOptions::new().top_links(n).open(top)?;
     let dest = OpenOptions::new().write(true).open(&target)?;
     dest.keep_cid();
@@ -155,6 +162,9 @@ fn commit_inner(top: &Path, opts: &CommitOptions, progress: Progress<'_>) -> Res
     }
     let cid = dest.links()[0].renew_cid()?;
     dest.close()?;
+    if let Some(h) = history {
+        crate::cbt::reinstall(&target, h)?;
+    }
     progress(total, total);
     Ok(CommitStats {
         target,

@@ -15,6 +15,8 @@ struct LinkFiles {
     descriptor: PathBuf,
     embedded: bool,
     extents: Vec<PathBuf>,
+    /// The change-tracking sidecar, if the link is tracked.
+    cbt: Option<PathBuf>,
 }
 
 fn link_files(path: &Path) -> Result<LinkFiles> {
@@ -32,6 +34,7 @@ fn link_files(path: &Path) -> Result<LinkFiles> {
         descriptor: path.to_path_buf(),
         embedded,
         extents,
+        cbt: crate::cbt::sidecar_path(link)?,
     })
 }
 
@@ -53,7 +56,15 @@ pub fn unlink(path: &Path) -> Result<()> {
             .map_err(|e| Error::io(format!("cannot delete {}", f.display()), e))?;
     }
     std::fs::remove_file(&files.descriptor)
-        .map_err(|e| Error::io(format!("cannot delete {}", files.descriptor.display()), e))
+        .map_err(|e| Error::io(format!("cannot delete {}", files.descriptor.display()), e))?;
+    if let Some(f) = &files.cbt {
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("cannot delete {}", f.display()), e)),
+        }
+    }
+    Ok(())
 }
 
 /// The new name of an extent file when its disk is renamed from `old_stem` to
