@@ -3,7 +3,7 @@
 //!
 //! Accepts vmware-vdiskmanager's syntax (`vdiskmanager -c -s 64MB -a lsilogic -t 0
 //! disk.vmdk`, `-r`, `-n`, `-x`, `-k`, `-d`, `-e`, `-R`) and subcommands (`info`,
-//! `convert`, `map`, `meta`, `unlink`).
+//! `convert`, `map`, `meta`, `unlink`, `snapshot`, `commit`, `cbt`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -170,10 +170,48 @@ enum Command {
         /// The disk.
         disk: PathBuf,
     },
+    /// Changed-block tracking: enable, disable, show, and list what changed.
+    Cbt {
+        #[command(subcommand)]
+        action: CbtAction,
+    },
     /// List, read or write disk database (DDB) entries.
     Meta {
         #[command(subcommand)]
         action: MetaAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CbtAction {
+    /// Turn tracking on (prints the first change ID; already on: the current one).
+    Enable {
+        /// The disk (its top link is tracked).
+        disk: PathBuf,
+    },
+    /// Turn tracking off and delete the tracking file.
+    Disable {
+        /// The disk.
+        disk: PathBuf,
+    },
+    /// Show whether tracking is on, trusted, and the current change ID.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The disk.
+        disk: PathBuf,
+    },
+    /// List the areas changed since a change ID (`*`, the default: all allocated data).
+    Changes {
+        /// The change ID a previous backup recorded.
+        #[arg(long, default_value = "*")]
+        since: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The disk.
+        disk: PathBuf,
     },
 }
 
@@ -227,7 +265,7 @@ fn main() -> ExitCode {
     let is_sub = args.get(1).is_some_and(|a| {
         matches!(
             a.as_str(),
-            "info" | "convert" | "map" | "meta" | "unlink" | "snapshot" | "commit" | "help"
+            "info" | "convert" | "map" | "meta" | "unlink" | "snapshot" | "commit" | "cbt" | "help"
         )
     });
     let result = if is_sub {
@@ -320,7 +358,7 @@ fn run_vmware(a: VmwareArgs) -> CliResult {
         );
     }
     if !a.create {
-        return Err("no operation given (use -c to create, -r to convert, -x/-k/-d to grow, shrink or defragment, -e/-R to check or repair, or a subcommand: info, convert, map, meta, unlink; see --help)".into());
+        return Err("no operation given (use -c to create, -r to convert, -x/-k/-d to grow, shrink or defragment, -e/-R to check or repair, or a subcommand: info, convert, map, meta, unlink, snapshot, commit, cbt; see --help)".into());
     }
     let disk = a.disk.ok_or("-c needs a disk file name")?;
     let size = parse_size(a.size.as_deref().ok_or("-c needs a capacity (-s SIZE)")?)?;
@@ -496,7 +534,81 @@ fn run_sub(c: Command) -> CliResult {
             child,
         } => snapshot(&parent, child, disk_type.as_deref(), quiet),
         Command::Meta { action } => meta(action),
+        Command::Cbt { action } => cbt(action),
     }
+}
+
+fn cbt(action: CbtAction) -> CliResult {
+    match action {
+        CbtAction::Enable { disk } => {
+            let id = vdisk::cbt::enable(&disk).map_err(err)?;
+            outln!("Change tracking is on for {}; change ID {id}", disk.display());
+        }
+        CbtAction::Disable { disk } => {
+            if vdisk::cbt::disable(&disk).map_err(err)? {
+                outln!("Change tracking is off for {}", disk.display());
+            } else {
+                outln!("Change tracking was not on for {}", disk.display());
+            }
+        }
+        CbtAction::Status { json, disk } => {
+            let d = Disk::open(&disk).map_err(err)?;
+            let status = d.tracker().map(|t| t.status()).transpose().map_err(err)?;
+            if json {
+                let v = match &status {
+                    None => json!({ "enabled": false }),
+                    Some(s) => json!({
+                        "enabled": true,
+                        "file": s.path.display().to_string(),
+                        "trusted": s.invalid.is_none(),
+                        "reason": s.invalid,
+                        "change_id": s.invalid.is_none().then_some(&s.change_id),
+                        "block_size": s.block_size,
+                        "note": s.note,
+                    }),
+                };
+                outln!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+                return Ok(());
+            }
+            match status {
+                None => outln!("Change tracking: off"),
+                Some(s) => {
+                    outln!("Change tracking: on ({})", s.path.display());
+                    outln!("Block size:      {}", human_bytes(s.block_size));
+                    match &s.invalid {
+                        None => outln!("Change ID:       {}", s.change_id),
+                        Some(r) => outln!(
+                            "Change IDs:      refused ({r}); the next open for writing restarts tracking"
+                        ),
+                    }
+                    if !s.note.is_empty() {
+                        outln!("History:         {}", s.note);
+                    }
+                }
+            }
+        }
+        CbtAction::Changes { since, json, disk } => {
+            let d = Disk::open(&disk).map_err(err)?;
+            let areas = d.changed_areas(&since, 0, d.capacity()).map_err(err)?;
+            let total: u64 = areas.iter().map(|a| a.1).sum();
+            if json {
+                let v = json!({
+                    "since": since,
+                    "change_id": d.tracker().and_then(|t| t.status().ok()).map(|s| s.change_id),
+                    "bytes": total,
+                    "areas": areas.iter().map(|&(o, l)| json!({"start": o, "length": l})).collect::<Vec<_>>(),
+                });
+                outln!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+                return Ok(());
+            }
+            outln!("{:>20} {:>20}", "Offset", "Length");
+            for (o, l) in &areas {
+                outln!("{o:>#20x} {l:>#20x}");
+            }
+            outln!("{} areas, {} changed", areas.len(), human_bytes(total));
+        }
+    }
+    Ok(())
 }
 
 fn snapshot(parent: &Path, child: Option<PathBuf>, t: Option<&str>, quiet: bool) -> CliResult {
