@@ -257,3 +257,46 @@ fn damaged_sidecars_and_hostile_names_give_clear_errors() {
     let e = Disk::open(&p).unwrap_err();
     assert!(e.to_string().contains("change-tracking file name"), "{e}");
 }
+
+#[test]
+fn stream_backup_chains_read_back_as_the_disk_was_at_each_backup() {
+    use vdisk::ops::backup::write_backup;
+    let dir = tempfile::tempdir().unwrap();
+    let base = new_disk(dir.path(), "vm.vmdk", DiskType::MonolithicSparse);
+    cbt::enable(&base).unwrap();
+    let mut rng = Rng(11);
+    let mut model = vec![0u8; SIZE as usize];
+    random_writes(&base, &mut model, &mut rng, 25);
+    let mut parent: Option<PathBuf> = None;
+    let mut since = "*".to_string();
+    let mut states = Vec::new();
+    for round in 0..3 {
+        let d = Disk::open(&base).unwrap();
+        let areas = d.changed_areas(&since, 0, SIZE).unwrap();
+        let dst = dir.path().join(format!("backup-{round}.vmdk"));
+        let st = write_backup(&d, &areas, &dst, parent.as_deref(), &mut |_, _| true).unwrap();
+        assert!(st.grains > 0);
+        since = d.change_id().unwrap();
+        drop(d);
+        states.push((dst.clone(), model.clone()));
+        parent = Some(dst);
+        random_writes(&base, &mut model, &mut rng, 8);
+    }
+    for (i, (backup, want)) in states.iter().enumerate() {
+        assert_same(&read_all(backup), want, 0, &format!("backup {i}"));
+    }
+    // A full backup leaves out grains of zeros; a wrong parent is refused clearly.
+    let other = dir.path().join("small.vmdk");
+    create(&other, &CreateOptions::new(DiskType::MonolithicSparse, MIB)).unwrap();
+    let d = Disk::open(&base).unwrap();
+    let e = write_backup(
+        &d,
+        &[(0, 512)],
+        &dir.path().join("x.vmdk"),
+        Some(&other),
+        &mut |_, _| true,
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CapacityMismatch);
+    assert!(!dir.path().join("x.vmdk").exists());
+}

@@ -1,6 +1,7 @@
 //! Whole-disk operations, each a plain function over paths or an open [`crate::Disk`].
 
 pub mod attach;
+pub mod backup;
 pub mod check;
 pub mod child;
 pub mod closed;
