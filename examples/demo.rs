@@ -236,6 +236,10 @@ fn make_guest_disk(dir: &Path, vm: &Path, rng: &mut Rng) -> DemoResult<Vec<Guest
     Ok(out)
 }
 
+/// What the guest wrote in a session: bytes, and one file rewritten whole with its
+/// new content.
+type GuestWork = (u64, String, Vec<u8>);
+
 /// The guest at work: rewrites pieces of its files in place (the file system stays
 /// consistent) in the delta disk, GUEST_WRITES bytes in all. Returns the bytes
 /// written and one file wholly rewritten with its new content.
@@ -243,7 +247,7 @@ fn guest_writes(
     delta: &Path,
     files: &[GuestFile],
     rng: &mut Rng,
-) -> DemoResult<(u64, String, Vec<u8>)> {
+) -> DemoResult<GuestWork> {
     let disk = OpenOptions::new().write(true).open(delta).map_err(e)?;
     // One whole file rewritten (checked after the restore) ...
     let pick = rng.below(files.len() as u64) as usize;
@@ -310,7 +314,7 @@ fn session(
     rng: &mut Rng,
     previous: Option<&Backup>,
     n: usize,
-) -> DemoResult<(Backup, (u64, String, Vec<u8>))> {
+) -> DemoResult<(Backup, GuestWork)> {
     let kind = if previous.is_some() {
         "incremental"
     } else {

@@ -542,7 +542,10 @@ fn cbt(action: CbtAction) -> CliResult {
     match action {
         CbtAction::Enable { disk } => {
             let id = vdisk::cbt::enable(&disk).map_err(err)?;
-            outln!("Change tracking is on for {}; change ID {id}", disk.display());
+            outln!(
+                "Change tracking is on for {}; change ID {id}",
+                disk.display()
+            );
         }
         CbtAction::Disable { disk } => {
             if vdisk::cbt::disable(&disk).map_err(err)? {
@@ -567,7 +570,10 @@ fn cbt(action: CbtAction) -> CliResult {
                         "note": s.note,
                     }),
                 };
-                outln!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+                );
                 return Ok(());
             }
             match status {
@@ -598,7 +604,10 @@ fn cbt(action: CbtAction) -> CliResult {
                     "bytes": total,
                     "areas": areas.iter().map(|&(o, l)| json!({"start": o, "length": l})).collect::<Vec<_>>(),
                 });
-                outln!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+                );
                 return Ok(());
             }
             outln!("{:>20} {:>20}", "Offset", "Length");
