@@ -52,8 +52,8 @@ pub const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(200
 /// Pause between two attempts to take a lock.
 pub const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
-/// The smallest block changed-block tracking records (64 KiB).
-pub const MIN_CBT_BLOCK: u64 = 64 << 10;
-/// The most blocks a change-tracking map holds (16 MiB of map); larger disks get
-/// larger blocks.
+/// The smallest block changed-block tracking records (4 KiB, a file-system block).
+pub const MIN_CBT_BLOCK: u64 = 4 << 10;
+/// The most blocks a change-tracking map holds (16 MiB of map): disks over 16 GiB
+/// get larger blocks.
 pub const MAX_CBT_BLOCKS: u64 = 1 << 22;

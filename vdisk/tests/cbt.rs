@@ -108,9 +108,9 @@ fn change_ids_report_exactly_the_later_sessions() {
     w.close().unwrap();
     let d = Disk::open(&p).unwrap();
     let after_mid = d.changed_areas(&mid, 0, SIZE).unwrap();
-    assert_eq!(after_mid, vec![(9 * MIB, 64 << 10)]);
+    assert_eq!(after_mid, vec![(9 * MIB, 4096)]);
     let after_1 = d.changed_areas(&id1, 0, SIZE).unwrap();
-    assert_eq!(after_1, vec![(5 * MIB, 64 << 10), (9 * MIB, 64 << 10)]);
+    assert_eq!(after_1, vec![(5 * MIB, 4096), (9 * MIB, 4096)]);
     // "*" is the allocated data.
     let all = d.changed_areas("*", 0, SIZE).unwrap();
     assert!(covers(&all, &w1));
@@ -159,7 +159,7 @@ fn incremental_backups_across_snapshots_and_commits_restore_identical_disks() {
             let copied = apply_changes(&base, &last, &mut backup);
             let written_bytes: u64 = written.iter().map(|w| w.1).sum();
             assert!(
-                copied <= written_bytes + written.len() as u64 * 2 * (64 << 10),
+                copied <= written_bytes + written.len() as u64 * 2 * 4096,
                 "{t:?} round {round}: copied {copied} for {written_bytes} written"
             );
             assert_same(&backup, &model, 0, &format!("{t:?}: incremental {round}"));

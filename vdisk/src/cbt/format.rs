@@ -7,7 +7,7 @@
 //!     12     4  flags: bit 0 = open for writing (set while a writer tracks, cleared
 //!               at its clean close; found set = changes may have been lost);
 //!               bit 1 = history invalid (the note says why)
-//!     16     8  block size in bytes (a power of two, 64 KiB or more)
+//!     16     8  block size in bytes (a power of two, 4 KiB or more)
 //!     24     8  capacity of the disk in bytes when last closed
 //!     32    16  epoch: random id of this tracking history (change IDs name it)
 //!     48     8  sequence number of the current (or last) write session
@@ -219,8 +219,8 @@ mod tests {
     fn header() -> CbtHeader {
         CbtHeader {
             flags: FLAG_OPEN,
-            block_size: 65536,
-            capacity: 10 * 65536 + 1,
+            block_size: 4096,
+            capacity: 10 * 4096 + 1,
             epoch: [7; 16],
             seq: 42,
             disk_cid: 0xdead_beef,
@@ -254,6 +254,7 @@ mod tests {
     #[test]
     fn block_sizes_keep_the_map_bounded() {
         assert_eq!(block_size_for(2 << 30), MIN_CBT_BLOCK);
+        assert_eq!(block_size_for(64 << 30), 4 * MIN_CBT_BLOCK);
         let huge = MAX_CAPACITY_SECTORS * SECTOR_SIZE;
         let bs = block_size_for(huge);
         assert!(block_count(huge, bs) <= MAX_CBT_BLOCKS);
