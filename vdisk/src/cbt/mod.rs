@@ -1,8 +1,7 @@
 //! Changed-block tracking (CBT): which parts of a disk changed since a backup.
 //!
 //! A tracked link names a sidecar file in its descriptor (DDB key
-//! [`DDB_KEY`], a file name in the link's folder; the format is in [`format`] and
-//! `docs/cbt.md`). The sidecar keeps, per block, the number of the write session that
+//! [`DDB_KEY`], a file name in the link's folder; the format is in [`format`]). The sidecar keeps, per block, the number of the write session that
 //! last wrote it. Every open for writing starts a new session (a higher sequence
 //! number), and so does taking a change ID of a disk open for writing; a change ID
 //! `EPOCH/SEQ` therefore covers exactly the writes stamped up to `SEQ`, and "what
