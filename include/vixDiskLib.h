@@ -924,6 +924,236 @@ typedef Bool (*VixDiskLibProgressFunc)(void *progressData, int percentCompleted)
 #define VIX_E_INVALID_HOSTNAME_SPECIFICATION 18002
 
 /**
+ * The mount point was not found.
+ */
+#define VIX_E_MNTAPI_MOUNTPT_NOT_FOUND 24000
+
+/**
+ * The mount point is already in use.
+ */
+#define VIX_E_MNTAPI_MOUNTPT_IN_USE 24001
+
+/**
+ * The disk to mount was not found.
+ */
+#define VIX_E_MNTAPI_DISK_NOT_FOUND 24002
+
+/**
+ * The disk is not mounted.
+ */
+#define VIX_E_MNTAPI_DISK_NOT_MOUNTED 24003
+
+/**
+ * The disk is already mounted.
+ */
+#define VIX_E_MNTAPI_DISK_IS_MOUNTED 24004
+
+/**
+ * The disk is not safe to mount.
+ */
+#define VIX_E_MNTAPI_DISK_NOT_SAFE 24005
+
+/**
+ * The disk to mount cannot be opened.
+ */
+#define VIX_E_MNTAPI_DISK_CANT_OPEN 24006
+
+/**
+ * The partitions of the disk cannot be read.
+ */
+#define VIX_E_MNTAPI_CANT_READ_PARTS 24007
+
+/**
+ * The unmount program was not found.
+ */
+#define VIX_E_MNTAPI_UMOUNT_APP_NOT_FOUND 24008
+
+/**
+ * The volume cannot be unmounted.
+ */
+#define VIX_E_MNTAPI_UMOUNT 24009
+
+/**
+ * The disk has no mountable partitions.
+ */
+#define VIX_E_MNTAPI_NO_MOUNTABLE_PARTITONS 24010
+
+/**
+ * The partition number is out of range.
+ */
+#define VIX_E_MNTAPI_PARTITION_RANGE 24011
+
+/**
+ * Mounting needs permissions the caller does not have.
+ */
+#define VIX_E_MNTAPI_PERM 24012
+
+/**
+ * The mount configuration cannot be read.
+ */
+#define VIX_E_MNTAPI_DICT 24013
+
+/**
+ * The mount configuration is locked.
+ */
+#define VIX_E_MNTAPI_DICT_LOCKED 24014
+
+/**
+ * Files of the volume are still open.
+ */
+#define VIX_E_MNTAPI_OPEN_HANDLES 24015
+
+/**
+ * The mount folder cannot be created.
+ */
+#define VIX_E_MNTAPI_CANT_MAKE_VAR_DIR 24016
+
+/**
+ * Mounting needs root privileges.
+ */
+#define VIX_E_MNTAPI_NO_ROOT 24017
+
+/**
+ * The loop device setup failed.
+ */
+#define VIX_E_MNTAPI_LOOP_FAILED 24018
+
+/**
+ * The mount service failed.
+ */
+#define VIX_E_MNTAPI_DAEMON 24019
+
+/**
+ * Internal error of the mount library.
+ */
+#define VIX_E_MNTAPI_INTERNAL 24020
+
+/**
+ * A system call of the mount library failed.
+ */
+#define VIX_E_MNTAPI_SYSTEM 24021
+
+/**
+ * The connection details of the disk are missing.
+ */
+#define VIX_E_MNTAPI_NO_CONNECTION_DETAILS 24022
+
+/**
+ * The requested mount library version is not supported.
+ */
+#define VIX_E_MNTAPI_INCOMPATIBLE_VERSION 24300
+
+/**
+ * The operating system reported an error.
+ */
+#define VIX_E_MNTAPI_OS_ERROR 24301
+
+/**
+ * The drive letter is in use.
+ */
+#define VIX_E_MNTAPI_DRIVE_LETTER_IN_USE 24302
+
+/**
+ * The drive letter is already assigned.
+ */
+#define VIX_E_MNTAPI_DRIVE_LETTER_ALREADY_ASSIGNED 24303
+
+/**
+ * The volume is not mounted.
+ */
+#define VIX_E_MNTAPI_VOLUME_NOT_MOUNTED 24304
+
+/**
+ * The volume is already mounted.
+ */
+#define VIX_E_MNTAPI_VOLUME_ALREADY_MOUNTED 24305
+
+/**
+ * The volume cannot be formatted.
+ */
+#define VIX_E_MNTAPI_FORMAT_FAILURE 24306
+
+/**
+ * The driver needed for the volume is missing.
+ */
+#define VIX_E_MNTAPI_NO_DRIVER 24307
+
+/**
+ * The disk is already opened by the mount library.
+ */
+#define VIX_E_MNTAPI_ALREADY_OPENED 24308
+
+/**
+ * The requested item was not found.
+ */
+#define VIX_E_MNTAPI_ITEM_NOT_FOUND 24309
+
+/**
+ * The boot loader is not supported.
+ */
+#define VIX_E_MNTAPI_UNSUPPROTED_BOOT_LOADER 24310
+
+/**
+ * The operating system on the disk is not supported.
+ */
+#define VIX_E_MNTAPI_UNSUPPROTED_OS 24311
+
+/**
+ * A text encoding conversion failed.
+ */
+#define VIX_E_MNTAPI_CODECONVERSION 24312
+
+/**
+ * A registry write failed.
+ */
+#define VIX_E_MNTAPI_REGWRITE_ERROR 24313
+
+/**
+ * Fault-tolerant volumes are not supported.
+ */
+#define VIX_E_MNTAPI_UNSUPPORTED_FT_VOLUME 24314
+
+/**
+ * The partition was not found.
+ */
+#define VIX_E_MNTAPI_PARTITION_NOT_FOUND 24315
+
+/**
+ * A file cannot be written into the volume.
+ */
+#define VIX_E_MNTAPI_PUTFILE_ERROR 24316
+
+/**
+ * A file cannot be read from the volume.
+ */
+#define VIX_E_MNTAPI_GETFILE_ERROR 24317
+
+/**
+ * The registry is not opened.
+ */
+#define VIX_E_MNTAPI_REG_NOT_OPENED 24318
+
+/**
+ * A registry key cannot be deleted.
+ */
+#define VIX_E_MNTAPI_REGDELKEY_ERROR 24319
+
+/**
+ * The partition table cannot be created.
+ */
+#define VIX_E_MNTAPI_CREATE_PARTITIONTABLE_ERROR 24320
+
+/**
+ * The volume cannot be opened.
+ */
+#define VIX_E_MNTAPI_OPEN_FAILURE 24321
+
+/**
+ * The volume is not writable.
+ */
+#define VIX_E_MNTAPI_VOLUME_NOT_WRITABLE 24322
+
+/**
  * One growable file.
  */
 #define VIXDISKLIB_DISK_MONOLITHIC_SPARSE 1
@@ -1446,6 +1676,29 @@ VixError VixDiskLib_SpaceNeededForClone(VixDiskLibHandle diskHandle,
  * `filename` NUL-terminated.
  */
 VixError VixDiskLib_CheckRepair(VixDiskLibConnection connection, const char *filename, Bool repair);
+
+/**
+ * vdisk extension (not in VDDK): whether `connection` is a live connection of this
+ * library, and if so whether it was made read-only (`ConnectEx` with `readOnly`).
+ * Every connection of this library is local. Returns `VIX_OK`, or
+ * `VIX_E_DISK_INVALID_CONNECTION` for a NULL, unknown or disconnected handle.
+ *
+ * # Safety
+ * `readOnly` must be NULL or a valid pointer.
+ */
+VixError VdiskExt_GetConnectionInfo(VixDiskLibConnection connection, Bool *readOnly);
+
+/**
+ * vdisk extension (not in VDDK): the path a disk handle was opened with (as given
+ * to `VixDiskLib_Open`, in memory from `malloc` that the caller frees with `free`)
+ * and its `VIXDISKLIB_FLAG_OPEN_*` flags (read-only included when the connection is
+ * read-only). Returns `VIX_E_INVALID_ARG` for a NULL, unknown or closed handle;
+ * `*path` is NULL on failure.
+ *
+ * # Safety
+ * `path` must be a valid pointer; `openFlags` NULL or a valid pointer.
+ */
+VixError VdiskExt_GetDiskHandleInfo(VixDiskLibHandle diskHandle, char **path, uint32 *openFlags);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -50,7 +50,12 @@ pub unsafe extern "C" fn VixDiskLib_Open(
                 format!("Cannot open disk {}: {e}", path.display()),
             )
         })?;
-        let handle = state::add_disk(DiskHandle::new(path, conn_id, options, disk));
+        let flags = if read_only {
+            flags | VIXDISKLIB_FLAG_OPEN_READ_ONLY
+        } else {
+            flags
+        };
+        let handle = state::add_disk(DiskHandle::new(path, conn_id, flags, options, disk));
         // SAFETY: non-NULL out pointer given by the caller.
         unsafe { *diskHandle = handle as VixDiskLibHandle };
         ok()

@@ -186,6 +186,101 @@ pub const VIX_E_HOST_SERVER_SHUTDOWN: VixError = 14014;
 /// The host name specification is invalid.
 pub const VIX_E_INVALID_HOSTNAME_SPECIFICATION: VixError = 18002;
 
+// The mount libraries' codes (libvixMntapi), as VDDK's header declares them with
+// the other codes (two names keep VMware's spelling, PARTITONS and UNSUPPROTED).
+/// The mount point was not found.
+pub const VIX_E_MNTAPI_MOUNTPT_NOT_FOUND: VixError = 24000;
+/// The mount point is already in use.
+pub const VIX_E_MNTAPI_MOUNTPT_IN_USE: VixError = 24001;
+/// The disk to mount was not found.
+pub const VIX_E_MNTAPI_DISK_NOT_FOUND: VixError = 24002;
+/// The disk is not mounted.
+pub const VIX_E_MNTAPI_DISK_NOT_MOUNTED: VixError = 24003;
+/// The disk is already mounted.
+pub const VIX_E_MNTAPI_DISK_IS_MOUNTED: VixError = 24004;
+/// The disk is not safe to mount.
+pub const VIX_E_MNTAPI_DISK_NOT_SAFE: VixError = 24005;
+/// The disk to mount cannot be opened.
+pub const VIX_E_MNTAPI_DISK_CANT_OPEN: VixError = 24006;
+/// The partitions of the disk cannot be read.
+pub const VIX_E_MNTAPI_CANT_READ_PARTS: VixError = 24007;
+/// The unmount program was not found.
+pub const VIX_E_MNTAPI_UMOUNT_APP_NOT_FOUND: VixError = 24008;
+/// The volume cannot be unmounted.
+pub const VIX_E_MNTAPI_UMOUNT: VixError = 24009;
+/// The disk has no mountable partitions.
+pub const VIX_E_MNTAPI_NO_MOUNTABLE_PARTITONS: VixError = 24010;
+/// The partition number is out of range.
+pub const VIX_E_MNTAPI_PARTITION_RANGE: VixError = 24011;
+/// Mounting needs permissions the caller does not have.
+pub const VIX_E_MNTAPI_PERM: VixError = 24012;
+/// The mount configuration cannot be read.
+pub const VIX_E_MNTAPI_DICT: VixError = 24013;
+/// The mount configuration is locked.
+pub const VIX_E_MNTAPI_DICT_LOCKED: VixError = 24014;
+/// Files of the volume are still open.
+pub const VIX_E_MNTAPI_OPEN_HANDLES: VixError = 24015;
+/// The mount folder cannot be created.
+pub const VIX_E_MNTAPI_CANT_MAKE_VAR_DIR: VixError = 24016;
+/// Mounting needs root privileges.
+pub const VIX_E_MNTAPI_NO_ROOT: VixError = 24017;
+/// The loop device setup failed.
+pub const VIX_E_MNTAPI_LOOP_FAILED: VixError = 24018;
+/// The mount service failed.
+pub const VIX_E_MNTAPI_DAEMON: VixError = 24019;
+/// Internal error of the mount library.
+pub const VIX_E_MNTAPI_INTERNAL: VixError = 24020;
+/// A system call of the mount library failed.
+pub const VIX_E_MNTAPI_SYSTEM: VixError = 24021;
+/// The connection details of the disk are missing.
+pub const VIX_E_MNTAPI_NO_CONNECTION_DETAILS: VixError = 24022;
+/// The requested mount library version is not supported.
+pub const VIX_E_MNTAPI_INCOMPATIBLE_VERSION: VixError = 24300;
+/// The operating system reported an error.
+pub const VIX_E_MNTAPI_OS_ERROR: VixError = 24301;
+/// The drive letter is in use.
+pub const VIX_E_MNTAPI_DRIVE_LETTER_IN_USE: VixError = 24302;
+/// The drive letter is already assigned.
+pub const VIX_E_MNTAPI_DRIVE_LETTER_ALREADY_ASSIGNED: VixError = 24303;
+/// The volume is not mounted.
+pub const VIX_E_MNTAPI_VOLUME_NOT_MOUNTED: VixError = 24304;
+/// The volume is already mounted.
+pub const VIX_E_MNTAPI_VOLUME_ALREADY_MOUNTED: VixError = 24305;
+/// The volume cannot be formatted.
+pub const VIX_E_MNTAPI_FORMAT_FAILURE: VixError = 24306;
+/// The driver needed for the volume is missing.
+pub const VIX_E_MNTAPI_NO_DRIVER: VixError = 24307;
+/// The disk is already opened by the mount library.
+pub const VIX_E_MNTAPI_ALREADY_OPENED: VixError = 24308;
+/// The requested item was not found.
+pub const VIX_E_MNTAPI_ITEM_NOT_FOUND: VixError = 24309;
+/// The boot loader is not supported.
+pub const VIX_E_MNTAPI_UNSUPPROTED_BOOT_LOADER: VixError = 24310;
+/// The operating system on the disk is not supported.
+pub const VIX_E_MNTAPI_UNSUPPROTED_OS: VixError = 24311;
+/// A text encoding conversion failed.
+pub const VIX_E_MNTAPI_CODECONVERSION: VixError = 24312;
+/// A registry write failed.
+pub const VIX_E_MNTAPI_REGWRITE_ERROR: VixError = 24313;
+/// Fault-tolerant volumes are not supported.
+pub const VIX_E_MNTAPI_UNSUPPORTED_FT_VOLUME: VixError = 24314;
+/// The partition was not found.
+pub const VIX_E_MNTAPI_PARTITION_NOT_FOUND: VixError = 24315;
+/// A file cannot be written into the volume.
+pub const VIX_E_MNTAPI_PUTFILE_ERROR: VixError = 24316;
+/// A file cannot be read from the volume.
+pub const VIX_E_MNTAPI_GETFILE_ERROR: VixError = 24317;
+/// The registry is not opened.
+pub const VIX_E_MNTAPI_REG_NOT_OPENED: VixError = 24318;
+/// A registry key cannot be deleted.
+pub const VIX_E_MNTAPI_REGDELKEY_ERROR: VixError = 24319;
+/// The partition table cannot be created.
+pub const VIX_E_MNTAPI_CREATE_PARTITIONTABLE_ERROR: VixError = 24320;
+/// The volume cannot be opened.
+pub const VIX_E_MNTAPI_OPEN_FAILURE: VixError = 24321;
+/// The volume is not writable.
+pub const VIX_E_MNTAPI_VOLUME_NOT_WRITABLE: VixError = 24322;
+
 /// The English text of `code` (the low 16 bits), as `GetErrorText` returns it.
 pub fn error_text(code: VixError) -> &'static str {
     match code & 0xFFFF {
@@ -280,6 +375,52 @@ pub fn error_text(code: VixError) -> &'static str {
         14013 => "NBD_ERR_HASHFILE_INIT",
         14014 => "The server is shutting down",
         18002 => "The host name specification is invalid",
+        24000 => "The mount point was not found",
+        24001 => "The mount point is already in use",
+        24002 => "The disk to mount was not found",
+        24003 => "The disk is not mounted",
+        24004 => "The disk is already mounted",
+        24005 => "The disk is not safe to mount",
+        24006 => "The disk to mount cannot be opened",
+        24007 => "The partitions of the disk cannot be read",
+        24008 => "The unmount program was not found",
+        24009 => "The volume cannot be unmounted",
+        24010 => "The disk has no mountable partitions",
+        24011 => "The partition number is out of range",
+        24012 => "Mounting needs permissions the caller does not have",
+        24013 => "The mount configuration cannot be read",
+        24014 => "The mount configuration is locked",
+        24015 => "Files of the volume are still open",
+        24016 => "The mount folder cannot be created",
+        24017 => "Mounting needs root privileges",
+        24018 => "The loop device setup failed",
+        24019 => "The mount service failed",
+        24020 => "Internal error of the mount library",
+        24021 => "A system call of the mount library failed",
+        24022 => "The connection details of the disk are missing",
+        24300 => "The requested mount library version is not supported",
+        24301 => "The operating system reported an error",
+        24302 => "The drive letter is in use",
+        24303 => "The drive letter is already assigned",
+        24304 => "The volume is not mounted",
+        24305 => "The volume is already mounted",
+        24306 => "The volume cannot be formatted",
+        24307 => "The driver needed for the volume is missing",
+        24308 => "The disk is already opened by the mount library",
+        24309 => "The requested item was not found",
+        24310 => "The boot loader is not supported",
+        24311 => "The operating system on the disk is not supported",
+        24312 => "A text encoding conversion failed",
+        24313 => "A registry write failed",
+        24314 => "Fault-tolerant volumes are not supported",
+        24315 => "The partition was not found",
+        24316 => "A file cannot be written into the volume",
+        24317 => "A file cannot be read from the volume",
+        24318 => "The registry is not opened",
+        24319 => "A registry key cannot be deleted",
+        24320 => "The partition table cannot be created",
+        24321 => "The volume cannot be opened",
+        24322 => "The volume is not writable",
         _ => "Unknown error",
     }
 }

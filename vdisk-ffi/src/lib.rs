@@ -15,6 +15,7 @@ pub mod api_io;
 pub mod api_lib;
 pub mod api_ops;
 pub mod errors;
+pub mod ext;
 pub mod log;
 pub mod state;
 pub mod types;
@@ -126,7 +127,11 @@ pub unsafe fn c_path(p: *const c_char, what: &str) -> Result<PathBuf, FfiError> 
 
 /// A copy of `s` in memory from `malloc` (the caller frees it with `free`).
 pub fn malloc_str(s: &str) -> Result<*mut c_char, FfiError> {
-    let bytes = s.as_bytes();
+    malloc_bytes(s.as_bytes())
+}
+
+/// A NUL-terminated copy of `bytes` (which hold no NUL) in memory from `malloc`.
+pub fn malloc_bytes(bytes: &[u8]) -> Result<*mut c_char, FfiError> {
     // SAFETY: allocating len+1 bytes; checked for NULL below.
     let p = unsafe { libc::malloc(bytes.len() + 1) } as *mut u8;
     if p.is_null() {

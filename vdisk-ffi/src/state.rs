@@ -69,6 +69,9 @@ pub struct DiskHandle {
     pub path: PathBuf,
     /// The connection it belongs to.
     pub connection: u64,
+    /// The `VIXDISKLIB_FLAG_OPEN_*` flags it was opened with (read-only added when
+    /// the connection is read-only).
+    pub flags: u32,
     /// How it was opened (to reopen it after shrink, defragment, attach).
     pub options: OpenOptions,
     /// The disk; None while a whole-file operation has it closed, or after Attach
@@ -85,11 +88,18 @@ pub struct DiskHandle {
 pub struct SendPtr(pub usize);
 
 impl DiskHandle {
-    /// A handle for `disk`.
-    pub fn new(path: PathBuf, connection: u64, options: OpenOptions, disk: Disk) -> DiskHandle {
+    /// A handle for `disk`, opened with VDDK open `flags`.
+    pub fn new(
+        path: PathBuf,
+        connection: u64,
+        flags: u32,
+        options: OpenOptions,
+        disk: Disk,
+    ) -> DiskHandle {
         DiskHandle {
             path,
             connection,
+            flags,
             options,
             disk: RwLock::new(Some(disk)),
             worker: Mutex::new(Worker::default()),
