@@ -179,6 +179,39 @@ typedef struct VixDiskLibConnectParam *VixDiskLibConnection;
 typedef struct VixDiskLibHandleStruct *VixDiskLibHandle;
 
 /**
+ * A count or offset in 512-byte sectors.
+ */
+typedef uint64 VixDiskLibSectorType;
+
+/**
+ * One range of sectors.
+ */
+typedef struct VixDiskLibBlock {
+  /**
+   * First sector.
+   */
+  VixDiskLibSectorType offset;
+  /**
+   * Sectors.
+   */
+  VixDiskLibSectorType length;
+} VixDiskLibBlock;
+
+/**
+ * A list of ranges (`numBlocks` entries follow the header).
+ */
+typedef struct VixDiskLibBlockList {
+  /**
+   * Entries in `blocks`.
+   */
+  uint32 numBlocks;
+  /**
+   * The ranges (a flexible array).
+   */
+  struct VixDiskLibBlock blocks[1];
+} VixDiskLibBlockList;
+
+/**
  * Cylinders, heads, sectors (12 bytes).
  */
 typedef struct VixDiskLibGeometry {
@@ -195,11 +228,6 @@ typedef struct VixDiskLibGeometry {
    */
   uint32 sectors;
 } VixDiskLibGeometry;
-
-/**
- * A count or offset in 512-byte sectors.
- */
-typedef uint64 VixDiskLibSectorType;
 
 /**
  * Adapter types (`VixDiskLibAdapterType`).
@@ -252,34 +280,6 @@ typedef struct VixDiskLibInfo {
  * Completion callback of asynchronous reads and writes.
  */
 typedef void (*VixDiskLibCompletionCB)(void *cbData, VixError result);
-
-/**
- * One range of sectors.
- */
-typedef struct VixDiskLibBlock {
-  /**
-   * First sector.
-   */
-  VixDiskLibSectorType offset;
-  /**
-   * Sectors.
-   */
-  VixDiskLibSectorType length;
-} VixDiskLibBlock;
-
-/**
- * A list of ranges (`numBlocks` entries follow the header).
- */
-typedef struct VixDiskLibBlockList {
-  /**
-   * Entries in `blocks`.
-   */
-  uint32 numBlocks;
-  /**
-   * The ranges (a flexible array).
-   */
-  struct VixDiskLibBlock blocks[1];
-} VixDiskLibBlockList;
 
 /**
  * Credential types (`VixDiskLibCredType`).
@@ -789,6 +789,12 @@ typedef Bool (*VixDiskLibProgressFunc)(void *progressData, int percentCompleted)
 #define VIX_E_DISK_ATTACH_ROOTLINK 16069
 
 /**
+ * vdisk extension: a change ID cannot be used (the disk's change tracking was
+ * restarted or cannot be trusted); take a full backup. Outside VMware's codes.
+ */
+#define VDISK_E_CHANGE_ID_REFUSED 1447297025
+
+/**
  * Cannot connect to host.
  */
 #define VIX_E_CANNOT_CONNECT_TO_HOST 18000
@@ -1261,6 +1267,49 @@ typedef Bool (*VixDiskLibProgressFunc)(void *progressData, int percentCompleted)
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * vdisk extension: turns changed-block tracking on (`enable` TRUE) or off for the
+ * local disk at `path` (it must not be open for writing elsewhere). Turning it on
+ * starts a new history; on an already tracked disk it does nothing.
+ *
+ * # Safety
+ * `path` must be a NUL-terminated string.
+ */
+VixError VdiskExt_EnableChangeTracking(VixDiskLibConnection connection,
+                                       const char *path,
+                                       Bool enable);
+
+/**
+ * vdisk extension: the change ID of the disk's current state (`EPOCH/SEQ`), which a
+ * backup of what the handle reads now records for its next incremental. On a handle
+ * open for writing this also starts a new tracking session. `*changeId` comes from
+ * `malloc` (free it with `free`) and is NULL on failure. Errors:
+ * `VIX_E_NOT_SUPPORTED` if tracking is off, `VDISK_E_CHANGE_ID_REFUSED` if it
+ * cannot be trusted.
+ *
+ * # Safety
+ * `changeId` must be a valid pointer.
+ */
+VixError VdiskExt_GetChangeId(VixDiskLibHandle diskHandle, char **changeId);
+
+/**
+ * vdisk extension, after vSphere's QueryChangedDiskAreas: the areas of
+ * `[startSector, startSector+numSectors)` written after change ID `changeId` (or,
+ * with `"*"`, every area holding data), in sectors, sorted and merged, clipped to the
+ * range and to the disk. The list comes from `malloc`: free it with
+ * `VixDiskLib_FreeBlockList`; `*blockList` is NULL on failure. Errors:
+ * `VIX_E_INVALID_ARG` for a malformed ID, `VIX_E_NOT_SUPPORTED` if tracking is off,
+ * `VDISK_E_CHANGE_ID_REFUSED` if the ID cannot be used (take a full backup).
+ *
+ * # Safety
+ * `changeId` must be a NUL-terminated string, `blockList` a valid pointer.
+ */
+VixError VdiskExt_QueryChangedAreas(VixDiskLibHandle diskHandle,
+                                    const char *changeId,
+                                    VixDiskLibSectorType startSector,
+                                    VixDiskLibSectorType numSectors,
+                                    struct VixDiskLibBlockList **blockList);
 
 /**
  * Opens the disk at `path` (descriptor or monolithic file; absolute or relative to

@@ -535,25 +535,36 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
             }
             Ok(out)
         })?;
-        let n = blocks.len();
-        let bytes = 8 + 16 * n.max(1);
-        // SAFETY: allocating the header and `n` entries; checked for NULL below.
-        let p = unsafe { libc::calloc(1, bytes) } as *mut VixDiskLibBlockList;
-        if p.is_null() {
-            return Err(FfiError::new(VIX_E_OUT_OF_MEMORY, "out of memory"));
-        }
-        // SAFETY: `p` has room for the count and `n` blocks starting at offset 8;
-        // `blockList` is a valid out pointer.
-        unsafe {
-            (*p).numBlocks = n as u32;
-            let first = std::ptr::addr_of_mut!((*p).blocks) as *mut VixDiskLibBlock;
-            for (i, b) in blocks.into_iter().enumerate() {
-                first.add(i).write(b);
-            }
-            *blockList = p;
-        }
-        ok()
+        block_list_out(blocks, blockList)
     })
+}
+
+/// Hands `blocks` to C as a `malloc`'d `VixDiskLibBlockList` in `*out` (freed with
+/// FreeBlockList).
+pub(crate) fn block_list_out(
+    blocks: Vec<VixDiskLibBlock>,
+    out: *mut *mut VixDiskLibBlockList,
+) -> Result<VixError, FfiError> {
+    let n = blocks.len();
+    let count = u32::try_from(n)
+        .map_err(|_| FfiError::new(VIX_E_OUT_OF_MEMORY, "too many blocks for one list"))?;
+    let bytes = 8 + 16 * n.max(1);
+    // SAFETY: allocating the header and `n` entries; checked for NULL below.
+    let p = unsafe { libc::calloc(1, bytes) } as *mut VixDiskLibBlockList;
+    if p.is_null() {
+        return Err(FfiError::new(VIX_E_OUT_OF_MEMORY, "out of memory"));
+    }
+    // SAFETY: `p` has room for the count and `n` blocks starting at offset 8; `out`
+    // is a valid out pointer (checked by the callers).
+    unsafe {
+        (*p).numBlocks = count;
+        let first = std::ptr::addr_of_mut!((*p).blocks) as *mut VixDiskLibBlock;
+        for (i, b) in blocks.into_iter().enumerate() {
+            first.add(i).write(b);
+        }
+        *out = p;
+    }
+    ok()
 }
 
 /// Frees a list from QueryAllocatedBlocks (NULL is allowed).

@@ -130,6 +130,9 @@ pub const VIX_E_DISK_CAPACITY_MISMATCH: VixError = 16067;
 pub const VIX_E_DISK_PARENT_NOTALLOWED: VixError = 16068;
 /// Both parent and child virtual disks are root links.
 pub const VIX_E_DISK_ATTACH_ROOTLINK: VixError = 16069;
+/// vdisk extension: a change ID cannot be used (the disk's change tracking was
+/// restarted or cannot be trusted); take a full backup. Outside VMware's codes.
+pub const VDISK_E_CHANGE_ID_REFUSED: VixError = 0x5644_0001;
 /// Cannot connect to host.
 pub const VIX_E_CANNOT_CONNECT_TO_HOST: VixError = 18000;
 /// Only a local connection is supported.
@@ -283,6 +286,9 @@ pub const VIX_E_MNTAPI_VOLUME_NOT_WRITABLE: VixError = 24322;
 
 /// The English text of `code` (the low 16 bits), as `GetErrorText` returns it.
 pub fn error_text(code: VixError) -> &'static str {
+    if code == VDISK_E_CHANGE_ID_REFUSED {
+        return "The change ID cannot be used (change tracking was restarted or cannot be trusted): take a full backup";
+    }
     match code & 0xFFFF {
         0 => "The operation was successful",
         1 => "Unknown error",

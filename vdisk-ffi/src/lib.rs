@@ -11,6 +11,7 @@
 
 #![allow(non_snake_case)]
 
+pub mod api_cbt;
 pub mod api_io;
 pub mod api_lib;
 pub mod api_ops;
