@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# tests/c/run.sh LAYOUT - the C ABI tests of libvixDiskLib.
+# tests/c/run.sh LAYOUT - the C ABI tests of libvixDiskLib (and, in
+# tests/c/mntapi.sh, of libvixMntapi).
 #
 # LAYOUT is an installed VDDK-like tree: LAYOUT/include/vixDiskLib.h and
-# LAYOUT/lib64/libvixDiskLib.so.8 (with the libvixDiskLib.so link).
+# LAYOUT/lib64/libvixDiskLib.so.8 (with the libvixDiskLib.so link), and
+# vixMntapi.h / libvixMntapi.so.1 beside them.
 #
 # Builds, with gcc -std=c99 -Wall -Wextra -Werror:
 #   tests/c/struct_layout.c      sizes/offsets/constants against the VDDK ABI
@@ -917,5 +919,9 @@ else
     fail "examples/c/backupFlow.c does not build"
     cat "$work/log/backupFlow.build"
 fi
+
+# libvixMntapi: header, layout, refusals, and (as root) mounts through its sample.
+# shellcheck source=tests/c/mntapi.sh
+. "$here/mntapi.sh"
 
 finish
