@@ -205,6 +205,7 @@ fn open_set(path: &Path, flags: u32, forced_read_only: bool) -> Result<usize, Ff
         .tmp_directory
         .unwrap_or_else(vdisk_mount::volume::runtime_dir);
     make_base(&base)?;
+    sweep_dead(&base);
     let dir = base.join(format!("vixmntapi-{}-{id}", std::process::id()));
     state::make_dir(&dir)?;
     log::log(&format!(
@@ -233,6 +234,42 @@ fn make_base(base: &Path) -> Result<(), FfiError> {
                 format!("cannot create {}: {e}", base.display()),
             )
         })
+}
+
+/// Removes the empty mount folders of processes that died without closing their
+/// sets (`vixmntapi-PID-N` with no process PID). Only empty folders are removed
+/// (`rmdir`): a folder something is still mounted on stays (`vdisk-mount -k DISK`
+/// unmounts what such a process left).
+fn sweep_dead(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vixmntapi-"))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = e.path();
+        if let Ok(volumes) = std::fs::read_dir(&dir) {
+            for v in volumes.flatten() {
+                let _ = std::fs::remove_dir(v.path());
+            }
+        }
+        if std::fs::remove_dir(&dir).is_ok() {
+            log::log(&format!(
+                "VixMntapi: removed {}, left by process {pid}",
+                dir.display()
+            ));
+        }
+    }
 }
 
 /// The set's open flags and the folder its volumes are mounted in, in a struct to

@@ -391,10 +391,8 @@ fn bad_handles_are_errors_and_out_pointers_are_nulled() {
     for h in made_up {
         let mut info: *mut VixDiskSetInfo = 0x40 as *mut VixDiskSetInfo;
         // SAFETY: a valid out pointer; the handle is only looked up.
-        assert_eq!(
-            unsafe { VixMntapi_GetDiskSetInfo(h.cast(), &mut info) },
-            VIX_E_INVALID_ARG
-        );
+        let rc = unsafe { VixMntapi_GetDiskSetInfo(h.cast(), &mut info) };
+        assert_eq!(rc, VIX_E_INVALID_ARG);
         assert!(info.is_null());
         let (mut n, mut arr) = (5usize, 0x40 as *mut VixVolumeHandle);
         // SAFETY: valid out pointers.
@@ -403,20 +401,16 @@ fn bad_handles_are_errors_and_out_pointers_are_nulled() {
         assert_eq!((n, arr), (0, null_mut()));
         let mut os: *mut VixOsInfo = 0x40 as *mut VixOsInfo;
         // SAFETY: a valid out pointer.
-        assert_eq!(
-            unsafe { VixMntapi_GetOsInfo(h.cast(), &mut os) },
-            VIX_E_INVALID_ARG
-        );
+        let rc = unsafe { VixMntapi_GetOsInfo(h.cast(), &mut os) };
+        assert_eq!(rc, VIX_E_INVALID_ARG);
         assert!(os.is_null());
         assert_eq!(VixMntapi_CloseDiskSet(h.cast()), VIX_E_INVALID_ARG);
         assert_eq!(VixMntapi_MountVolume(h.cast(), 1), VIX_E_INVALID_ARG);
         assert_eq!(VixMntapi_DismountVolume(h.cast(), 1), VIX_E_INVALID_ARG);
         let mut vi: *mut VixVolumeInfo = 0x40 as *mut VixVolumeInfo;
         // SAFETY: a valid out pointer.
-        assert_eq!(
-            unsafe { VixMntapi_GetVolumeInfo(h.cast(), &mut vi) },
-            VIX_E_INVALID_ARG
-        );
+        let rc = unsafe { VixMntapi_GetVolumeInfo(h.cast(), &mut vi) };
+        assert_eq!(rc, VIX_E_INVALID_ARG);
         assert!(vi.is_null());
     }
     // NULL out pointers are errors too; the Free functions take NULL.
@@ -531,10 +525,8 @@ fn mbr_volumes_are_listed_and_refusals_come_before_any_mount() {
     // The fake ext4 holds no system (as root it is mounted to look, and fails).
     let mut os: *mut VixOsInfo = 0x40 as *mut VixOsInfo;
     // SAFETY: a valid out pointer.
-    assert_eq!(
-        unsafe { VixMntapi_GetOsInfo(set, &mut os) },
-        VIX_E_MNTAPI_ITEM_NOT_FOUND
-    );
+    let rc = unsafe { VixMntapi_GetOsInfo(set, &mut os) };
+    assert_eq!(rc, VIX_E_MNTAPI_ITEM_NOT_FOUND);
     assert!(os.is_null());
     assert_eq!(volume_info(vols[0]).1, 0, "nothing left mounted");
 
@@ -549,10 +541,8 @@ fn mbr_volumes_are_listed_and_refusals_come_before_any_mount() {
     assert_eq!(VixMntapi_MountVolume(vols[0], 1), VIX_E_INVALID_ARG);
     let mut vi: *mut VixVolumeInfo = null_mut();
     // SAFETY: a valid out pointer.
-    assert_eq!(
-        unsafe { VixMntapi_GetVolumeInfo(vols[0], &mut vi) },
-        VIX_E_INVALID_ARG
-    );
+    let rc = unsafe { VixMntapi_GetVolumeInfo(vols[0], &mut vi) };
+    assert_eq!(rc, VIX_E_INVALID_ARG);
     assert_eq!(
         std::fs::read(&disk).unwrap(),
         before,
@@ -627,10 +617,8 @@ fn open_disk_set_takes_read_only_disk_handles() {
     let open = |flags: u32| {
         let mut h: VixDiskLibHandle = null_mut();
         // SAFETY: a live connection, a valid path and out pointer.
-        assert_eq!(
-            unsafe { (disklib().open)(conn, name.as_ptr(), flags, &mut h) },
-            VIX_OK
-        );
+        let rc = unsafe { (disklib().open)(conn, name.as_ptr(), flags, &mut h) };
+        assert_eq!(rc, VIX_OK);
         h
     };
     let set_of = |handles: &mut [VixDiskLibHandle], mode: u32| {
@@ -673,6 +661,36 @@ fn open_disk_set_takes_read_only_disk_handles() {
     assert_eq!(set_of(&mut [rw], 0).0, VIX_E_NOT_SUPPORTED);
     // SAFETY: an open handle, closed once.
     assert_eq!(unsafe { (disklib().close)(rw) }, VIX_OK);
+    // SAFETY: a live connection.
+    assert_eq!(unsafe { (disklib().disconnect)(conn) }, VIX_OK);
+}
+
+#[test]
+fn folders_of_dead_processes_are_swept_when_empty() {
+    let s = Session::start();
+    let disk = s.path("blank.vmdk");
+    make_disk(&disk, &[0u8; 512]);
+    // Process IDs above Linux's pid_max (4194304) never run.
+    let dead = s.tmp().join("vixmntapi-999999999-3");
+    std::fs::create_dir_all(dead.join("p1")).unwrap();
+    let busy = s.tmp().join("vixmntapi-999999998-1");
+    std::fs::create_dir_all(busy.join("p1")).unwrap();
+    std::fs::write(busy.join("p1/file"), "something mounted here").unwrap();
+    let other = s.tmp().join("unrelated-1-1");
+    std::fs::create_dir_all(&other).unwrap();
+    let conn = connect(false);
+    let (rc, set) = open_disks(conn, &[&disk], 0);
+    assert_eq!(rc, VIX_OK);
+    assert!(
+        !dead.exists(),
+        "an empty folder of a dead process is removed"
+    );
+    assert!(
+        busy.join("p1/file").exists(),
+        "a folder that is not empty stays"
+    );
+    assert!(other.exists(), "other folders are not touched");
+    assert_eq!(VixMntapi_CloseDiskSet(set), VIX_OK);
     // SAFETY: a live connection.
     assert_eq!(unsafe { (disklib().disconnect)(conn) }, VIX_OK);
 }
