@@ -38,6 +38,28 @@ pub struct MountedVolume {
     filesystem: Option<FsKind>,
 }
 
+/// Why [`MountedVolume::unmount`] failed, with the volume when it is still mounted.
+#[derive(Debug)]
+pub struct UnmountError {
+    /// The volume, still mounted (its file system was busy); `None` if it was
+    /// unmounted but its disk was not closed cleanly.
+    pub volume: Option<Box<MountedVolume>>,
+    /// What went wrong.
+    pub source: MountError,
+}
+
+impl std::fmt::Display for UnmountError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.source.fmt(f)
+    }
+}
+
+impl std::error::Error for UnmountError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 /// What is left on the system by a volume mount: the record kept in [`runtime_dir`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeRecord {
@@ -84,10 +106,20 @@ impl MountedVolume {
     }
 
     /// Unmounts the file system (which frees the loop device), then the FUSE mount,
-    /// and waits until the disk is closed. A busy file system is an error and stays
-    /// mounted.
-    pub fn unmount(mut self) -> Result<(), MountError> {
-        self.end(false)
+    /// and waits until the disk is closed. A busy file system stays mounted: the
+    /// error gives the volume back (dropping it would detach it lazily).
+    pub fn unmount(mut self) -> Result<(), UnmountError> {
+        match self.end(false) {
+            Ok(()) => Ok(()),
+            Err(source) if self.fuse.is_some() => Err(UnmountError {
+                volume: Some(Box::new(self)),
+                source,
+            }),
+            Err(source) => Err(UnmountError {
+                volume: None,
+                source,
+            }),
+        }
     }
 
     /// Waits until the file system and the FUSE mount have been unmounted from
