@@ -243,11 +243,7 @@ type GuestWork = (u64, String, Vec<u8>);
 /// The guest at work: rewrites pieces of its files in place (the file system stays
 /// consistent) in the delta disk, GUEST_WRITES bytes in all. Returns the bytes
 /// written and one file wholly rewritten with its new content.
-fn guest_writes(
-    delta: &Path,
-    files: &[GuestFile],
-    rng: &mut Rng,
-) -> DemoResult<GuestWork> {
+fn guest_writes(delta: &Path, files: &[GuestFile], rng: &mut Rng) -> DemoResult<GuestWork> {
     let disk = OpenOptions::new().write(true).open(delta).map_err(e)?;
     // One whole file rewritten (checked after the restore) ...
     let pick = rng.below(files.len() as u64) as usize;
