@@ -501,13 +501,18 @@ pub fn volume_records() -> Vec<VolumeRecord> {
     out
 }
 
+/// Whether process `pid` is running (exists and is not a zombie).
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
 /// Whether the process that made a volume mount is still running.
 pub fn server_alive(r: &VolumeRecord) -> bool {
-    Path::new(&format!("/proc/{}", r.pid)).exists()
-        && std::fs::read_to_string(format!("/proc/{}/stat", r.pid)).is_ok_and(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
-        })
+    process_running(r.pid)
 }
 
 /// The volume records whose serving process is gone.

@@ -32,7 +32,9 @@ use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use vdisk_mount::mountinfo::{all_mounts, vdisk_mount_at, vdisk_mounts, MountEntry};
-use vdisk_mount::volume::{runtime_dir, server_alive, volume_records, VolumeRecord};
+use vdisk_mount::volume::{
+    process_running, runtime_dir, server_alive, volume_records, VolumeRecord,
+};
 use vdisk_mount::{
     read_partitions, Mode, MountOptions, MountedVolume, Partition, PartitionKind, PartitionTable,
     Scheme, VolumeOptions,
@@ -737,15 +739,21 @@ fn list_mounts() -> CliResult {
     Ok(())
 }
 
-/// Whether process `pid` is gone (or a zombie).
-fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+/// Waits until the serving process `pid` of the mount on `dir` has exited (it
+/// flushes and closes the disk once unmounted).
+fn wait_for_exit(pid: u32, dir: &Path) -> CliResult {
+    let start = Instant::now();
+    while process_running(pid) {
+        if start.elapsed() > EXIT_TIMEOUT {
+            return Err(format!(
+                "{} is unmounted but its serving process {pid} has not exited after {} s",
+                dir.display(),
+                EXIT_TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::sleep(POLL);
     }
+    Ok(())
 }
 
 /// Unmounts one vdisk mount and waits for its serving process to close the disk.
@@ -766,21 +774,10 @@ fn unmount_entry(m: &MountEntry) -> CliResult {
         let msg = msg.strip_prefix(prefix.as_str()).unwrap_or(msg);
         return Err(format!("cannot unmount {}: {msg}", m.mountpoint.display()));
     }
-    if let Some(server) = server {
-        let start = Instant::now();
-        while !exited(server.pid) {
-            if start.elapsed() > EXIT_TIMEOUT {
-                return Err(format!(
-                    "{} is unmounted but its serving process {} has not exited after {} s",
-                    m.mountpoint.display(),
-                    server.pid,
-                    EXIT_TIMEOUT.as_secs()
-                ));
-            }
-            std::thread::sleep(POLL);
-        }
+    match server {
+        Some(server) => wait_for_exit(server.pid, &m.mountpoint),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Unmounts a partition mount (its file system, then the FUSE mount of the disk) and
@@ -789,18 +786,7 @@ fn unmount_volume_record(r: &VolumeRecord) -> CliResult {
     let alive = server_alive(r);
     vdisk_mount::volume::unmount_volume(r)?;
     if alive {
-        let start = Instant::now();
-        while !exited(r.pid) {
-            if start.elapsed() > EXIT_TIMEOUT {
-                return Err(format!(
-                    "{} is unmounted but its serving process {} has not exited after {} s",
-                    r.target.display(),
-                    r.pid,
-                    EXIT_TIMEOUT.as_secs()
-                ));
-            }
-            std::thread::sleep(POLL);
-        }
+        wait_for_exit(r.pid, &r.target)?;
     }
     Ok(())
 }
