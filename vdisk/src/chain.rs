@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::CID_NO_PARENT;
@@ -26,7 +26,8 @@ pub struct ChainPolicy {
     pub single_link: bool,
     /// Refuse a parent whose CID differs from the child's parentCID.
     pub check_cid: bool,
-    /// Refuse absolute parent names, `..` and symbolic links.
+    /// Refuse absolute names, `..`, symbolic links and block devices (see
+    /// [`crate::paths`]).
     pub strict_paths: bool,
     /// Most links in the chain, the top one included.
     pub max_depth: usize,
@@ -54,53 +55,18 @@ pub fn parent_of(link: &Link) -> Result<Option<(Vec<u8>, u32)>> {
 
 /// Resolves a parent name found in the descriptor `child` under `policy`.
 pub fn resolve_parent(child: &Path, hint: &[u8], strict: bool) -> Result<PathBuf> {
-    let dir = child.parent().unwrap_or(Path::new("."));
-    let text = String::from_utf8_lossy(hint);
-    let windows_absolute = text.starts_with("\\\\")
-        || (hint.len() > 2 && hint[1] == b':' && (hint[2] == b'\\' || hint[2] == b'/'));
-    let shown = text.to_string();
+    let path = find_parent(child, hint, strict)?;
+    crate::paths::check_file_type(&path, strict)?;
+    Ok(path)
+}
+
+fn find_parent(child: &Path, hint: &[u8], strict: bool) -> Result<PathBuf> {
     if strict {
-        if windows_absolute || hint.first() == Some(&b'/') {
-            return Err(Error::new(
-                ErrorKind::AccessDenied,
-                format!(
-                    "{}: the parent name {shown:?} is absolute, which the strict open policy refuses",
-                    child.display()
-                ),
-            ));
-        }
-        let rel = Path::new(OsStr::from_bytes(hint));
-        if rel
-            .components()
-            .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
-            || hint.contains(&b'\\')
-        {
-            return Err(Error::new(
-                ErrorKind::AccessDenied,
-                format!(
-                    "{}: the parent name {shown:?} leaves the disk's folder, which the strict open policy refuses",
-                    child.display()
-                ),
-            ));
-        }
-        let p = dir.join(rel);
-        // No component below the child's folder may be a symbolic link.
-        let mut at = dir.to_path_buf();
-        for c in rel.components() {
-            at.push(c);
-            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
-                return Err(Error::new(
-                    ErrorKind::AccessDenied,
-                    format!(
-                        "{}: the parent {} is reached through a symbolic link, which the strict open policy refuses",
-                        child.display(),
-                        at.display()
-                    ),
-                ));
-            }
-        }
-        return Ok(p);
+        return crate::paths::confine(child, hint, "the parent");
     }
+    let dir = child.parent().unwrap_or(Path::new("."));
+    let shown = String::from_utf8_lossy(hint).to_string();
+    let windows_absolute = hint.first() != Some(&b'/') && crate::paths::is_absolute_name(hint);
     let candidate = if windows_absolute {
         None
     } else {

@@ -84,8 +84,9 @@ impl OpenOptions {
         self
     }
 
-    /// Refuse parent names that are absolute, contain `..` or pass through symbolic
-    /// links (for untrusted images). Off by default.
+    /// The strict open policy, for untrusted images (off by default): extent and
+    /// parent names that are absolute, contain `..` or pass through symbolic links
+    /// are refused, and so are block devices (see [`crate::paths`]).
     pub fn strict_paths(mut self, yes: bool) -> OpenOptions {
         self.chain.strict_paths = yes;
         self
@@ -246,6 +247,7 @@ impl Disk {
             writable: !opts.read_only && opts.redo_dir.is_none(),
             lock: opts.lock,
             sync: opts.sync,
+            strict_paths: opts.chain.strict_paths,
         };
         let link = Link::open(path, how)?;
         let capacity = link.capacity();

@@ -35,6 +35,7 @@ pub mod ids;
 pub mod limits;
 pub mod link;
 pub mod ops;
+pub mod paths;
 pub mod storage;
 
 pub use disk::{Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, RangeKind};

@@ -68,6 +68,9 @@ pub struct LinkOpen {
     pub lock: bool,
     /// Make writes durable on flush (off: host page cache only, like `cache=unsafe`).
     pub sync: bool,
+    /// Keep extent names inside the descriptor's folder and refuse block devices
+    /// (see [`crate::paths`]).
+    pub strict_paths: bool,
 }
 
 impl LinkOpen {
@@ -104,6 +107,7 @@ impl Link {
     }
 
     fn open_inner(path: &Path, how: LinkOpen) -> Result<Link> {
+        crate::paths::check_file_type(path, how.strict_paths)?;
         let mut storage = FileStorage::open(path, how.writable, how.lock_mode())?;
         storage.set_sync(how.sync);
         let len = storage
@@ -188,16 +192,22 @@ impl Link {
             return Err(Error::invalid("the descriptor lists no extents"));
         }
         let dir = path.parent().unwrap_or(Path::new("."));
-        let resolve = |name: &str| -> PathBuf {
+        let resolve = |i: usize, name: &str| -> Result<PathBuf> {
             let raw = descriptor.file_name_bytes(name);
-            dir.join(OsStr::from_bytes(&raw))
+            let p = if how.strict_paths {
+                crate::paths::confine(path, &raw, &format!("extent {}", i + 1))?
+            } else {
+                dir.join(OsStr::from_bytes(&raw))
+            };
+            crate::paths::check_file_type(&p, how.strict_paths)?;
+            Ok(p)
         };
         // Missing extent files are reported first, naming the file: that is the most
         // useful thing to tell about a descriptor copied without its extents.
         if embedded.is_none() {
-            for line in &lines {
+            for (i, line) in lines.iter().enumerate() {
                 if let Some(name) = &line.file {
-                    let p = resolve(name);
+                    let p = resolve(i, name)?;
                     if !p.exists() {
                         return Err(Error::new(
                             ErrorKind::FileNotFound,
@@ -247,7 +257,7 @@ impl Link {
                     let name = line.file.as_deref().ok_or_else(|| {
                         Error::invalid(format!("extent {} has no file name", i + 1))
                     })?;
-                    let p = resolve(name);
+                    let p = resolve(i, name)?;
                     let lock = LinkOpen { writable, ..how }.lock_mode();
                     let mut storage = FileStorage::open(&p, writable, lock)?;
                     storage.set_sync(how.sync);

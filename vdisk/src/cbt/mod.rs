@@ -64,7 +64,21 @@ fn sidecar_of(link: &Link) -> Result<Option<PathBuf>> {
         )));
     }
     let dir = link.path().parent().unwrap_or(Path::new("."));
-    Ok(Some(dir.join(name)))
+    let path = dir.join(name);
+    // It is written on every writable open: never through a link or into a device.
+    if let Ok(m) = std::fs::symlink_metadata(&path) {
+        if !m.file_type().is_file() {
+            return Err(Error::new(
+                ErrorKind::AccessDenied,
+                format!(
+                    "{}: the change-tracking file {} is not a regular file",
+                    link.path().display(),
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(Some(path))
 }
 
 /// FNV-1a over the names, sizes and modification times of the link's files.
