@@ -7,7 +7,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::{
     MAX_CAPACITY_SECTORS, MAX_DESCRIPTOR_BYTES, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS, MAX_GTES_PER_GT,
-    SECTOR_SIZE,
+    MAX_SPARSE_FILE_SECTORS, SECTOR_SIZE,
 };
 
 /// `KDMV` as a little-endian u32.
@@ -160,6 +160,19 @@ impl SparseHeader {
                     h.descriptor_size
                 )));
             }
+        }
+        // New grains go at the end of the file, never below `overhead`: an overhead a
+        // sparse file cannot reach is damage (and would overflow sector arithmetic).
+        if h.overhead > MAX_SPARSE_FILE_SECTORS {
+            return Err(Error::invalid(format!(
+                "overhead {} sectors exceeds the limit of {MAX_SPARSE_FILE_SECTORS} (a sparse extent file holds at most 2 TiB)",
+                h.overhead
+            )));
+        }
+        if h.gd_offset == GD_AT_END && h.flags & FLAG_COMPRESSED == 0 {
+            return Err(Error::invalid(
+                "grain directory offset is GD_AT_END (a streamOptimized footer) but the grains are not compressed",
+            ));
         }
         match h.compress_algorithm {
             0 => {}
