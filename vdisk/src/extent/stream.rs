@@ -373,6 +373,14 @@ impl StreamExtent {
             )));
         }
         let expected = g.min(self.capacity_bytes - lba * SECTOR_SIZE) as usize;
+        // `marker` lies inside the file (checked by `map`) and `size` is bounded: no
+        // overflow.
+        if pos + GRAIN_MARKER_HEADER + size > self.file_len {
+            return Err(Error::invalid(format!(
+                "{}: grain at sector {marker} ({size} bytes of compressed data) extends past the end of the file ({} bytes)",
+                self.name, self.file_len
+            )));
+        }
         let mut compressed = vec![0u8; size as usize];
         self.storage
             .read_exact_at(&mut compressed, pos + GRAIN_MARKER_HEADER)

@@ -148,6 +148,11 @@ impl SparseExtent {
             .read_exact_at(&mut hb, 0)
             .map_err(|e| Error::io("cannot read the sparse header", e))?;
         let (header, cowd, header_sectors) = if has_cowd_magic(&hb) {
+            if file_len < COWD_HEADER_SIZE as u64 {
+                return Err(Error::invalid(format!(
+                    "file is {file_len} bytes, too short for a COWD header"
+                )));
+            }
             let mut cb = vec![0u8; COWD_HEADER_SIZE];
             storage
                 .read_exact_at(&mut cb, 0)
