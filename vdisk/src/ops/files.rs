@@ -46,17 +46,22 @@ fn lock_all(files: &LinkFiles) -> Result<Vec<FileStorage>> {
         .collect()
 }
 
-/// Deletes a disk link: every extent file, then the descriptor. Children of the
+/// Deletes a disk link: the descriptor, then every extent file. Children of the
 /// disk are not touched (they become orphans, as with VDDK).
+///
+/// The descriptor goes first so that the link disappears in one step: a crash (or
+/// an error) part-way leaves extent files nothing names, never a descriptor whose
+/// extents are partly gone - that disk would no longer open, and a commit, which
+/// deletes the merged links last, could not be run again to finish.
 pub fn unlink(path: &Path) -> Result<()> {
     let files = link_files(path)?;
     let _locks = lock_all(&files)?;
+    std::fs::remove_file(&files.descriptor)
+        .map_err(|e| Error::io(format!("cannot delete {}", files.descriptor.display()), e))?;
     for f in &files.extents {
         std::fs::remove_file(f)
             .map_err(|e| Error::io(format!("cannot delete {}", f.display()), e))?;
     }
-    std::fs::remove_file(&files.descriptor)
-        .map_err(|e| Error::io(format!("cannot delete {}", files.descriptor.display()), e))?;
     if let Some(f) = &files.cbt {
         match std::fs::remove_file(f) {
             Ok(()) => {}
