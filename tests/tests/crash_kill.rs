@@ -8,9 +8,14 @@
 //! inside a system call, leaving a large write partly done), and at a random
 //! file-changing system call (`pwrite64`, `ftruncate`, `unlink`, ...: `strace -e
 //! inject=CALL:signal=KILL:when=N` kills the child on entry of the N-th call, so the
-//! files hold exactly the calls before it). The range of N comes from a first,
-//! counted run. A SIGKILL loses nothing the kernel accepted, so these tests check
-//! the order of the library's writes, not what reaches the platters.
+//! files hold exactly the calls before it). N comes from a counted run of the same
+//! work on a copy of the same files (the calls are the same): a third of the picks
+//! are among the first writes after each sync - the metadata writes of a flush, a
+//! commit's end or shrink's table updates, whose order is what crash consistency is
+//! about -, a third pick the call's name first (so the rare truncations and
+//! deletions are hit), a third are uniform. A SIGKILL loses nothing the kernel
+//! accepted, so these tests check the order of the library's writes, not what
+//! reaches the platters.
 //!
 //! * **writes** (`writes_survive_sigkill`): the child opens a disk for writing and
 //!   makes seeded random writes (512 B to 256 KiB, partial grains, overwrites, writes
@@ -25,15 +30,17 @@
 //!   anything else - garbage, another address, a write that never began or one of
 //!   an earlier run - fails). Then `vdisk::ops::check` must find the disk clean, or
 //!   repair must make it clean without changing what it reads; `qemu-img check` must
-//!   find no errors and a raw copy made by `qemu-img convert` must read the same. The
-//!   disk is kept from one kill to the next (cumulative): what it read after the kill
-//!   is the model's next starting point. Data outside the written zones must stay
+//!   find no errors and a raw copy made by `qemu-img convert` must read the same
+//!   (every 4th run on the two large disks). After one kill in three the repair
+//!   waits (the check must only find repairable problems): the next writer opens
+//!   the disk as the crash left it. The disk is kept from one kill to the next
+//!   (cumulative): what it read after the kill is the model's next starting point. Data outside the written zones must stay
 //!   unallocated. Disks: monolithicSparse, twoGbMaxExtentSparse (a zone across the
 //!   extent boundary), a monolithicSparse snapshot over a base with data, seSparse
 //!   and vmfsSparse snapshots whose reads and writes touch more grain tables than the
 //!   table cache holds (dirty tables are evicted mid-run), and monolithicFlat. Each
-//!   disk starts with a counted run and ends with a run that closes cleanly: it must
-//!   then check clean without repair.
+//!   disk starts and ends with a run that closes cleanly: it must then check clean
+//!   without repair (unless the kill before it left the repair for later).
 //! * **commit** (`commit_survives_sigkill`): the child commits a snapshot (a
 //!   monolithicSparse, twoGbMaxExtentSparse or seSparse child with data) into its
 //!   monolithicSparse base; time kills fall within the commit's measured duration
@@ -215,7 +222,13 @@ fn spawn_child(role: &str, vars: &[(&str, String)], trace: Trace<'_>) -> Child {
                 Trace::Count(log) => path_str(log).to_string(),
                 _ => "/dev/null".to_string(),
             };
-            c.args(["-f", "-qq", "-o", &log, "-e", &format!("trace={MUTATING}")]);
+            // A counting run also logs the syncs and the journal's `write`s, which
+            // tell the writes after a sync (metadata) from the others.
+            let set = match &trace {
+                Trace::Count(_) => format!("{MUTATING},write,fsync,fdatasync"),
+                _ => MUTATING.to_string(),
+            };
+            c.args(["-f", "-qq", "-o", &log, "-e", &format!("trace={set}")]);
             if let Trace::KillAt(name, nth) = &trace {
                 c.args(["-e", &format!("inject={name}:signal=KILL:when={nth}")]);
             }
@@ -234,10 +247,29 @@ fn spawn_child(role: &str, vars: &[(&str, String)], trace: Trace<'_>) -> Child {
     cmd.spawn().expect("cannot start the child process")
 }
 
-/// Counts the calls of each name in an `strace -f -o` log.
-fn count_syscalls(log: &Path) -> BTreeMap<String, u64> {
+/// The file-changing system calls of one run, from an `strace -f -o` log.
+#[derive(Clone, Debug, Default)]
+struct Calls {
+    /// Calls of each name.
+    counts: BTreeMap<String, u64>,
+    /// 1-based indices (among the `pwrite64` calls) of the first few writes after
+    /// each sync: the metadata writes of a flush (tables, redundant tables,
+    /// directories, header) or of a table evicted from the cache, of a commit's
+    /// end, of shrink's table, directory and header updates.
+    after_sync: Vec<u64>,
+}
+
+impl Calls {
+    fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+}
+
+fn parse_strace_log(log: &Path) -> Calls {
     let text = fs::read_to_string(log).unwrap_or_default();
-    let mut counts = BTreeMap::new();
+    let mut calls = Calls::default();
+    // pwrite64 calls since the last sync (None: a `write` came since).
+    let mut since_sync: Option<u32> = None;
     for line in text.lines() {
         let mut rest = line.trim_start();
         // `PID ` prefix of -f logs.
@@ -249,33 +281,59 @@ fn count_syscalls(log: &Path) -> BTreeMap<String, u64> {
         if rest.starts_with("<...") || rest.starts_with("+++") || rest.starts_with("---") {
             continue;
         }
-        if let Some((name, _)) = rest.split_once('(') {
-            if MUTATING.split(',').any(|m| m == name) {
-                *counts.entry(name.to_string()).or_default() += 1;
+        let Some((name, _)) = rest.split_once('(') else {
+            continue;
+        };
+        match name {
+            "fsync" | "fdatasync" => since_sync = Some(0),
+            // The journal: the child's next step.
+            "write" => since_sync = None,
+            _ if MUTATING.split(',').any(|m| m == name) => {
+                let n = calls.counts.entry(name.to_string()).or_default();
+                *n += 1;
+                if name == "pwrite64" {
+                    if let Some(k) = since_sync {
+                        if k < 8 {
+                            calls.after_sync.push(*n);
+                        }
+                        since_sync = Some(k + 1);
+                    }
+                }
             }
+            _ => {}
         }
     }
-    counts
+    calls
 }
 
-/// A seeded random call among those counted: (name, 1-based index among its name).
-/// One time in three the name is chosen first, uniformly, so that the few calls
-/// that are not `pwrite64` (truncations, deletions) are kill points often enough;
-/// otherwise every call is equally likely.
-fn pick_syscall(counts: &BTreeMap<String, u64>, r: &mut Rng) -> (String, u64) {
+/// A seeded random kill point among the calls of a run: (name, 1-based index
+/// among the calls of that name). A third of the picks are writes made after a
+/// sync (metadata: the order of these is what crash consistency is about), a third
+/// choose the name first, uniformly, so that the few calls that are not `pwrite64`
+/// (truncations, deletions) are kill points often enough, and a third are uniform
+/// over all calls.
+fn pick_syscall(calls: &Calls, r: &mut Rng) -> (String, u64) {
     assert!(
-        !counts.is_empty(),
+        calls.total() > 0,
         "no file-changing system call was counted"
     );
-    if r.chance(1, 3) {
-        let (name, &n) = counts
-            .iter()
-            .nth(r.below(counts.len() as u64) as usize)
-            .unwrap();
-        return (name.clone(), r.range(1, n));
+    match r.below(3) {
+        0 if !calls.after_sync.is_empty() => {
+            let i = r.below(calls.after_sync.len() as u64) as usize;
+            return ("pwrite64".to_string(), calls.after_sync[i]);
+        }
+        1 => {
+            let (name, &n) = calls
+                .counts
+                .iter()
+                .nth(r.below(calls.counts.len() as u64) as usize)
+                .unwrap();
+            return (name.clone(), r.range(1, n));
+        }
+        _ => {}
     }
-    let mut g = r.below(counts.values().sum());
-    for (name, &n) in counts {
+    let mut g = r.below(calls.total());
+    for (name, &n) in &calls.counts {
         if g < n {
             return (name.clone(), g + 1);
         }
@@ -363,6 +421,8 @@ fn finding_kind(problem: &str) -> String {
 #[derive(Default)]
 struct CheckStats {
     checks: usize,
+    /// Checks whose repair was left for a later run.
+    deferred: usize,
     unclean: usize,
     repairs: usize,
     /// Repairs that did more than clear the unclean-shutdown flag.
@@ -413,10 +473,43 @@ impl CheckStats {
         true
     }
 
+    /// `check` only (the repair is left for later): every finding must be
+    /// repairable; `qemu-img check` is noted.
+    fn check_only(&mut self, path: &Path, ctx: &str) {
+        self.checks += 1;
+        self.deferred += 1;
+        let r = check(path, false).unwrap_or_else(|e| panic!("{ctx}: check: {e}"));
+        if r.is_clean() {
+            return;
+        }
+        self.unclean += 1;
+        for f in &r.findings {
+            assert!(f.repairable, "{ctx}: cannot be repaired: {f:#?}");
+            *self.findings.entry(finding_kind(&f.problem)).or_default() += 1;
+        }
+        if r.findings
+            .iter()
+            .any(|f| !f.problem.contains("uncleanShutdown"))
+        {
+            self.table_repairs += 1;
+        }
+        let (ok, text) = qemu_check(path);
+        if !ok {
+            self.qemu_pre_repair_errors += 1;
+            self.qemu_pre_repair_sample.get_or_insert(text);
+        }
+    }
+
     fn report(&self) -> String {
         let mut s = format!(
-            "checks {}, unclean {}, repairs {} ({} beyond the unclean flag), qemu-img check errors before repair {}",
-            self.checks, self.unclean, self.repairs, self.table_repairs, self.qemu_pre_repair_errors
+            "checks {} ({} with the repair left for the next run), unclean {}, repairs {}, \
+             checks that found more than the unclean flag {}, qemu-img check errors before repair {}",
+            self.checks,
+            self.deferred,
+            self.unclean,
+            self.repairs,
+            self.table_repairs,
+            self.qemu_pre_repair_errors
         );
         for (k, n) in &self.findings {
             s.push_str(&format!("\n      {n:5} x {k}"));
@@ -855,13 +948,12 @@ fn build_scenario(sc: &WriteScenario, dir: &Path, seed: u64) -> (PathBuf, Vec<u6
 /// How a child run of the writes test ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RunMode {
-    /// Not killed; its `MUTATING` calls are counted (the range of `Syscall` kills).
-    Count,
     /// Not killed: closes cleanly.
     Clean,
     /// SIGKILL after a random write began, plus a random delay.
     Timer,
-    /// SIGKILL on entry of a random file-changing system call (strace).
+    /// SIGKILL on entry of a random file-changing system call (strace), chosen
+    /// from a dry run on a copy of the disk.
     Syscall,
 }
 
@@ -870,6 +962,9 @@ struct WriteStats {
     runs: usize,
     kills: usize,
     syscall_kills: usize,
+    /// Dry runs and the file-changing calls they made.
+    dry_runs: usize,
+    calls: u64,
     completed: usize,
     killed_before_open: usize,
     acked_writes: usize,
@@ -888,8 +983,8 @@ struct WriteState {
     model: Vec<u64>,
     iter: u64,
     stats: WriteStats,
-    /// File-changing system calls of a run (from the first, counted run).
-    counts: Option<BTreeMap<String, u64>>,
+    /// The last kill's damage was left for a later run to repair.
+    unrepaired: bool,
 }
 
 /// One child run of a scenario; with `kill`, killed at a seeded random point.
@@ -903,31 +998,49 @@ fn write_iteration(st: &mut WriteState, seed: u64, mode: RunMode) {
     );
     let ops = gen_ops(sc, seed, iter, OPS_PER_RUN);
     let journal = st.dir.join(format!("journal-{iter}"));
-    let log = st.dir.join("strace.log");
-    let mut r = Rng::new(mix(seed, mix(iter, 0x6b11)));
-    let target = match mode {
-        RunMode::Syscall => {
-            let counts = st.counts.as_ref().expect("a counted run first");
-            Some(pick_syscall(counts, &mut r))
-        }
-        _ => None,
-    };
-    let trace = match (&mode, &target) {
-        (RunMode::Count, _) => Trace::Count(&log),
-        (RunMode::Syscall, Some((name, nth))) => Trace::KillAt(name, *nth),
-        _ => Trace::None,
-    };
-    let mut child = spawn_child(
-        "writes",
-        &[
-            ("VDISK_CRASH_DISK", path_str(&st.disk).to_string()),
-            ("VDISK_CRASH_JOURNAL", path_str(&journal).to_string()),
+    let vars = |disk: &Path, journal: &Path| {
+        vec![
+            ("VDISK_CRASH_DISK", path_str(disk).to_string()),
+            ("VDISK_CRASH_JOURNAL", path_str(journal).to_string()),
             ("VDISK_CRASH_SCENARIO", sc.name.to_string()),
             ("VDISK_CRASH_SEED", seed.to_string()),
             ("VDISK_CRASH_ITER", iter.to_string()),
-        ],
-        trace,
-    );
+        ]
+    };
+    let mut r = Rng::new(mix(seed, mix(iter, 0x6b11)));
+    let target = if mode == RunMode::Syscall {
+        // A dry run on a copy: the child makes the same calls on the same files, so
+        // the calls it counts are the kill points of the real run.
+        let dry = st.dir.with_extension("dry");
+        copy_dir(&st.dir, &dry);
+        let log = dry.join("strace.log");
+        let mut child = spawn_child(
+            "writes",
+            &vars(
+                &dry.join(st.disk.file_name().unwrap()),
+                &dry.join("journal"),
+            ),
+            Trace::Count(&log),
+        );
+        let status = child.wait().expect("wait");
+        assert!(!judge_exit(&mut child, status, &ctx));
+        let calls = parse_strace_log(&log);
+        fs::remove_dir_all(&dry).unwrap();
+        st.stats.calls += calls.total();
+        st.stats.dry_runs += 1;
+        Some(pick_syscall(&calls, &mut r))
+    } else {
+        None
+    };
+    let trace = match &target {
+        Some((name, nth)) => Trace::KillAt(name, *nth),
+        None => Trace::None,
+    };
+    let mut child = spawn_child("writes", &vars(&st.disk, &journal), trace);
+    let ctx = match &target {
+        Some((name, nth)) => format!("{ctx} killed at {name} #{nth}"),
+        None => ctx,
+    };
     let killed = if mode == RunMode::Timer {
         if r.chance(1, 20) {
             // Early: while starting, opening, marking the disk open, renewing the CID.
@@ -944,10 +1057,11 @@ fn write_iteration(st: &mut WriteState, seed: u64, mode: RunMode) {
         let status = child.wait().expect("wait");
         judge_exit(&mut child, status, &ctx)
     };
-    if mode == RunMode::Count {
-        st.counts = Some(count_syscalls(&log));
-        let _ = fs::remove_file(&log);
-    }
+    // The dry run's count is exact: the chosen call must have come.
+    assert!(
+        mode != RunMode::Syscall || killed,
+        "{ctx}: the child was not killed at the call its dry run made"
+    );
     let kill = matches!(mode, RunMode::Timer | RunMode::Syscall);
     let recs = read_journal(&journal);
     let _ = fs::remove_file(&journal);
@@ -1069,13 +1183,20 @@ fn write_iteration(st: &mut WriteState, seed: u64, mode: RunMode) {
     st.stats.sectors_checked += tags.len() as u64;
     st.stats.sectors_acked += tags.iter().filter(|&&t| t != 0).count() as u64;
 
-    // Check, repair when needed; qemu-img must agree.
-    let repaired = st.stats.checks.check_or_repair(&st.disk, &ctx);
-    assert!(
-        killed || !repaired,
-        "{ctx}: a run that closed cleanly left a disk that needed a repair"
-    );
-    assert_qemu_clean(&st.disk, &ctx);
+    // Check and repair when needed; qemu-img must agree. After one kill in three the
+    // repair waits: the next writer opens the disk as the crash left it.
+    if killed && r.chance(1, 3) {
+        st.stats.checks.check_only(&st.disk, &ctx);
+        st.unrepaired = true;
+    } else {
+        let repaired = st.stats.checks.check_or_repair(&st.disk, &ctx);
+        assert!(
+            killed || !repaired || st.unrepaired,
+            "{ctx}: a run that closed cleanly left a disk that needed a repair"
+        );
+        st.unrepaired = false;
+        assert_qemu_clean(&st.disk, &ctx);
+    }
     if let Some(base) = &st.base {
         // The base is only read: never changed by the child's crashes.
         if iter.is_multiple_of(8) {
@@ -1156,14 +1277,14 @@ fn writes_survive_sigkill() {
                 model,
                 iter: 0,
                 stats: WriteStats::default(),
-                counts: None,
+                unrepaired: false,
             }
         })
         .collect();
     let n = states.len();
-    // A first run of each disk that completes, its system calls counted.
+    // A first run of each disk that completes.
     for st in &mut states {
-        write_iteration(st, seed, RunMode::Count);
+        write_iteration(st, seed, RunMode::Clean);
     }
     // Kills: by time and at system calls in turn.
     for k in 0..kills {
@@ -1190,7 +1311,7 @@ fn writes_survive_sigkill() {
         println!(
             "  {}: runs {}, killed {} ({} at a system call, {} before the open completed), completed {}; \
              flushed writes verified {}, unflushed writes begun {} (landed {}); sectors checked {} ({} holding data); \
-             file-changing calls per run {:?}\n    {}",
+             file-changing calls per run {}\n    {}",
             st.sc.name,
             s.runs,
             s.kills,
@@ -1202,7 +1323,7 @@ fn writes_survive_sigkill() {
             s.unflushed_landed,
             s.sectors_checked,
             s.sectors_acked,
-            st.counts.as_ref().map(|c| c.values().sum::<u64>()).unwrap_or(0),
+            s.calls / s.dry_runs.max(1) as u64,
             s.checks.report()
         );
     }
@@ -1401,7 +1522,16 @@ fn run_and_kill(role: &str, disk: &Path, journal: &Path, plan: &KillPlan, ctx: &
             }
             kill_and_reap(child, ctx)
         }
-        _ => {
+        KillPlan::Syscall(..) => {
+            let status = child.wait().expect("wait");
+            // The counting run made the same calls on the same files.
+            assert!(
+                judge_exit(&mut child, status, ctx),
+                "{ctx}: the child was not killed at the chosen call"
+            );
+            true
+        }
+        KillPlan::Count(_) => {
             let status = child.wait().expect("wait");
             judge_exit(&mut child, status, ctx)
         }
@@ -1410,12 +1540,7 @@ fn run_and_kill(role: &str, disk: &Path, journal: &Path, plan: &KillPlan, ctx: &
 
 /// The file-changing system calls of one uninterrupted run of `role` on a copy of
 /// the template folder `template` (disk `disk_name`).
-fn count_run(
-    role: &str,
-    template: &Path,
-    disk_name: &str,
-    scratch: &Path,
-) -> BTreeMap<String, u64> {
+fn count_run(role: &str, template: &Path, disk_name: &str, scratch: &Path) -> Calls {
     let _ = fs::remove_dir_all(scratch);
     copy_dir(template, scratch);
     let log = scratch.join("strace.log");
@@ -1427,9 +1552,9 @@ fn count_run(
         "counting run",
     );
     assert!(!killed);
-    let counts = count_syscalls(&log);
+    let calls = parse_strace_log(&log);
     let _ = fs::remove_dir_all(scratch);
-    counts
+    calls
 }
 
 /// Runs `setup` then `op` three times and returns the median duration of `op` in
@@ -1455,7 +1580,7 @@ struct CommitVariant {
     /// Median duration of an uninterrupted commit (µs).
     duration: u64,
     /// Its file-changing system calls.
-    counts: BTreeMap<String, u64>,
+    calls: Calls,
 }
 
 #[derive(Default)]
@@ -1515,13 +1640,13 @@ fn commit_survives_sigkill() {
         );
         content.assert_read_by(&scratch.join("base.vmdk"), name);
         let _ = fs::remove_dir_all(&scratch);
-        let counts = count_run("commit", &dir, "child.vmdk", &scratch);
+        let calls = count_run("commit", &dir, "child.vmdk", &scratch);
         CommitVariant {
             name,
             dir,
             content,
             duration,
-            counts,
+            calls,
         }
     })
     .collect();
@@ -1544,7 +1669,7 @@ fn commit_survives_sigkill() {
         let plan = if (k / n).is_multiple_of(2) {
             KillPlan::Delay(r.below(v.duration * 6 / 5))
         } else {
-            let (name, nth) = pick_syscall(&v.counts, &mut r);
+            let (name, nth) = pick_syscall(&v.calls, &mut r);
             KillPlan::Syscall(name, nth)
         };
         let ctx = format!("{ctx} {plan:?}");
@@ -1615,13 +1740,16 @@ fn commit_survives_sigkill() {
     }
     println!(
         "crash_kill commit: seed {seed:#x}, {} kills ({} at a system call), {} completed before the kill, {:.1} s; \
-         durations {:?} µs, file-changing calls {:?}\n  phases {:?}\n  commits run again {}, runs with files left behind {}\n  {}",
+         durations {:?} µs, file-changing calls (after a sync) {:?}\n  phases {:?}\n  commits run again {}, runs with files left behind {}\n  {}",
         stats.kills,
         stats.syscall_kills,
         stats.completed,
         t0.elapsed().as_secs_f64(),
         variants.iter().map(|v| v.duration).collect::<Vec<_>>(),
-        variants.iter().map(|v| v.counts.values().sum::<u64>()).collect::<Vec<_>>(),
+        variants
+            .iter()
+            .map(|v| (v.calls.total(), v.calls.after_sync.len()))
+            .collect::<Vec<_>>(),
         stats.phases,
         stats.reruns,
         stats.leftovers,
@@ -1635,7 +1763,7 @@ struct ShrinkVariant {
     disk_name: &'static str,
     content: Content,
     duration: u64,
-    counts: BTreeMap<String, u64>,
+    calls: Calls,
     /// Total size of the files after an uninterrupted shrink.
     size_after: u64,
 }
@@ -1698,14 +1826,14 @@ fn shrink_survives_sigkill() {
             "crash_kill shrink: {name}: {} -> {size_after} bytes",
             files_size(&dir)
         );
-        let counts = count_run("shrink", &dir, "disk.vmdk", &scratch);
+        let calls = count_run("shrink", &dir, "disk.vmdk", &scratch);
         ShrinkVariant {
             name,
             dir,
             disk_name: "disk.vmdk",
             content,
             duration,
-            counts,
+            calls,
             size_after,
         }
     })
@@ -1728,7 +1856,7 @@ fn shrink_survives_sigkill() {
         let plan = if (k / n).is_multiple_of(2) {
             KillPlan::Delay(r.below(v.duration * 6 / 5))
         } else {
-            let (name, nth) = pick_syscall(&v.counts, &mut r);
+            let (name, nth) = pick_syscall(&v.calls, &mut r);
             KillPlan::Syscall(name, nth)
         };
         let ctx = format!("{ctx} {plan:?}");
@@ -1777,13 +1905,16 @@ fn shrink_survives_sigkill() {
     }
     println!(
         "crash_kill shrink: seed {seed:#x}, {} kills ({} at a system call), {} completed before the kill, {:.1} s; \
-         durations {:?} µs, file-changing calls {:?}\n  shrinks run again before a repair {} ({} refused: needs repair), after {}; as small as an uninterrupted shrink: {}\n  {}",
+         durations {:?} µs, file-changing calls (after a sync) {:?}\n  shrinks run again before a repair {} ({} refused: needs repair), after {}; as small as an uninterrupted shrink: {}\n  {}",
         stats.kills,
         stats.syscall_kills,
         stats.completed,
         t0.elapsed().as_secs_f64(),
         variants.iter().map(|v| v.duration).collect::<Vec<_>>(),
-        variants.iter().map(|v| v.counts.values().sum::<u64>()).collect::<Vec<_>>(),
+        variants
+            .iter()
+            .map(|v| (v.calls.total(), v.calls.after_sync.len()))
+            .collect::<Vec<_>>(),
         stats.reruns_before_repair,
         stats.rerun_refused,
         stats.reruns,
