@@ -191,6 +191,12 @@ impl Link {
         if lines.is_empty() {
             return Err(Error::invalid("the descriptor lists no extents"));
         }
+        if embedded.is_some() && lines.len() != 1 {
+            return Err(Error::invalid(format!(
+                "an embedded descriptor must list exactly one SPARSE extent, not {}",
+                lines.len()
+            )));
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         let resolve = |i: usize, name: &str| -> Result<PathBuf> {
             let raw = descriptor.file_name_bytes(name);
@@ -205,6 +211,10 @@ impl Link {
         // Missing extent files are reported first, naming the file: that is the most
         // useful thing to tell about a descriptor copied without its extents.
         if embedded.is_none() {
+            // Each file once, and never the descriptor itself: two extents sharing a
+            // file would write over each other.
+            let mut seen = std::collections::HashSet::new();
+            seen.insert(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()));
             for (i, line) in lines.iter().enumerate() {
                 if let Some(name) = &line.file {
                     let p = resolve(i, name)?;
@@ -213,6 +223,14 @@ impl Link {
                             ErrorKind::FileNotFound,
                             format!("extent file {} is missing", p.display()),
                         ));
+                    }
+                    let canonical = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+                    if !seen.insert(canonical) {
+                        return Err(Error::invalid(format!(
+                            "extent {} names {}, which the descriptor already uses",
+                            i + 1,
+                            p.display()
+                        )));
                     }
                 }
             }

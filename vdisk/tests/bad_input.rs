@@ -1217,6 +1217,43 @@ fn sparse_and_descriptor_cases() -> Vec<Case> {
             "d-flat.vmdk is missing",
         ),
         case(
+            "embedded_descriptor_names_a_second_extent",
+            |d| {
+                let p = mono(d);
+                fs::write(d.join("other-flat.vmdk"), vec![0u8; MIB as usize]).unwrap();
+                set_embedded(
+                    &p,
+                    &embedded_text(
+                        "createType=\"monolithicSparse\"",
+                        "RW 131072 SPARSE \"m.vmdk\"\nRW 2048 FLAT \"other-flat.vmdk\" 0",
+                    ),
+                );
+                p
+            },
+            Open,
+            InvalidDisk,
+            "an embedded descriptor must list exactly one SPARSE extent, not 2",
+        ),
+        case(
+            "two_extents_name_one_file",
+            |d| {
+                let p = split(d);
+                let text = fs::read_to_string(&p).unwrap();
+                fs::write(&p, text.replace("s-s002.vmdk", "s-s001.vmdk")).unwrap();
+                p
+            },
+            Open,
+            InvalidDisk,
+            "extent 2 names",
+        ),
+        case(
+            "extent_names_its_own_descriptor",
+            |d| hand_written(d, descriptor_text("createType=\"monolithicFlat\"", "RW 1 FLAT \"x.vmdk\" 0").as_bytes()),
+            Open,
+            InvalidDisk,
+            "which the descriptor already uses",
+        ),
+        case(
             "missing_split_sparse_extent_file",
             |d| {
                 let p = split(d);
