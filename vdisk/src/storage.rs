@@ -177,6 +177,93 @@ impl Storage for FileStorage {
     }
 }
 
+/// A file held in memory: the [`Storage`] interface over a byte buffer, for tests and
+/// for fuzzing the format parsers without touching the host file system
+/// (see [`crate::fuzzing`]). `sync` does nothing; the buffer never grows beyond
+/// [`MemStorage::MAX_LEN`] (a write past it fails with `FileTooLarge`).
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    bytes: std::sync::RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// The largest the buffer may grow through writes and `set_len` (256 MiB).
+    pub const MAX_LEN: u64 = 256 << 20;
+
+    /// A file holding `bytes`.
+    pub fn new(bytes: Vec<u8>) -> MemStorage {
+        MemStorage {
+            bytes: std::sync::RwLock::new(bytes),
+        }
+    }
+
+    /// The file's current content.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<u8>> {
+        self.bytes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<u8>> {
+        self.bytes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `len` as a buffer length, if it is within [`MemStorage::MAX_LEN`].
+    fn checked_len(len: Option<u64>) -> io::Result<usize> {
+        match len {
+            Some(l) if l <= Self::MAX_LEN => Ok(l as usize),
+            _ => Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "an in-memory file cannot grow beyond {} bytes",
+                    Self::MAX_LEN
+                ),
+            )),
+        }
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let bytes = self.read();
+        let Ok(start) = usize::try_from(offset) else {
+            return Ok(0);
+        };
+        let Some(have) = bytes.get(start..) else {
+            return Ok(0);
+        };
+        let n = have.len().min(buf.len());
+        buf[..n].copy_from_slice(&have[..n]);
+        Ok(n)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = Self::checked_len(offset.checked_add(buf.len() as u64))?;
+        let mut bytes = self.write();
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        bytes[end - buf.len()..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.read().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = Self::checked_len(Some(len))?;
+        self.write().resize(len, 0);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +281,21 @@ mod tests {
         drop(a);
         let _r1 = FileStorage::open(&p, false, LockMode::Shared).unwrap();
         let _r2 = FileStorage::open(&p, false, LockMode::Shared).unwrap();
+    }
+
+    #[test]
+    fn memory_storage_reads_writes_and_refuses_to_grow_without_bound() {
+        let m = MemStorage::new(b"abc".to_vec());
+        let mut b = [0u8; 4];
+        assert_eq!(m.read_at(&mut b, 1).unwrap(), 2);
+        assert_eq!(&b[..2], b"bc");
+        assert_eq!(m.read_at(&mut b, u64::MAX).unwrap(), 0);
+        m.write_all_at(b"xy", 4).unwrap();
+        assert_eq!(m.len().unwrap(), 6);
+        let e = m.write_all_at(b"z", MemStorage::MAX_LEN).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
+        assert!(m.write_all_at(b"z", u64::MAX).is_err());
+        assert_eq!(m.into_bytes(), b"abc\0xy");
     }
 
     #[test]

@@ -517,7 +517,7 @@ struct State {
 /// supported.
 #[derive(Debug)]
 pub struct SeSparseExtent {
-    storage: FileStorage,
+    storage: Box<dyn Storage>,
     name: String,
     writable: bool,
     header: ConstHeader,
@@ -570,10 +570,20 @@ impl SeSparseExtent {
     /// [`ErrorKind::NeedsRepair`] when the journal must be replayed.
     pub fn open(storage: FileStorage, writable: bool) -> Result<SeSparseExtent> {
         let name = storage.path().display().to_string();
-        Self::open_inner(storage, writable, &name).map_err(|e| e.within(&name))
+        Self::open_storage(Box::new(storage), &name, writable)
     }
 
-    fn open_inner(storage: FileStorage, writable: bool, name: &str) -> Result<SeSparseExtent> {
+    /// Opens a seSparse extent on any [`Storage`] (an in-memory file in tests and
+    /// fuzzing); `name` is used in error messages.
+    pub fn open_storage(
+        storage: Box<dyn Storage>,
+        name: &str,
+        writable: bool,
+    ) -> Result<SeSparseExtent> {
+        Self::open_inner(storage, writable, name).map_err(|e| e.within(name))
+    }
+
+    fn open_inner(storage: Box<dyn Storage>, writable: bool, name: &str) -> Result<SeSparseExtent> {
         let file_len = storage
             .len()
             .map_err(|e| Error::io("cannot read file size", e))?;
@@ -613,7 +623,7 @@ impl SeSparseExtent {
                 header.gd_offset
             )));
         }
-        let gd = read_directory(&storage, &header, file_len)?;
+        let gd = read_directory(&*storage, &header, file_len)?;
         let mut next_gt = check_tables_unshared(&gd)?;
         let gt_slots = header.gt_slots();
         if volatile.free_gt_number > next_gt && volatile.free_gt_number <= gt_slots {
@@ -622,7 +632,7 @@ impl SeSparseExtent {
 
         let grain_slots = header.grain_slots();
         let next_slot = if writable {
-            next_free_slot(&storage, &header, &gd, file_len)?
+            next_free_slot(&*storage, &header, &gd, file_len)?
         } else {
             0
         };
@@ -1112,7 +1122,7 @@ impl SeSparseExtent {
 
 /// Reads and checks the directory entries the capacity needs (in 1 MiB pieces):
 /// each 0 or a reference to a table inside the table area and the file.
-fn read_directory(storage: &FileStorage, h: &ConstHeader, file_len: u64) -> Result<Vec<u32>> {
+fn read_directory(storage: &dyn Storage, h: &ConstHeader, file_len: u64) -> Result<Vec<u32>> {
     const CHUNK_ENTRIES: u64 = 1 << 17;
     let needed = h.needed_gdes();
     let gt_slots = h.gt_slots();
@@ -1186,7 +1196,7 @@ fn check_tables_unshared(gd: &[u32]) -> Result<u64> {
 /// the grain area is the last region and the file ends inside it (allocated grains
 /// must lie inside the file); otherwise by scanning every grain table.
 fn next_free_slot(
-    storage: &FileStorage,
+    storage: &dyn Storage,
     h: &ConstHeader,
     gd: &[u32],
     file_len: u64,

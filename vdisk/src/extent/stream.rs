@@ -40,7 +40,7 @@ enum GrainIndex {
 /// A streamOptimized extent.
 #[derive(Debug)]
 pub struct StreamExtent {
-    storage: FileStorage,
+    storage: Box<dyn Storage>,
     name: String,
     header: SparseHeader,
     grain_bytes: u64,
@@ -65,10 +65,16 @@ impl StreamExtent {
     /// Opens a streamOptimized extent on an opened file.
     pub fn open(storage: FileStorage) -> Result<StreamExtent> {
         let name = storage.path().display().to_string();
-        Self::open_inner(storage, &name).map_err(|e| e.within(&name))
+        Self::open_storage(Box::new(storage), &name)
     }
 
-    fn open_inner(storage: FileStorage, name: &str) -> Result<StreamExtent> {
+    /// Opens a streamOptimized extent on any [`Storage`] (an in-memory file in tests
+    /// and fuzzing); `name` is used in error messages.
+    pub fn open_storage(storage: Box<dyn Storage>, name: &str) -> Result<StreamExtent> {
+        Self::open_inner(storage, name).map_err(|e| e.within(name))
+    }
+
+    fn open_inner(storage: Box<dyn Storage>, name: &str) -> Result<StreamExtent> {
         let file_len = storage
             .len()
             .map_err(|e| Error::io("cannot read file size", e))?;
@@ -244,7 +250,7 @@ impl StreamExtent {
 
     /// The raw bytes of the embedded descriptor area, if any.
     pub fn read_embedded_descriptor(&self) -> Result<Option<Vec<u8>>> {
-        crate::extent::sparse::read_descriptor_area(&self.storage, &self.header, &self.name)
+        crate::extent::sparse::read_descriptor_area(&*self.storage, &self.header, &self.name)
     }
 
     /// Marker sector of grain `grain`, 0 if the grain is not stored.

@@ -64,7 +64,7 @@ struct State {
 /// A hosted sparse extent file.
 #[derive(Debug)]
 pub struct SparseExtent {
-    storage: FileStorage,
+    storage: Box<dyn Storage>,
     name: String,
     writable: bool,
     /// Entry 1 means "zeroed grain" (hosted sparse); in COWD files it is a sector.
@@ -131,10 +131,20 @@ impl SparseExtent {
     /// error messages.
     pub fn open(storage: FileStorage, writable: bool) -> Result<SparseExtent> {
         let name = storage.path().display().to_string();
-        Self::open_inner(storage, writable, &name).map_err(|e| e.within(&name))
+        Self::open_storage(Box::new(storage), &name, writable)
     }
 
-    fn open_inner(storage: FileStorage, writable: bool, name: &str) -> Result<SparseExtent> {
+    /// Opens a sparse (or COWD) extent on any [`Storage`] (an in-memory file in tests
+    /// and fuzzing); `name` is used in error messages.
+    pub fn open_storage(
+        storage: Box<dyn Storage>,
+        name: &str,
+        writable: bool,
+    ) -> Result<SparseExtent> {
+        Self::open_inner(storage, writable, name).map_err(|e| e.within(name))
+    }
+
+    fn open_inner(storage: Box<dyn Storage>, writable: bool, name: &str) -> Result<SparseExtent> {
         let file_len = storage
             .len()
             .map_err(|e| Error::io("cannot read file size", e))?;
@@ -228,7 +238,7 @@ impl SparseExtent {
                 Err(e) => rgd_problem = Some(e),
             }
         }
-        let gd = read_directory(&storage, header.gd_offset, num_gdes, "grain directory")?;
+        let gd = read_directory(&*storage, header.gd_offset, num_gdes, "grain directory")?;
         validate_directory(&gd, gt_sectors, file_sectors, &protected, "grain directory")?;
         let mut gt_starts: Vec<u32> = gd.iter().copied().filter(|&e| e != 0).collect();
         check_disjoint_tables(&mut gt_starts, gt_sectors, "grain directory")?;
@@ -237,7 +247,7 @@ impl SparseExtent {
         if rgd_end.is_some() {
             let loaded = (|| {
                 let table = read_directory(
-                    &storage,
+                    &*storage,
                     header.rgd_offset,
                     num_gdes,
                     "redundant grain directory",
@@ -349,7 +359,7 @@ impl SparseExtent {
 
     /// The raw bytes of the embedded descriptor area, if the extent has one.
     pub fn read_embedded_descriptor(&self) -> Result<Option<Vec<u8>>> {
-        read_descriptor_area(&self.storage, &self.header()?, &self.name)
+        read_descriptor_area(&*self.storage, &self.header()?, &self.name)
     }
 
     /// Rewrites the embedded descriptor area (NUL padded); fails if the text does not fit.
@@ -839,7 +849,7 @@ fn header_bytes(st: &State) -> Vec<u8> {
 
 /// Reads the embedded descriptor area a header points at (None if it has none).
 pub fn read_descriptor_area(
-    storage: &FileStorage,
+    storage: &dyn Storage,
     h: &SparseHeader,
     name: &str,
 ) -> Result<Option<Vec<u8>>> {
@@ -875,7 +885,7 @@ fn check_directory_region(start: u64, sectors: u64, file_sectors: u64, what: &st
 }
 
 fn read_directory(
-    storage: &FileStorage,
+    storage: &dyn Storage,
     start: u64,
     entries: usize,
     what: &str,
