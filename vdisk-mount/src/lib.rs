@@ -32,6 +32,7 @@
 mod error;
 mod filesystem;
 mod fuse;
+pub mod fuzzing;
 mod gpt;
 mod mbr;
 mod mount;

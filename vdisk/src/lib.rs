@@ -30,6 +30,7 @@ pub mod disk;
 pub mod disk_type;
 pub mod error;
 pub mod extent;
+pub mod fuzzing;
 pub mod geometry;
 pub mod ids;
 pub mod limits;
