@@ -45,6 +45,10 @@ pub struct Descriptor {
     crlf: bool,
     /// Whether the input was not UTF-8 and was decoded as Latin-1.
     latin1: bool,
+    /// Whether the input started with a UTF-8 byte order mark. It belongs to the
+    /// file, not to its first line: written back first, whatever lines are
+    /// inserted before that line.
+    bom: bool,
 }
 
 impl Descriptor {

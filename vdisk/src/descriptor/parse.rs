@@ -260,11 +260,6 @@ fn parse_entry(t: &str, lineno: usize) -> Result<Entry, DescriptorError> {
 
 /// Classifies one line (without terminator). `lineno` is 1-based.
 pub(super) fn classify(line: &str, lineno: usize) -> Result<Kind, DescriptorError> {
-    let line = if lineno == 1 {
-        line.strip_prefix('\u{feff}').unwrap_or(line)
-    } else {
-        line
-    };
     let t = trim_ws(line);
     if t.is_empty() {
         return Ok(Kind::Blank);
@@ -318,9 +313,10 @@ pub(super) fn parse_descriptor(bytes: &[u8]) -> Result<Descriptor, DescriptorErr
         ));
     }
     let (text, latin1) = decode(bytes);
+    let bom = text.starts_with('\u{feff}');
     let mut lines = Vec::new();
     let mut extents = 0usize;
-    let mut rest: &str = &text;
+    let mut rest: &str = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut lineno = 0usize;
     while !rest.is_empty() {
         lineno += 1;
@@ -365,5 +361,6 @@ pub(super) fn parse_descriptor(bytes: &[u8]) -> Result<Descriptor, DescriptorErr
         lines,
         crlf,
         latin1,
+        bom,
     })
 }

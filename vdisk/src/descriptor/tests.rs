@@ -681,3 +681,19 @@ fn never_panics() {
         }
     }
 }
+
+#[test]
+fn byte_order_mark_stays_first_when_lines_are_inserted_before_the_first_line() {
+    // Found by fuzzing: a header inserted before a first line that started with the
+    // BOM moved the BOM to line 2, where it is an error.
+    let mut d = Descriptor::parse("\u{feff}# Disk DescriptorFile\n".as_bytes()).unwrap();
+    assert_eq!(d.to_bytes(), "\u{feff}# Disk DescriptorFile\n".as_bytes());
+    d.set_cid(0x1234);
+    let text = d.to_bytes();
+    assert!(
+        text.starts_with("\u{feff}".as_bytes()),
+        "{:?}",
+        String::from_utf8_lossy(&text)
+    );
+    assert_eq!(Descriptor::parse(&text).unwrap().cid(), Some(0x1234));
+}

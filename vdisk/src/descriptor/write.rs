@@ -187,6 +187,9 @@ impl Descriptor {
     /// input (CRLF if its first line ended in CRLF, else LF).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        if self.bom {
+            out.extend_from_slice("\u{feff}".as_bytes());
+        }
         let n = self.lines.len();
         for (i, l) in self.lines.iter().enumerate() {
             encode_into(&l.text, self.latin1, &mut out);
@@ -271,6 +274,7 @@ impl Descriptor {
             lines,
             crlf: false,
             latin1: false,
+            bom: false,
         }
     }
 }
