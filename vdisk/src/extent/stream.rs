@@ -311,8 +311,20 @@ impl StreamExtent {
                 n,
             ));
         }
+        // Whole tables the directory does not have are skipped at once: a directory
+        // of millions of empty entries must not cost a lookup per grain.
         let mut grain = first + 1;
-        while grain * g < end && self.marker_of(grain)? == 0 {
+        while grain * g < end {
+            if let GrainIndex::Directory { gd, .. } = &self.index {
+                let table = grain / self.gtes_per_gt;
+                if gd[table as usize] == 0 {
+                    grain = (table + 1) * self.gtes_per_gt;
+                    continue;
+                }
+            }
+            if self.marker_of(grain)? != 0 {
+                break;
+            }
             grain += 1;
         }
         Ok((ExtentMapping::Unallocated, (grain * g).min(end) - offset))

@@ -856,9 +856,25 @@ pub fn read_descriptor_area(
     if h.descriptor_offset == 0 {
         return Ok(None);
     }
-    let mut buf = vec![0u8; (h.descriptor_size * SECTOR_SIZE) as usize];
+    // The size is bounded by the header parser; the offset is checked here (a
+    // streamOptimized extent is not checked on open the way a sparse one is).
+    let file_len = storage
+        .len()
+        .map_err(|e| Error::io(format!("{name}: cannot read file size"), e))?;
+    let bytes = h.descriptor_size * SECTOR_SIZE;
+    let at = h
+        .descriptor_offset
+        .checked_mul(SECTOR_SIZE)
+        .filter(|at| at.checked_add(bytes).is_some_and(|end| end <= file_len))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{name}: embedded descriptor (sector {}, {} sectors) lies past the end of the file ({file_len} bytes)",
+                h.descriptor_offset, h.descriptor_size
+            ))
+        })?;
+    let mut buf = vec![0u8; bytes as usize];
     storage
-        .read_exact_at(&mut buf, h.descriptor_offset * SECTOR_SIZE)
+        .read_exact_at(&mut buf, at)
         .map_err(|e| Error::io(format!("{name}: cannot read the embedded descriptor"), e))?;
     Ok(Some(buf))
 }
