@@ -130,6 +130,13 @@ impl Rng {
     }
 }
 
+/// FNV-1a of a name, to seed per scenario.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn mix(a: u64, b: u64) -> u64 {
     Rng::new(a ^ b.rotate_left(17).wrapping_mul(0x2545_f491_4f6c_dd1d)).next()
 }
@@ -423,6 +430,8 @@ struct CheckStats {
     checks: usize,
     /// Checks whose repair was left for a later run.
     deferred: usize,
+    /// Repairs killed part-way (then run again).
+    killed_repairs: usize,
     unclean: usize,
     repairs: usize,
     /// Repairs that did more than clear the unclean-shutdown flag.
@@ -434,8 +443,10 @@ struct CheckStats {
 
 impl CheckStats {
     /// `check`; when not clean, `qemu-img check` (noted) and a repair that must leave
-    /// the disk clean. Returns whether a repair was needed.
-    fn check_or_repair(&mut self, path: &Path, ctx: &str) -> bool {
+    /// the disk clean. With `kill`, half of the repairs are first run in a child
+    /// killed at a random file-changing call (see [`kill_a_repair`]). Returns whether
+    /// a repair was needed.
+    fn check_or_repair(&mut self, path: &Path, ctx: &str, kill: Option<&mut Rng>) -> bool {
         self.checks += 1;
         let r = check(path, false).unwrap_or_else(|e| panic!("{ctx}: check: {e}"));
         if r.is_clean() {
@@ -454,6 +465,12 @@ impl CheckStats {
         if !ok {
             self.qemu_pre_repair_errors += 1;
             self.qemu_pre_repair_sample.get_or_insert(text);
+        }
+        if let Some(rng) = kill {
+            if rng.chance(1, 2) {
+                kill_a_repair(path, rng, ctx);
+                self.killed_repairs += 1;
+            }
         }
         let fixed: CheckReport = check(path, true).unwrap_or_else(|e| panic!("{ctx}: repair: {e}"));
         assert_eq!(
@@ -502,12 +519,13 @@ impl CheckStats {
 
     fn report(&self) -> String {
         let mut s = format!(
-            "checks {} ({} with the repair left for the next run), unclean {}, repairs {}, \
+            "checks {} ({} with the repair left for the next run), unclean {}, repairs {} ({} killed part-way first), \
              checks that found more than the unclean flag {}, qemu-img check errors before repair {}",
             self.checks,
             self.deferred,
             self.unclean,
             self.repairs,
+            self.killed_repairs,
             self.table_repairs,
             self.qemu_pre_repair_errors
         );
@@ -554,6 +572,11 @@ fn crash_child_process() {
             record(&mut journal, REC_START, 0);
             commit(&disk, &CommitOptions::default(), &mut |_, _| true)
                 .unwrap_or_else(|e| panic!("commit: {e}"));
+            record(&mut journal, REC_DONE, 0);
+        }
+        "repair" => {
+            record(&mut journal, REC_START, 0);
+            check(&disk, true).unwrap_or_else(|e| panic!("repair: {e}"));
             record(&mut journal, REC_DONE, 0);
         }
         "shrink" => {
@@ -802,10 +825,7 @@ struct Op {
 /// The writes of run `iter` of a scenario: a pure function of the seed, so the
 /// parent knows exactly what the child did.
 fn gen_ops(sc: &WriteScenario, seed: u64, iter: u64, n: usize) -> Vec<Op> {
-    let mut r = Rng::new(mix(
-        seed,
-        mix(iter, sc.name.len() as u64 * 7919 + sc.kind as u64),
-    ));
+    let mut r = Rng::new(mix(seed, mix(iter, name_seed(sc.name))));
     let total: u64 = sc.zones.iter().map(|z| z.len).sum();
     (0..n)
         .map(|i| {
@@ -959,6 +979,8 @@ enum RunMode {
 
 #[derive(Default)]
 struct WriteStats {
+    /// Disks made anew (see [`RENEW_EVERY`]).
+    disks: usize,
     runs: usize,
     kills: usize,
     syscall_kills: usize,
@@ -987,7 +1009,27 @@ struct WriteState {
     unrepaired: bool,
 }
 
-/// One child run of a scenario; with `kill`, killed at a seeded random point.
+/// Runs on one disk before it is made anew: once every grain of the zones has been
+/// written, writes no longer allocate, and allocation is where the ordering matters.
+const RENEW_EVERY: u64 = 6;
+
+/// Replaces the scenario's disk by a new one (the previous one repaired first if a
+/// kill left it unrepaired).
+fn renew_disk(st: &mut WriteState, seed: u64) {
+    if st.unrepaired {
+        let ctx = format!("{} before renewal", st.sc.name);
+        st.stats.checks.check_or_repair(&st.disk, &ctx, None);
+        st.unrepaired = false;
+    }
+    fs::remove_dir_all(&st.dir).unwrap();
+    fs::create_dir(&st.dir).unwrap();
+    let (disk, model) = build_scenario(&st.sc, &st.dir, seed);
+    st.disk = disk;
+    st.model = model;
+    st.stats.disks += 1;
+}
+
+/// One child run of a scenario, ended as `mode` says, and the checks of what it left.
 fn write_iteration(st: &mut WriteState, seed: u64, mode: RunMode) {
     st.iter += 1;
     let iter = st.iter;
@@ -1007,7 +1049,7 @@ fn write_iteration(st: &mut WriteState, seed: u64, mode: RunMode) {
             ("VDISK_CRASH_ITER", iter.to_string()),
         ]
     };
-    let mut r = Rng::new(mix(seed, mix(iter, 0x6b11)));
+    let mut r = Rng::new(mix(seed ^ 0x6b11, mix(iter, name_seed(sc.name))));
     let target = if mode == RunMode::Syscall {
         // A dry run on a copy: the child makes the same calls on the same files, so
         // the calls it counts are the kill points of the real run.
@@ -1189,7 +1231,10 @@ fn write_iteration(st: &mut WriteState, seed: u64, mode: RunMode) {
         st.stats.checks.check_only(&st.disk, &ctx);
         st.unrepaired = true;
     } else {
-        let repaired = st.stats.checks.check_or_repair(&st.disk, &ctx);
+        let repaired = st
+            .stats
+            .checks
+            .check_or_repair(&st.disk, &ctx, Some(&mut r));
         assert!(
             killed || !repaired || st.unrepaired,
             "{ctx}: a run that closed cleanly left a disk that needed a repair"
@@ -1293,7 +1338,11 @@ fn writes_survive_sigkill() {
         } else {
             RunMode::Syscall
         };
-        write_iteration(&mut states[k % n], seed, mode);
+        let st = &mut states[k % n];
+        if st.iter.is_multiple_of(RENEW_EVERY) && st.sc.kind != Kind::Flat {
+            renew_disk(st, seed);
+        }
+        write_iteration(st, seed, mode);
     }
     // A last run that closes cleanly: everything reads back and checks clean.
     for st in &mut states {
@@ -1309,10 +1358,11 @@ fn writes_survive_sigkill() {
     for st in &states {
         let s = &st.stats;
         println!(
-            "  {}: runs {}, killed {} ({} at a system call, {} before the open completed), completed {}; \
+            "  {}: disks {}, runs {}, killed {} ({} at a system call, {} before the open completed), completed {}; \
              flushed writes verified {}, unflushed writes begun {} (landed {}); sectors checked {} ({} holding data); \
              file-changing calls per run {}\n    {}",
             st.sc.name,
+            s.disks + 1,
             s.runs,
             s.kills,
             s.syscall_kills,
@@ -1572,6 +1622,25 @@ fn measure(mut setup: impl FnMut(), mut op: impl FnMut()) -> u64 {
     t[1].max(1)
 }
 
+/// Runs a repair of `disk` in a child killed at a random file-changing call (picked
+/// from a counted repair of a copy of its folder); what it leaves must still read
+/// the same (the callers check) and repair clean.
+fn kill_a_repair(disk: &Path, r: &mut Rng, ctx: &str) {
+    let dir = disk.parent().unwrap();
+    let name = disk.file_name().unwrap().to_str().unwrap();
+    let calls = count_run("repair", dir, name, &dir.with_extension("repair"));
+    let (call, nth) = pick_syscall(&calls, r);
+    let journal = dir.join("journal-repair");
+    run_and_kill(
+        "repair",
+        disk,
+        &journal,
+        &KillPlan::Syscall(call.clone(), nth),
+        &format!("{ctx}: repair killed at {call} #{nth}"),
+    );
+    let _ = fs::remove_file(&journal);
+}
+
 struct CommitVariant {
     name: &'static str,
     /// Template folder: base.vmdk and child.vmdk.
@@ -1710,10 +1779,10 @@ fn commit_survives_sigkill() {
                 })
                 .or_default() += 1;
         }
-        stats.checks.check_or_repair(&base, &ctx);
+        stats.checks.check_or_repair(&base, &ctx, Some(&mut r));
         assert_qemu_clean(&base, &ctx);
         if top_left {
-            stats.checks.check_or_repair(&top, &ctx);
+            stats.checks.check_or_repair(&top, &ctx, Some(&mut r));
             assert_qemu_clean(&top, &ctx);
             v.content.assert_read_by(&top, &ctx);
             // Running it again completes.
@@ -1884,7 +1953,7 @@ fn shrink_survives_sigkill() {
             }
             v.content.assert_read_by(&disk, &ctx);
         }
-        stats.checks.check_or_repair(&disk, &ctx);
+        stats.checks.check_or_repair(&disk, &ctx, Some(&mut r));
         v.content.assert_read_by(&disk, &ctx);
         assert_qemu_clean(&disk, &ctx);
         shrink(&disk, &mut |_, _| true).unwrap_or_else(|e| panic!("{ctx}: shrink again: {e}"));
