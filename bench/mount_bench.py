@@ -9,7 +9,7 @@ is dropped before every timed read (so both read through their FUSE servers), ru
 are interleaved, and the median times and their ratio (vmdkmount time / ours) are
 printed. Needs root (FUSE, drop_caches).
 
-usage: mount_bench.py [--rounds N] [--kinds random,text]
+usage: mount_bench.py [--rounds N] [--kinds random,text] [--formats monolithicSparse,streamOptimized] [--verbose]
 """
 import argparse
 import os
@@ -50,6 +50,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kinds", default="random,text")
+    ap.add_argument("--formats", default="monolithicSparse,streamOptimized")
+    ap.add_argument("--verbose", action="store_true", help="print every timing")
+    ap.add_argument("--ab", action="store_true",
+                    help="also time ours without read-ahead (VDISK_MOUNT_NO_PREFETCH)")
     a = ap.parse_args()
     work = os.path.join(ROOT, "target", "bench")
     os.makedirs(work, exist_ok=True)
@@ -61,11 +65,17 @@ def main():
         if not os.path.exists(raw):
             subprocess.run([sys.executable, GEN, raw, "2048", kind], check=True)
         for name, t in (("monolithicSparse", "0"), ("streamOptimized", "5")):
+            if name not in a.formats.split(","):
+                continue
             disk = os.path.join(work, f"mb-{kind}-{name}.vmdk")
             if not os.path.exists(disk):
                 subprocess.run([vdm, "convert", "-q", "-f", "raw", "-t", t, raw, disk], check=True)
-            with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as theirs_dir:
+            with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as theirs_dir, \
+                    tempfile.TemporaryDirectory() as plain_dir:
                 subprocess.run([vmount, "-r", "-f", disk, ours_dir], check=True)
+                if a.ab:
+                    env = dict(os.environ, VDISK_MOUNT_NO_PREFETCH="1")
+                    subprocess.run([vmount, "-r", "-f", disk, plain_dir], check=True, env=env)
                 # vmdkmount daemonizes once the mount is up.
                 subprocess.run(["vmdkmount", disk, theirs_dir], check=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -74,13 +84,23 @@ def main():
                     ours_f, theirs_f = os.path.join(ours_dir, "flat"), os.path.join(theirs_dir, "vmdk1")
                     timed_read(ours_f)
                     timed_read(theirs_f)
-                    to, tt = [], []
+                    plain_f = os.path.join(plain_dir, "flat")
+                    to, tt, tp = [], [], []
                     for _ in range(a.rounds):
                         to.append(timed_read(ours_f))
                         tt.append(timed_read(theirs_f))
+                        if a.ab:
+                            tp.append(timed_read(plain_f))
                 finally:
                     subprocess.run([vmount, "-d", ours_dir])
+                    if a.ab:
+                        subprocess.run([vmount, "-d", plain_dir])
                     subprocess.run(["fusermount3", "-u", theirs_dir])
+            if a.verbose:
+                print("  ours:", " ".join(f"{x:.2f}" for x in to), " vmdkmount:", " ".join(f"{x:.2f}" for x in tt))
+            if a.ab:
+                print(f"  ours without read-ahead: median {statistics.median(tp):.2f} s"
+                      + (": " + " ".join(f"{x:.2f}" for x in tp) if a.verbose else ""))
             mo, mt = statistics.median(to), statistics.median(tt)
             print(f"{kind + ': ' + name:32} {mo:>8.2f} {mt:>12.2f} {mt / mo:>6.2f}x", flush=True)
 

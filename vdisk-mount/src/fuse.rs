@@ -11,7 +11,7 @@
 //! through; `mmap` still works on kernels that allow it for direct-I/O files (6.6+).
 
 use std::ffi::OsStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -22,6 +22,8 @@ use fuser::{
 };
 use rayon::prelude::*;
 use vdisk::{Disk, ErrorKind, RangeKind};
+
+use crate::prefetch::Prefetcher;
 
 /// The largest read or write request asked of the kernel (1 MiB).
 pub const MAX_REQUEST: u32 = 1 << 20;
@@ -59,6 +61,31 @@ fn read_pool() -> Option<rayon::ThreadPool> {
         .ok()
 }
 
+/// Reads `buf` at `offset` of the disk; a large request is cut into pieces read at
+/// once by the read pool (a sequential reader with direct I/O has one request in
+/// flight, and inflating a streamOptimized disk's grains is CPU work that would
+/// otherwise use one core).
+fn read_parallel(
+    disk: &Disk,
+    pool: Option<&rayon::ThreadPool>,
+    buf: &mut [u8],
+    offset: u64,
+) -> vdisk::Result<()> {
+    let pieces = pool.map_or(1, |p| {
+        p.current_num_threads().min(buf.len() / PARALLEL_PIECE_MIN)
+    });
+    let Some(pool) = pool.filter(|_| pieces > 1) else {
+        return disk.read_at(buf, offset);
+    };
+    // Pieces are whole multiples of the piece alignment, the last takes the rest.
+    let piece = (buf.len() / pieces).next_multiple_of(PARALLEL_PIECE_ALIGN);
+    pool.install(|| {
+        buf.par_chunks_mut(piece)
+            .enumerate()
+            .try_for_each(|(i, chunk)| disk.read_at(chunk, offset + (i * piece) as u64))
+    })
+}
+
 thread_local! {
     /// The read buffer of a serving thread (grown to the largest request seen, at
     /// most [`MAX_REQUEST`]).
@@ -80,7 +107,10 @@ pub struct MountedFile {
 
 /// The FUSE file system over one open disk.
 pub(crate) struct DiskFs {
-    disk: Disk,
+    /// Reads ahead for sequential readers (dropped first: it joins its thread,
+    /// which shares the disk).
+    prefetch: Option<Prefetcher>,
+    disk: Arc<Disk>,
     files: Vec<MountedFile>,
     writable: bool,
     uid: u32,
@@ -90,12 +120,24 @@ pub(crate) struct DiskFs {
     /// The last modification: the disk's descriptor mtime, then the last write.
     mtime: Mutex<SystemTime>,
     /// The threads that share a large read (none on a single CPU).
-    read_pool: Option<rayon::ThreadPool>,
+    read_pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl DiskFs {
     pub(crate) fn new(disk: Disk, files: Vec<MountedFile>, mtime: SystemTime) -> DiskFs {
+        let disk = Arc::new(disk);
+        let read_pool = read_pool().map(Arc::new);
+        // VDISK_MOUNT_NO_PREFETCH turns read-ahead off (to measure what it gives).
+        let prefetch = if std::env::var_os("VDISK_MOUNT_NO_PREFETCH").is_some() {
+            None
+        } else {
+            let (disk, pool) = (Arc::clone(&disk), read_pool.clone());
+            Prefetcher::start(Arc::new(move |buf: &mut [u8], offset: u64| {
+                read_parallel(&disk, pool.as_deref(), buf, offset)
+            }))
+        };
         DiskFs {
+            prefetch,
             writable: disk.is_writable(),
             disk,
             files,
@@ -103,31 +145,8 @@ impl DiskFs {
             gid: nix::unistd::getegid().as_raw(),
             mounted: SystemTime::now(),
             mtime: Mutex::new(mtime),
-            read_pool: read_pool(),
+            read_pool,
         }
-    }
-
-    /// Reads `buf` at `offset` of the disk; a large request is cut into pieces read
-    /// at once by the read pool (a sequential reader with direct I/O has one request
-    /// in flight, and inflating a streamOptimized disk's grains is CPU work that
-    /// would otherwise use one core).
-    fn read_parallel(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
-        let pieces = match &self.read_pool {
-            Some(pool) => pool
-                .current_num_threads()
-                .min(buf.len() / PARALLEL_PIECE_MIN),
-            None => 1,
-        };
-        let Some(pool) = self.read_pool.as_ref().filter(|_| pieces > 1) else {
-            return self.disk.read_at(buf, offset);
-        };
-        // Pieces are whole multiples of the piece alignment, the last takes the rest.
-        let piece = (buf.len() / pieces).next_multiple_of(PARALLEL_PIECE_ALIGN);
-        pool.install(|| {
-            buf.par_chunks_mut(piece)
-                .enumerate()
-                .try_for_each(|(i, chunk)| self.disk.read_at(chunk, offset + (i * piece) as u64))
-        })
     }
 
     fn file(&self, ino: INodeNo) -> Option<&MountedFile> {
@@ -335,9 +354,15 @@ impl Filesystem for DiskFs {
         if len == 0 {
             return reply.data(&[]);
         }
+        let at = f.offset + offset;
+        if let Some(p) = &self.prefetch {
+            if let Some(hit) = p.request(at, len) {
+                reply.data(hit.data());
+                return p.recycle(hit);
+            }
+        }
         // A range holding no data (half of a typical disk) is answered from a
         // static page of zeros: no read, no memset.
-        let at = f.offset + offset;
         if len <= ZEROS.len()
             && self.disk.allocation_map(at, len as u64).is_ok_and(|m| {
                 m.iter().all(|r| r.kind != RangeKind::Data)
@@ -353,7 +378,7 @@ impl Filesystem for DiskFs {
                 buf.resize(len, 0);
             }
             let buf = &mut buf[..len];
-            match self.read_parallel(buf, at) {
+            match read_parallel(&self.disk, self.read_pool.as_deref(), buf, at) {
                 Ok(()) => reply.data(buf),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -387,6 +412,9 @@ impl Filesystem for DiskFs {
             return reply.error(Errno::EFBIG);
         }
         let len = (f.size - offset).min(data.len() as u64) as usize;
+        if let Some(p) = &self.prefetch {
+            p.invalidate();
+        }
         match self.disk.write_at(&data[..len], f.offset + offset) {
             Ok(()) => {
                 *self.mtime.lock().unwrap_or_else(|e| e.into_inner()) = SystemTime::now();

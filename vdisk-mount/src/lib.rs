@@ -37,6 +37,7 @@ mod gpt;
 mod mbr;
 mod mount;
 pub mod mountinfo;
+mod prefetch;
 mod source;
 pub mod volume;
 
