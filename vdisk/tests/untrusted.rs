@@ -232,3 +232,30 @@ fn tracking_sidecar_is_never_written_through_a_link() {
     assert!(e.to_string().contains("not a regular file"), "{e}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 }
+
+/// Check and repair never open a FIFO (the open would block forever).
+#[test]
+fn check_refuses_special_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fifo = dir.join("f-flat.vmdk");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let disk = descriptor(dir, "f-flat.vmdk");
+    for (p, repair) in [(&disk, false), (&disk, true), (&fifo, false)] {
+        let (tx, rx) = mpsc::channel();
+        let p2 = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(vdisk::ops::check::check(&p2, repair));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("check of {} hung", p.display()));
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AccessDenied, "{e}");
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+    }
+}

@@ -83,6 +83,7 @@ fn check_inner(path: &Path, repair: bool) -> Result<CheckReport> {
         findings: Vec::new(),
         repaired: false,
     };
+    crate::paths::check_file_type(path, false)?;
     let top = FileStorage::open(path, repair, lock)?;
     let len = top
         .len()
@@ -132,6 +133,7 @@ fn check_inner(path: &Path, repair: bool) -> Result<CheckReport> {
                 continue;
             };
             let p = dir.join(std::ffi::OsStr::from_bytes(&d.file_name_bytes(name)));
+            crate::paths::check_file_type(&p, false)?;
             if !p.exists() {
                 report
                     .findings
