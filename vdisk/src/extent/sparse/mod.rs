@@ -16,6 +16,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::cache::GtCache;
 use crate::error::{Error, ErrorKind, Result};
+use crate::extent::new_grains::{write_new_grains, NewGrains};
 use crate::extent::{BelowFn, ExtentMapping};
 use crate::limits::{GT_CACHE_BYTES, MAX_SPARSE_FILE_SECTORS, SECTOR_SIZE};
 use crate::storage::{FileStorage, Storage};
@@ -591,42 +592,23 @@ impl SparseExtent {
                         first: claim.first,
                         n: claim.n,
                     };
-                    let in_grain = off % g;
-                    if claim.n > 1 || (in_grain == 0 && rest.len() as u64 >= g) {
-                        // Whole grains, written straight from the caller's buffer.
-                        let bytes = (claim.n * g) as usize;
-                        self.storage
-                            .write_all_at(&rest[..bytes], claim.sector * SECTOR_SIZE)
-                            .map_err(|e| Error::io(format!("{}: write failed", self.name), e))?;
-                        self.commit_grains(
-                            claim.first,
-                            claim.n,
-                            claim.sector,
-                            claim.sector * SECTOR_SIZE + bytes as u64,
-                        )?;
-                        pos += bytes;
-                    } else {
-                        // A partial grain: build it from below, overlay the new data.
-                        let grain_start = claim.first * g;
-                        let valid = g.min(self.capacity_bytes - grain_start) as usize;
-                        let mut buf = vec![0u8; g as usize];
-                        if claim.state == GrainState::Unallocated {
-                            below(grain_start, &mut buf[..valid])?;
-                        }
-                        let take = (g - in_grain).min(rest.len() as u64) as usize;
-                        buf[in_grain as usize..in_grain as usize + take]
-                            .copy_from_slice(&rest[..take]);
-                        self.storage
-                            .write_all_at(&buf, claim.sector * SECTOR_SIZE)
-                            .map_err(|e| Error::io(format!("{}: write failed", self.name), e))?;
-                        self.commit_grains(
-                            claim.first,
-                            1,
-                            claim.sector,
-                            claim.sector * SECTOR_SIZE + g,
-                        )?;
-                        pos += take;
-                    }
+                    let (used, end) = write_new_grains(
+                        &*self.storage,
+                        &self.name,
+                        g,
+                        self.capacity_bytes,
+                        &NewGrains {
+                            first: claim.first,
+                            n: claim.n,
+                            file_offset: claim.sector * SECTOR_SIZE,
+                            from_below: claim.state == GrainState::Unallocated,
+                        },
+                        off,
+                        rest,
+                        below,
+                    )?;
+                    self.commit_grains(claim.first, claim.n, claim.sector, end)?;
+                    pos += used;
                 }
             }
         }
