@@ -713,10 +713,11 @@ fn push_range(out: &mut Vec<MapRange>, r: MapRange) {
 }
 
 fn strip_ddb(key: &str) -> &str {
-    if key.len() >= 4 && key[..4].eq_ignore_ascii_case("ddb.") {
-        &key[4..]
-    } else {
-        key
+    // `get`: a key whose fourth byte is inside a multi-byte character has no prefix
+    // (slicing it panicked).
+    match key.get(..4) {
+        Some(p) if p.eq_ignore_ascii_case("ddb.") => &key[4..],
+        _ => key,
     }
 }
 
@@ -736,5 +737,13 @@ mod tests {
     fn disk_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Disk>();
+    }
+
+    #[test]
+    fn ddb_prefix_is_stripped_without_slicing_inside_a_character() {
+        assert_eq!(strip_ddb("DDB.uuid"), "uuid");
+        assert_eq!(strip_ddb("uuid"), "uuid");
+        // Found by fuzzing: the fourth byte is inside 'ü'.
+        assert_eq!(strip_ddb("uui\u{fc}d"), "uui\u{fc}d");
     }
 }
