@@ -180,10 +180,12 @@ impl Storage for FileStorage {
 /// A file held in memory: the [`Storage`] interface over a byte buffer, for tests and
 /// for fuzzing the format parsers without touching the host file system
 /// (see [`crate::fuzzing`]). `sync` does nothing; the buffer never grows beyond
-/// [`MemStorage::MAX_LEN`] (a write past it fails with `FileTooLarge`).
-#[derive(Debug, Default)]
+/// its limit ([`MemStorage::MAX_LEN`] unless set lower): a write past it fails with
+/// `FileTooLarge`, where a real file would just get a hole.
+#[derive(Debug)]
 pub struct MemStorage {
     bytes: std::sync::RwLock<Vec<u8>>,
+    max_len: u64,
 }
 
 impl MemStorage {
@@ -194,7 +196,15 @@ impl MemStorage {
     pub fn new(bytes: Vec<u8>) -> MemStorage {
         MemStorage {
             bytes: std::sync::RwLock::new(bytes),
+            max_len: Self::MAX_LEN,
         }
+    }
+
+    /// This file, never growing beyond `max_len` bytes (at most
+    /// [`MemStorage::MAX_LEN`]).
+    pub fn with_max_len(mut self, max_len: u64) -> MemStorage {
+        self.max_len = max_len.min(Self::MAX_LEN);
+        self
     }
 
     /// The file's current content.
@@ -210,15 +220,15 @@ impl MemStorage {
         self.bytes.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `len` as a buffer length, if it is within [`MemStorage::MAX_LEN`].
-    fn checked_len(len: Option<u64>) -> io::Result<usize> {
+    /// `len` as a buffer length, if it is within the limit.
+    fn checked_len(&self, len: Option<u64>) -> io::Result<usize> {
         match len {
-            Some(l) if l <= Self::MAX_LEN => Ok(l as usize),
+            Some(l) if l <= self.max_len => Ok(l as usize),
             _ => Err(io::Error::new(
                 io::ErrorKind::FileTooLarge,
                 format!(
-                    "an in-memory file cannot grow beyond {} bytes",
-                    Self::MAX_LEN
+                    "this in-memory file cannot grow beyond {} bytes",
+                    self.max_len
                 ),
             )),
         }
@@ -240,9 +250,11 @@ impl Storage for MemStorage {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let end = Self::checked_len(offset.checked_add(buf.len() as u64))?;
+        let end = self.checked_len(offset.checked_add(buf.len() as u64))?;
         let mut bytes = self.write();
         if bytes.len() < end {
+            let more = end - bytes.len();
+            bytes.reserve_exact(more);
             bytes.resize(end, 0);
         }
         bytes[end - buf.len()..end].copy_from_slice(buf);
@@ -254,7 +266,7 @@ impl Storage for MemStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        let len = Self::checked_len(Some(len))?;
+        let len = self.checked_len(Some(len))?;
         self.write().resize(len, 0);
         Ok(())
     }
@@ -296,6 +308,10 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
         assert!(m.write_all_at(b"z", u64::MAX).is_err());
         assert_eq!(m.into_bytes(), b"abc\0xy");
+        let m = MemStorage::new(Vec::new()).with_max_len(10);
+        m.write_all_at(b"0123456789", 0).unwrap();
+        assert!(m.write_all_at(b"x", 10).is_err());
+        assert!(m.set_len(11).is_err());
     }
 
     #[test]
