@@ -250,7 +250,9 @@ mod tests {
             }
         }
         assert_eq!(hits, 18);
-        assert_eq!(reads.load(Ordering::SeqCst), 19);
+        // One read ahead per request from the second on (the last may still run).
+        let n = reads.load(Ordering::SeqCst);
+        assert!((18..=19).contains(&n), "{n} reads ahead");
     }
 
     #[test]
