@@ -119,14 +119,28 @@ pub(crate) struct DiskFs {
     mounted: SystemTime,
     /// The last modification: the disk's descriptor mtime, then the last write.
     mtime: Mutex<SystemTime>,
-    /// The threads that share a large read (none on a single CPU).
+    /// The threads that share a large read (only for disks with compressed grains,
+    /// none on a single CPU).
     read_pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl DiskFs {
     pub(crate) fn new(disk: Disk, files: Vec<MountedFile>, mtime: SystemTime) -> DiskFs {
+        // Only inflating compressed grains needs more than one thread per request:
+        // other disks are bound by the host's reads, which the read-ahead overlaps
+        // with serving, and idle pool threads would spin against the serving thread
+        // for the CPU.
+        let compressed = disk.info().map_or(true, |i| {
+            i.chain
+                .iter()
+                .any(|l| l.create_type.eq_ignore_ascii_case("streamOptimized"))
+        });
         let disk = Arc::new(disk);
-        let read_pool = read_pool().map(Arc::new);
+        let read_pool = if compressed {
+            read_pool().map(Arc::new)
+        } else {
+            None
+        };
         // VDISK_MOUNT_NO_PREFETCH turns read-ahead off (to measure what it gives).
         let prefetch = if std::env::var_os("VDISK_MOUNT_NO_PREFETCH").is_some() {
             None
