@@ -530,6 +530,7 @@ pub fn stale_volumes() -> Vec<VolumeRecord> {
 pub fn cleanup_volume(r: &VolumeRecord) -> Result<(), String> {
     let mut errors = Vec::new();
     let mounts = all_mounts().unwrap_or_default();
+    let mut loop_device = None;
     // The file system, if it still sits on one of our loop devices.
     if let Some(m) = mounts.iter().rfind(|m| m.mountpoint == r.target) {
         if ours(r, m) {
@@ -537,6 +538,7 @@ pub fn cleanup_volume(r: &VolumeRecord) -> Result<(), String> {
                 errors.push(format!("cannot unmount {}: {e}", r.target.display()));
             }
             detach_loop(&m.source);
+            loop_device = Some(m.source.clone());
         }
     }
     if mounts.iter().any(|m| m.mountpoint == r.fuse_dir) {
@@ -550,6 +552,16 @@ pub fn cleanup_volume(r: &VolumeRecord) -> Result<(), String> {
             .is_ok_and(|s| s.success());
         if !ok && is_mounted(&r.fuse_dir) {
             errors.push(format!("cannot unmount {}", r.fuse_dir.display()));
+        }
+    }
+    // A lazily unmounted file system lets its loop device go only once the kernel
+    // has released it (after the FUSE folder is gone when its server died).
+    if let Some(dev) = loop_device {
+        if !loop_released(&dev) {
+            detach_loop(&dev);
+            if !loop_released(&dev) {
+                errors.push(format!("the loop device {dev} is still attached"));
+            }
         }
     }
     if errors.is_empty() {
@@ -594,6 +606,23 @@ pub fn loop_backing_file(dev: &str) -> Option<PathBuf> {
 }
 
 /// `losetup -d DEV` if the loop device is still attached (best effort).
+/// Waits up to [`LOOP_RELEASE_WAIT`] for loop device `dev` to have no backing file.
+fn loop_released(dev: &str) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if loop_backing_file(dev).is_none() {
+            return true;
+        }
+        if start.elapsed() > LOOP_RELEASE_WAIT {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How long a cleanup waits for the kernel to free a detached loop device.
+const LOOP_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn detach_loop(dev: &str) {
     if loop_backing_file(dev).is_some() {
         let _ = Command::new(tool("losetup"))
