@@ -534,11 +534,18 @@ pub fn cleanup_volume(r: &VolumeRecord) -> Result<(), String> {
     // The file system, if it still sits on one of our loop devices.
     if let Some(m) = mounts.iter().rfind(|m| m.mountpoint == r.target) {
         if ours(r, m) {
-            if let Err(e) = umount(&r.target, false).or_else(|_| umount(&r.target, true)) {
-                errors.push(format!("cannot unmount {}: {e}", r.target.display()));
+            match umount(&r.target, false) {
+                // Unmounted for good: the loop device must go (waited for below).
+                Ok(()) => loop_device = Some(m.source.clone()),
+                // Busy: detached lazily; the loop device (set to clear itself by
+                // `losetup -d`) goes when the last open file of the volume closes.
+                Err(_) => {
+                    if let Err(e) = umount(&r.target, true) {
+                        errors.push(format!("cannot unmount {}: {e}", r.target.display()));
+                    }
+                }
             }
             detach_loop(&m.source);
-            loop_device = Some(m.source.clone());
         }
     }
     if mounts.iter().any(|m| m.mountpoint == r.fuse_dir) {
@@ -554,8 +561,8 @@ pub fn cleanup_volume(r: &VolumeRecord) -> Result<(), String> {
             errors.push(format!("cannot unmount {}", r.fuse_dir.display()));
         }
     }
-    // A lazily unmounted file system lets its loop device go only once the kernel
-    // has released it (after the FUSE folder is gone when its server died).
+    // The kernel may free the loop device of an unmounted file system a moment
+    // later (after the FUSE folder is gone when its server died).
     if let Some(dev) = loop_device {
         if !loop_released(&dev) {
             detach_loop(&dev);
