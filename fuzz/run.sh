@@ -15,7 +15,10 @@
 # RUSTC_BOOTSTRAP=1 lets a stable toolchain accept them. Builds are release with
 # debug assertions and overflow checks, and AddressSanitizer (cargo-fuzz defaults).
 #
-# Inputs: fuzz/corpus/TARGET (committed, minimised), fuzz/work/seeds/TARGET (made by
+# Inputs: fuzz/corpus/TARGET (committed, minimised, every file within the target's
+# max_len), fuzz/seeds/TARGET (committed: a few whole real files larger than max_len
+# that reach code the small inputs do not; the fuzzer sees them truncated, the replay
+# tests whole), fuzz/work/seeds/TARGET (made by
 # `cargo test -p vdisk --test fuzz_replay -- --ignored make_seeds` and
 # `cargo test -p vdisk-mount --test fuzz_replay -- --ignored make_partition_seeds`),
 # new inputs go to fuzz/work/corpus/TARGET (not committed). A crash, timeout or
@@ -30,11 +33,13 @@ cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
 TARGETS="descriptor sparse_header stream cowd sesparse partitions open_and_read"
 
+# Largest input per target. Small, so the committed corpus stays small: seeds above
+# it are truncated when loaded (their mutants still reach the same code).
 max_len() {
     case "$1" in
-        descriptor) echo 65536 ;;
-        partitions) echo 131072 ;;
-        *) echo 327680 ;;
+        descriptor) echo 16384 ;;
+        sesparse | open_and_read) echo 65536 ;;
+        *) echo 32768 ;;
     esac
 }
 
@@ -50,10 +55,17 @@ case "${1:-}" in
         for t in $TARGETS; do echo "$t"; done
         ;;
     --cmin)
+        # The committed corpus and the new inputs of work/corpus, those within the
+        # target's max_len, minimised by edge coverage (no hit counts: fewer files).
         t="$2"
-        mkdir -p "corpus/$t" "work/corpus/$t"
-        cp -n "work/corpus/$t"/* "corpus/$t"/ 2>/dev/null || true
-        cargo fuzz cmin "$t" "corpus/$t" -- -max_len="$(max_len "$t")" -rss_limit_mb=1024
+        max="$(max_len "$t")"
+        tmp="work/cmin/$t"
+        rm -rf "$tmp"
+        mkdir -p "$tmp" "corpus/$t" "work/corpus/$t"
+        find "corpus/$t" "work/corpus/$t" -type f -size -"$((max + 1))"c -exec cp {} "$tmp"/ \;
+        cargo fuzz cmin "$t" "$tmp" -- -max_len="$max" -use_counters=0 -rss_limit_mb=1024
+        rm -rf "corpus/$t"
+        mv "$tmp" "corpus/$t"
         ;;
     "" | -*)
         sed -n '2,9p' "$0"
@@ -65,7 +77,8 @@ case "${1:-}" in
         shift 2
         mkdir -p "work/corpus/$t" "corpus/$t" "artifacts/$t"
         seeds=""
-        [ -d "work/seeds/$t" ] && seeds="work/seeds/$t"
+        [ -d "seeds/$t" ] && seeds="seeds/$t"
+        [ -d "work/seeds/$t" ] && seeds="$seeds work/seeds/$t"
         # shellcheck disable=SC2046,SC2086
         exec cargo fuzz run "$t" "work/corpus/$t" "corpus/$t" $seeds -- \
             -max_total_time="$secs" -max_len="$(max_len "$t")" $(dict "$t") \

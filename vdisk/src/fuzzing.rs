@@ -28,7 +28,7 @@ use crate::storage::{MemStorage, Storage};
 /// Most mapping answers walked per extent or disk.
 pub const MAX_MAP_ANSWERS: usize = 1 << 16;
 /// Most reads made per input.
-pub const MAX_READS: usize = 128;
+pub const MAX_READS: usize = 32;
 /// Bytes per read.
 pub const READ_PIECE: u64 = 4096;
 
