@@ -141,8 +141,10 @@ impl DiskFs {
         } else {
             None
         };
-        // VDISK_MOUNT_NO_PREFETCH turns read-ahead off (to measure what it gives).
-        let prefetch = if std::env::var_os("VDISK_MOUNT_NO_PREFETCH").is_some() {
+        // Read-ahead overlaps inflating the next range with serving this one; on
+        // uncompressed disks the host's own read-ahead does better (measured with
+        // bench/mount_bench.py --ab). VDISK_MOUNT_NO_PREFETCH turns it off.
+        let prefetch = if !compressed || std::env::var_os("VDISK_MOUNT_NO_PREFETCH").is_some() {
             None
         } else {
             let (disk, pool) = (Arc::clone(&disk), read_pool.clone());
