@@ -1675,6 +1675,45 @@ struct CommitVariant {
     calls: Calls,
 }
 
+/// Runs `op` (commit or shrink) on `path` in a child process and kills it: `timed`,
+/// at a random time within the measured duration (+20%), otherwise at a picked
+/// file-changing system call. Counts the outcome in `stats`, shortens the duration
+/// when a timed run finished before its kill, and returns whether the child was
+/// killed and the context extended with the plan.
+#[allow(clippy::too_many_arguments)]
+fn kill_operation(
+    op: &str,
+    path: &Path,
+    dir: &Path,
+    (duration, calls): (&mut u64, &Calls),
+    timed: bool,
+    r: &mut Rng,
+    stats: &mut OpStats,
+    ctx: &str,
+) -> (bool, String) {
+    let plan = if timed {
+        KillPlan::Delay(r.below(*duration * 6 / 5))
+    } else {
+        let (name, nth) = pick_syscall(calls, r);
+        KillPlan::Syscall(name, nth)
+    };
+    let ctx = format!("{ctx} {plan:?}");
+    let killed = run_and_kill(op, path, &dir.join("journal"), &plan, &ctx);
+    if killed {
+        stats.kills += 1;
+        if matches!(plan, KillPlan::Syscall(..)) {
+            stats.syscall_kills += 1;
+        }
+    } else {
+        stats.completed += 1;
+        // The measured duration was too long (measured while other tests ran).
+        if matches!(plan, KillPlan::Delay(_)) {
+            *duration = (*duration * 3 / 4).max(1000);
+        }
+    }
+    (killed, ctx)
+}
+
 #[derive(Default)]
 struct OpStats {
     kills: usize,
@@ -1752,27 +1791,16 @@ fn commit_survives_sigkill() {
         let base = dir.join("base.vmdk");
         let top = dir.join("child.vmdk");
         let base_cid = Disk::open(&base).unwrap().cid().unwrap();
-        // By time and at system calls in turn.
-        let plan = if (k / n).is_multiple_of(2) {
-            KillPlan::Delay(r.below(v.duration * 6 / 5))
-        } else {
-            let (name, nth) = pick_syscall(&v.calls, &mut r);
-            KillPlan::Syscall(name, nth)
-        };
-        let ctx = format!("{ctx} {plan:?}");
-        let killed = run_and_kill("commit", &top, &dir.join("journal"), &plan, &ctx);
-        if killed {
-            stats.kills += 1;
-            if matches!(plan, KillPlan::Syscall(..)) {
-                stats.syscall_kills += 1;
-            }
-        } else {
-            stats.completed += 1;
-            // The measured duration was too long (measured while other tests ran).
-            if matches!(plan, KillPlan::Delay(_)) {
-                v.duration = (v.duration * 3 / 4).max(1000);
-            }
-        }
+        let (killed, ctx) = kill_operation(
+            "commit",
+            &top,
+            &dir,
+            (&mut v.duration, &v.calls),
+            (k / n).is_multiple_of(2),
+            &mut r,
+            &mut stats,
+            &ctx,
+        );
         let top_left = top.exists();
         if top_left {
             // The chain still reads as before the commit.
@@ -1937,27 +1965,16 @@ fn shrink_survives_sigkill() {
         let dir = root.path().join(format!("run{k}"));
         copy_dir(&v.dir, &dir);
         let disk = dir.join(v.disk_name);
-        // By time and at system calls in turn.
-        let plan = if (k / n).is_multiple_of(2) {
-            KillPlan::Delay(r.below(v.duration * 6 / 5))
-        } else {
-            let (name, nth) = pick_syscall(&v.calls, &mut r);
-            KillPlan::Syscall(name, nth)
-        };
-        let ctx = format!("{ctx} {plan:?}");
-        let killed = run_and_kill("shrink", &disk, &dir.join("journal"), &plan, &ctx);
-        if killed {
-            stats.kills += 1;
-            if matches!(plan, KillPlan::Syscall(..)) {
-                stats.syscall_kills += 1;
-            }
-        } else {
-            stats.completed += 1;
-            // The measured duration was too long (measured while other tests ran).
-            if matches!(plan, KillPlan::Delay(_)) {
-                v.duration = (v.duration * 3 / 4).max(1000);
-            }
-        }
+        let (_, ctx) = kill_operation(
+            "shrink",
+            &disk,
+            &dir,
+            (&mut v.duration, &v.calls),
+            (k / n).is_multiple_of(2),
+            &mut r,
+            &mut stats,
+            &ctx,
+        );
         // Same content right after the kill, for us and for qemu.
         v.content.assert_read_by(&disk, &ctx);
         assert_qemu_identical(&v.dir.join(v.disk_name), &disk, &ctx);
