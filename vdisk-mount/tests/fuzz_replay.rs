@@ -11,11 +11,11 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use vdisk::fuzzing::{input_files, replay_input};
 use vdisk_mount::fuzzing::{partitions, SparseImage, FIX_GPT_CRCS};
 
 /// The most one input may take (the tests are a debug build).
@@ -28,45 +28,16 @@ fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
 }
 
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_file())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    v.sort();
-    v
-}
-
 /// Runs one input: the number of partitions or the error text, or a failure
 /// message for a panic or a slow run.
 fn run(path: &Path) -> Result<Result<usize, String>, String> {
-    let data = std::fs::read(path).unwrap();
-    let start = Instant::now();
-    let r = catch_unwind(AssertUnwindSafe(|| partitions(&data)));
-    let took = start.elapsed();
-    match r {
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(format!("{} panicked: {msg}", path.display()))
-        }
-        Ok(_) if took > MAX_PER_INPUT => Err(format!(
-            "{} took {took:?} (limit {MAX_PER_INPUT:?})",
-            path.display()
-        )),
-        Ok(r) => Ok(r.map(|t| t.partitions.len()).map_err(|e| e.to_string())),
-    }
+    replay_input("partitions", path, MAX_PER_INPUT, partitions)
+        .map(|r| r.map(|t| t.partitions.len()).map_err(|e| e.to_string()))
 }
 
 #[test]
 fn partitions_corpus_never_panics_or_hangs() {
-    let inputs = files(&fuzz_dir().join("corpus/partitions"));
+    let inputs = input_files(&fuzz_dir().join("corpus/partitions"));
     assert!(!inputs.is_empty(), "no corpus for partitions");
     let failures: Vec<String> = inputs.iter().filter_map(|p| run(p).err()).collect();
     assert!(
@@ -81,7 +52,7 @@ fn partitions_corpus_never_panics_or_hangs() {
 #[test]
 fn partitions_regressions_give_their_answer() {
     let mut failures = Vec::new();
-    let inputs = files(&fuzz_dir().join("regressions/partitions"));
+    let inputs = input_files(&fuzz_dir().join("regressions/partitions"));
     for p in &inputs {
         let file = p.file_name().unwrap().to_str().unwrap();
         let Some((_, want)) = REGRESSIONS.iter().find(|(f, _)| *f == file) else {

@@ -469,3 +469,46 @@ fn open_and_read_in(dir: &Path, files: &[(Vec<u8>, &[u8])]) -> Result<()> {
     }
     disk.close()
 }
+
+/// The files in a corpus or regression folder, sorted (none if it is missing).
+pub fn input_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// Runs a target body on the input file `path` as a replay test does: its answer,
+/// or a failure message (prefixed with `label`) for a panic, a run longer than
+/// `limit`, or an unreadable file.
+pub fn replay_input<T>(
+    label: &str,
+    path: &Path,
+    limit: std::time::Duration,
+    body: impl FnOnce(&[u8]) -> T,
+) -> std::result::Result<T, String> {
+    let data = std::fs::read(path).map_err(|e| format!("{label}: {}: {e}", path.display()))?;
+    let start = std::time::Instant::now();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&data)));
+    let took = start.elapsed();
+    match r {
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("{label}: {} panicked: {msg}", path.display()))
+        }
+        Ok(_) if took > limit => Err(format!(
+            "{label}: {} took {took:?} (limit {limit:?})",
+            path.display()
+        )),
+        Ok(r) => Ok(r),
+    }
+}

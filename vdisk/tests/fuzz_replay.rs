@@ -8,11 +8,11 @@
 //! `fuzz/work/seeds/<target>/`: disks made by `vdisk::create` and qemu-img, the small
 //! genuine VMware disks and hand-made descriptors. See `fuzz/run.sh`.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vdisk::fuzzing;
+use vdisk::fuzzing::{input_files, replay_input};
 use vdisk::ErrorKind;
 
 type Target = fn(&[u8]) -> vdisk::Result<()>;
@@ -89,40 +89,9 @@ fn target(name: &str) -> Target {
         .unwrap_or_else(|| panic!("no fuzz target {name}"))
 }
 
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.is_file())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    v.sort();
-    v
-}
-
 /// Runs one input: its result, or a failure message for a panic or a slow run.
 fn run(name: &str, path: &Path) -> Result<vdisk::Result<()>, String> {
-    let data = std::fs::read(path).unwrap();
-    let f = target(name);
-    let start = Instant::now();
-    let r = catch_unwind(AssertUnwindSafe(|| f(&data)));
-    let took = start.elapsed();
-    match r {
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(format!("{name}: {} panicked: {msg}", path.display()))
-        }
-        Ok(_) if took > MAX_PER_INPUT => Err(format!(
-            "{name}: {} took {took:?} (limit {MAX_PER_INPUT:?})",
-            path.display()
-        )),
-        Ok(r) => Ok(r),
-    }
+    replay_input(name, path, MAX_PER_INPUT, target(name))
 }
 
 #[test]
@@ -131,13 +100,13 @@ fn corpus_inputs_never_panic_or_hang() {
     let mut count = 0;
     for (name, _) in TARGETS {
         let dir = fuzz_dir().join("corpus").join(name);
-        let mut inputs = files(&dir);
+        let mut inputs = input_files(&dir);
         assert!(
             !inputs.is_empty(),
             "no corpus for {name} in {}",
             dir.display()
         );
-        inputs.extend(files(&fuzz_dir().join("seeds").join(name)));
+        inputs.extend(input_files(&fuzz_dir().join("seeds").join(name)));
         for p in inputs {
             count += 1;
             if let Err(m) = run(name, &p) {
@@ -158,7 +127,7 @@ fn regression_inputs_give_their_answer() {
     let mut failures = Vec::new();
     let mut seen = 0;
     for (name, _) in TARGETS {
-        for p in files(&fuzz_dir().join("regressions").join(name)) {
+        for p in input_files(&fuzz_dir().join("regressions").join(name)) {
             seen += 1;
             let file = p.file_name().unwrap().to_str().unwrap();
             let Some(&(_, _, want)) = REGRESSIONS
