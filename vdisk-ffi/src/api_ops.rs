@@ -447,6 +447,12 @@ pub unsafe extern "C" fn VixDiskLib_CheckRepair(
                 }
             ));
         }
+        if report.unlisted > 0 {
+            crate::log::log(&format!(
+                "VixDiskLib: CheckRepair: {} more problems not listed",
+                report.unlisted
+            ));
+        }
         // As with VDDK, the result says whether the check ran, not how the disk is.
         ok()
     })

@@ -57,3 +57,10 @@ pub const MIN_CBT_BLOCK: u64 = 4 << 10;
 /// The most blocks a change-tracking map holds (16 MiB of map): disks over 16 GiB
 /// get larger blocks.
 pub const MAX_CBT_BLOCKS: u64 = 1 << 22;
+
+/// Most bits of one per-grain bitmap a check or repair holds (32 MiB): a file with
+/// more grain slots is swept in windows of this many slots, one pass per window.
+pub const CHECK_BITMAP_BITS: u64 = 1 << 28;
+/// Bytes of repaired grain tables held before they are written (after a sync of the
+/// grain copies they point to).
+pub const REPAIR_BATCH_BYTES: u64 = 16 << 20;

@@ -245,9 +245,19 @@ fn stream(dir: &Path) -> PathBuf {
     p
 }
 
-/// The stream without its footer marker, footer and EOS marker (cut after the
-/// directory): the grain map is rebuilt from the markers.
+/// The stream without its footer (the footer marker's sector zeroed - an
+/// end-of-stream marker now - and the file cut after it): the grain map is rebuilt
+/// from the markers, which end properly.
 fn stream_without_footer(dir: &Path) -> PathBuf {
+    let p = stream(dir);
+    poke(&p, ST_FOOTER_MARKER * SECTOR, &[0u8; SECTOR as usize]);
+    truncate(&p, (ST_FOOTER_MARKER + 1) * SECTOR);
+    p
+}
+
+/// The stream cut after its directory: no footer, no end-of-stream marker - a copy
+/// that stopped early.
+fn stream_cut_after_directory(dir: &Path) -> PathBuf {
     let p = stream(dir);
     truncate(&p, ST_FOOTER_MARKER * SECTOR);
     p
@@ -1731,7 +1741,8 @@ fn stream_cases() -> Vec<Case> {
             InvalidDisk,
             "grain marker at sector 258 has an invalid compressed size 0",
         ),
-        // Cut inside grain 1 (no footer left: the map is rebuilt and still names it).
+        // Cut inside grain 1: no footer, and the walk over the markers ends inside a
+        // grain - a truncated file, refused (it used to read as zeros past the cut).
         stream_case(
             "stream_truncated_mid_grain",
             |d| {
@@ -1739,9 +1750,30 @@ fn stream_cases() -> Vec<Case> {
                 truncate(&p, (ST_G1 + 64) * SECTOR);
                 p
             },
-            Read,
+            Open,
             InvalidDisk,
-            "grain at sector 129 (65552 bytes of compressed data) extends past the end of the file (98816 bytes)",
+            "ends inside the block of the marker at sector 129 (65552 bytes announced): the file is truncated",
+        ),
+        // Cut after the directory: every grain is there, but no footer and no
+        // end-of-stream marker - refused as truncated, as qemu-img refuses it.
+        stream_case(
+            "stream_truncated_after_directory",
+            stream_cut_after_directory,
+            Open,
+            InvalidDisk,
+            "ends at sector 265 without an end-of-stream marker: the file is truncated",
+        ),
+        // Cut at a grain boundary, after grain 0: the rest would read as zeros.
+        stream_case(
+            "stream_truncated_at_a_grain_boundary",
+            |d| {
+                let p = stream(d);
+                truncate(&p, ST_G1 * SECTOR);
+                p
+            },
+            Open,
+            InvalidDisk,
+            "ends at sector 129 without an end-of-stream marker: the file is truncated",
         ),
         stream_case(
             "stream_no_footer_grain_lba_beyond_capacity",

@@ -442,6 +442,13 @@ fn maintain(a: &VmwareArgs) -> CliResult {
         };
         outln!("{}: {} ({what})", f.file.display(), f.problem);
     }
+    if report.unlisted > 0 {
+        outln!(
+            "... and {} more not listed ({} of them cannot be repaired)",
+            problems(report.unlisted as usize),
+            report.unlisted_unrepairable
+        );
+    }
     if report.is_clean() {
         if !a.quiet {
             outln!("The virtual disk, '{name}', is correctly configured.");
@@ -456,8 +463,12 @@ fn maintain(a: &VmwareArgs) -> CliResult {
             Ok(())
         }
         (true, n) => Err(format!("{name}: {} could not be repaired", problems(n))),
-        (false, n) => Err(format!(
+        (false, n) if report.all_repairable() => Err(format!(
             "{name}: {} found; repair with vdiskmanager -R {name}",
+            problems(n)
+        )),
+        (false, n) => Err(format!(
+            "{name}: {} found, not all of which can be repaired",
             problems(n)
         )),
     }

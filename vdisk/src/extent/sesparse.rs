@@ -95,18 +95,18 @@ pub const SESPARSE_GRAIN_SECTORS: u64 = 8;
 /// Sectors per grain table (4096 u64 entries; fixed by the format as known).
 pub const SESPARSE_GT_SECTORS: u64 = 64;
 
-const HEADER_BYTES: usize = 512;
-const GRAIN_BYTES: u64 = SESPARSE_GRAIN_SECTORS * SECTOR_SIZE;
-const GT_BYTES: u64 = SESPARSE_GT_SECTORS * SECTOR_SIZE;
-const GTES_PER_GT: u64 = GT_BYTES / 8;
+pub(crate) const HEADER_BYTES: usize = 512;
+pub(crate) const GRAIN_BYTES: u64 = SESPARSE_GRAIN_SECTORS * SECTOR_SIZE;
+pub(crate) const GT_BYTES: u64 = SESPARSE_GT_SECTORS * SECTOR_SIZE;
+pub(crate) const GTES_PER_GT: u64 = GT_BYTES / 8;
 /// Guest sectors one grain table (one directory entry) covers: 16 MiB.
 const SECTORS_PER_GT: u64 = GTES_PER_GT * SESPARSE_GRAIN_SECTORS;
 /// Directory entries per sector.
 const GDES_PER_SECTOR: u64 = SECTOR_SIZE / 8;
 
 /// Directory entry type bits of a table reference (the top 32 bits must be exactly this).
-const GDE_TABLE: u64 = 0x1000_0000_0000_0000;
-const GDE_HIGH_MASK: u64 = 0xFFFF_FFFF_0000_0000;
+pub(crate) const GDE_TABLE: u64 = 0x1000_0000_0000_0000;
+pub(crate) const GDE_HIGH_MASK: u64 = 0xFFFF_FFFF_0000_0000;
 /// In-memory directory value "no grain table".
 const NO_GT: u32 = u32::MAX;
 
@@ -146,24 +146,24 @@ fn encode_slot(slot: u64) -> u64 {
 
 /// The constant header (sector 0).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct ConstHeader {
-    capacity: u64,
-    volatile_offset: u64,
-    volatile_size: u64,
-    journal_header_offset: u64,
-    journal_header_size: u64,
-    journal_offset: u64,
-    journal_size: u64,
-    gd_offset: u64,
-    gd_size: u64,
-    gt_offset: u64,
-    gt_size: u64,
-    bitmap_offset: u64,
-    bitmap_size: u64,
-    backmap_offset: u64,
-    backmap_size: u64,
-    grains_offset: u64,
-    grains_size: u64,
+pub(crate) struct ConstHeader {
+    pub(crate) capacity: u64,
+    pub(crate) volatile_offset: u64,
+    pub(crate) volatile_size: u64,
+    pub(crate) journal_header_offset: u64,
+    pub(crate) journal_header_size: u64,
+    pub(crate) journal_offset: u64,
+    pub(crate) journal_size: u64,
+    pub(crate) gd_offset: u64,
+    pub(crate) gd_size: u64,
+    pub(crate) gt_offset: u64,
+    pub(crate) gt_size: u64,
+    pub(crate) bitmap_offset: u64,
+    pub(crate) bitmap_size: u64,
+    pub(crate) backmap_offset: u64,
+    pub(crate) backmap_size: u64,
+    pub(crate) grains_offset: u64,
+    pub(crate) grains_size: u64,
 }
 
 /// Byte offset of the first region field (`volatile_header_offset`).
@@ -173,7 +173,7 @@ const FIELDS_END: usize = 208;
 
 impl ConstHeader {
     /// Parses and validates the fields themselves (not the layout).
-    fn parse(b: &[u8; HEADER_BYTES]) -> Result<ConstHeader> {
+    pub(crate) fn parse(b: &[u8; HEADER_BYTES]) -> Result<ConstHeader> {
         let magic = u64_at(b, 0);
         if magic != SESPARSE_MAGIC {
             return Err(Error::invalid(format!(
@@ -267,7 +267,7 @@ impl ConstHeader {
     }
 
     /// Every region as `(name, first sector, sectors)`, the header first.
-    fn regions(&self) -> [(&'static str, u64, u64); 9] {
+    pub(crate) fn regions(&self) -> [(&'static str, u64, u64); 9] {
         [
             ("the constant header", 0, 1),
             (
@@ -290,23 +290,23 @@ impl ConstHeader {
     }
 
     /// Directory entries the capacity needs.
-    fn needed_gdes(&self) -> u64 {
+    pub(crate) fn needed_gdes(&self) -> u64 {
         self.capacity.div_ceil(SECTORS_PER_GT)
     }
 
     /// Grain tables the table area holds.
-    fn gt_slots(&self) -> u64 {
+    pub(crate) fn gt_slots(&self) -> u64 {
         self.gt_size / SESPARSE_GT_SECTORS
     }
 
     /// Grains the grain area holds.
-    fn grain_slots(&self) -> u64 {
+    pub(crate) fn grain_slots(&self) -> u64 {
         self.grains_size / SESPARSE_GRAIN_SECTORS
     }
 
     /// Checks the layout: every region addressable in bytes, the volatile header and
     /// directory large enough, no two regions overlapping.
-    fn validate_layout(&self) -> Result<()> {
+    pub(crate) fn validate_layout(&self) -> Result<()> {
         let regions = self.regions();
         for &(what, offset, size) in &regions {
             let addressable = offset
@@ -362,25 +362,25 @@ impl ConstHeader {
     }
 
     /// Byte offset of grain table `index` (below [`ConstHeader::gt_slots`]).
-    fn gt_byte_offset(&self, index: u32) -> u64 {
+    pub(crate) fn gt_byte_offset(&self, index: u32) -> u64 {
         (self.gt_offset + u64::from(index) * SESPARSE_GT_SECTORS) * SECTOR_SIZE
     }
 
     /// Byte offset of grain slot `slot` (below [`ConstHeader::grain_slots`]).
-    fn slot_byte_offset(&self, slot: u64) -> u64 {
+    pub(crate) fn slot_byte_offset(&self, slot: u64) -> u64 {
         (self.grains_offset + slot * SESPARSE_GRAIN_SECTORS) * SECTOR_SIZE
     }
 }
 
 /// Volatile header fields (the raw sector is kept so it is rewritten as read).
 #[derive(Clone, Debug)]
-struct VolatileHeader {
+pub(crate) struct VolatileHeader {
     raw: [u8; HEADER_BYTES],
     free_gt_number: u64,
 }
 
 impl VolatileHeader {
-    fn parse(b: &[u8; HEADER_BYTES]) -> Result<VolatileHeader> {
+    pub(crate) fn parse(b: &[u8; HEADER_BYTES]) -> Result<VolatileHeader> {
         let magic = u64_at(b, 0);
         if magic != SESPARSE_VOLATILE_MAGIC {
             return Err(Error::invalid(format!(
@@ -756,21 +756,10 @@ impl SeSparseExtent {
             Some(t) => t.entries[i as usize],
             None => return Err(Error::new(ErrorKind::Fail, "grain table left the cache")),
         };
-        match entry >> GTE_TYPE_SHIFT {
-            0 if entry == 0 => Ok(GrainState::Unallocated),
-            0 => Err(Error::invalid(format!(
-                "{}: grain table {gt} entry {i} is {entry:#018x}: unallocated type with a non-zero payload",
-                self.name
-            ))),
-            GTE_UNMAPPED | GTE_ZERO => Ok(GrainState::Zero),
-            GTE_ALLOCATED => {
-                let slot = decode_slot(entry);
-                if slot >= self.grain_slots {
-                    return Err(Error::invalid(format!(
-                        "{}: grain table {gt} entry {i} names grain slot {slot}, past the grain area ({} grains)",
-                        self.name, self.grain_slots
-                    )));
-                }
+        match classify_gte(entry, self.grain_slots) {
+            Ok(GteKind::Unallocated) => Ok(GrainState::Unallocated),
+            Ok(GteKind::Zero) => Ok(GrainState::Zero),
+            Ok(GteKind::Slot(slot)) => {
                 let offset = self.header.slot_byte_offset(slot);
                 let needed = GRAIN_BYTES.min(self.capacity_bytes - grain * GRAIN_BYTES);
                 if offset + needed > st.file_len {
@@ -781,8 +770,8 @@ impl SeSparseExtent {
                 }
                 Ok(GrainState::Data(offset))
             }
-            t => Err(Error::invalid(format!(
-                "{}: grain table {gt} entry {i} is {entry:#018x}: unknown grain type {t:#x}",
+            Err(why) => Err(Error::invalid(format!(
+                "{}: grain table {gt} entry {i} {why}",
                 self.name
             ))),
         }
@@ -1109,6 +1098,39 @@ impl SeSparseExtent {
     /// Size of the extent file in bytes.
     pub fn file_len(&self) -> Result<u64> {
         Ok(self.lock()?.file_len)
+    }
+}
+
+/// What a grain table entry says, by the format's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GteKind {
+    /// Not stored here: ask the parent.
+    Unallocated,
+    /// Reads as zeros (zero or SCSI-unmapped).
+    Zero,
+    /// Data in this grain slot (below the grain area's slot count).
+    Slot(u64),
+}
+
+/// Classifies grain table entry `entry` of a file whose grain area holds
+/// `grain_slots` grains; the error says what is wrong with it ("is ...: ...").
+pub(crate) fn classify_gte(entry: u64, grain_slots: u64) -> std::result::Result<GteKind, String> {
+    match entry >> GTE_TYPE_SHIFT {
+        0 if entry == 0 => Ok(GteKind::Unallocated),
+        0 => Err(format!(
+            "is {entry:#018x}: unallocated type with a non-zero payload"
+        )),
+        GTE_UNMAPPED | GTE_ZERO => Ok(GteKind::Zero),
+        GTE_ALLOCATED => {
+            let slot = decode_slot(entry);
+            if slot >= grain_slots {
+                return Err(format!(
+                    "names grain slot {slot}, past the grain area ({grain_slots} grains)"
+                ));
+            }
+            Ok(GteKind::Slot(slot))
+        }
+        t => Err(format!("is {entry:#018x}: unknown grain type {t:#x}")),
     }
 }
 

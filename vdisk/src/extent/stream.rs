@@ -101,7 +101,7 @@ impl StreamExtent {
         // 1. The header's own directory; 2. the footer's; 3. rebuild from markers.
         let mut gd_offset = ext.header.gd_offset;
         if gd_offset == GD_AT_END {
-            gd_offset = match ext.find_footer()? {
+            gd_offset = match find_footer(&*ext.storage, &ext.header, ext.file_len, &ext.name)? {
                 Some(footer) => footer.gd_offset,
                 None => GD_AT_END,
             };
@@ -128,43 +128,6 @@ impl StreamExtent {
             None => GrainIndex::Rebuilt(ext.rebuild_from_markers(file_sectors)?),
         };
         Ok(ext)
-    }
-
-    /// Looks for a footer (marker type 3 followed by a header copy) at the end of the
-    /// file, tolerating up to [`MAX_TRAILING_BYTES`] of padding or junk after it.
-    fn find_footer(&self) -> Result<Option<SparseHeader>> {
-        let end = self.file_len / SECTOR_SIZE * SECTOR_SIZE;
-        let span = end.min(MAX_TRAILING_BYTES + 3 * SECTOR_SIZE);
-        if span < 2 * SECTOR_SIZE {
-            return Ok(None);
-        }
-        let start = end - span;
-        let mut tail = vec![0u8; span as usize];
-        self.storage
-            .read_exact_at(&mut tail, start)
-            .map_err(|e| Error::io("cannot read the end of the file", e))?;
-        // From the end backwards: the last footer in the file wins.
-        let sectors = (span / SECTOR_SIZE) as usize;
-        for i in (0..sectors - 1).rev() {
-            let marker = &tail[i * 512..(i + 1) * 512];
-            let body = &tail[(i + 1) * 512..(i + 2) * 512];
-            if u32_at(marker, 8) == 0
-                && u32_at(marker, 12) == MARKER_FOOTER
-                && has_sparse_magic(body)
-                && start + (i as u64) * SECTOR_SIZE >= self.header.overhead * SECTOR_SIZE
-            {
-                let mut hb = [0u8; HEADER_SIZE];
-                hb.copy_from_slice(body);
-                match SparseHeader::parse(&hb) {
-                    Ok(f) if f.gd_offset != GD_AT_END && f.grain_size == self.header.grain_size => {
-                        return Ok(Some(f))
-                    }
-                    Ok(_) => continue,
-                    Err(e) => tracing::warn!("{}: ignoring a damaged footer: {e}", self.name),
-                }
-            }
-        }
-        Ok(None)
     }
 
     fn load_directory(&self, gd_offset: u64, file_sectors: u64) -> Result<Vec<u32>> {
@@ -194,7 +157,11 @@ impl StreamExtent {
         Ok(gd)
     }
 
-    /// Walks the markers from `overHead` and records where each grain's marker is.
+    /// Rebuilds the grain map by walking the markers from `overHead`: the marker sector
+    /// of each grain. The walk must end at an end-of-stream marker: a stream without
+    /// one was cut short (a download or copy that stopped), and the grains it lost
+    /// would read as zeros - it is refused, as qemu-img, libvmdk and open-vmdk refuse
+    /// it.
     fn rebuild_from_markers(&self, file_sectors: u64) -> Result<Vec<u32>> {
         let grains = self.capacity_bytes.div_ceil(self.grain_bytes);
         if grains > MAX_REBUILT_GRAINS {
@@ -204,38 +171,23 @@ impl StreamExtent {
             ));
         }
         let mut map = vec![0u32; grains as usize];
-        let grain_sectors = self.header.grain_size;
-        let mut pos = self.header.overhead.max(1);
-        let mut sector = [0u8; 512];
-        while pos < file_sectors {
-            self.storage
-                .read_exact_at(&mut sector, pos * SECTOR_SIZE)
-                .map_err(|e| Error::io("cannot read a marker", e))?;
-            let value = u64_at(&sector, 0);
-            let size = u32_at(&sector, 8);
-            if size != 0 {
-                if !value.is_multiple_of(grain_sectors) || value / grain_sectors >= grains {
-                    return Err(Error::invalid(format!(
-                        "grain marker at sector {pos} has LBA {value}, not a grain start inside the disk"
-                    )));
-                }
-                map[(value / grain_sectors) as usize] =
-                    u32::try_from(pos).map_err(|_| Error::invalid("grain marker beyond 2 TiB"))?;
-                pos += (GRAIN_MARKER_HEADER + u64::from(size)).div_ceil(SECTOR_SIZE);
-            } else {
-                let kind = u32_at(&sector, 12);
-                if kind == MARKER_EOS {
-                    break;
-                }
-                pos = pos
-                    .checked_add(1)
-                    .and_then(|p| p.checked_add(value))
-                    .ok_or_else(|| {
-                        Error::invalid(format!("marker at sector {pos} has an absurd length"))
-                    })?;
-            }
+        let walk = walk_markers(
+            &*self.storage,
+            &self.header,
+            file_sectors * SECTOR_SIZE,
+            &mut |grain, marker, _size| {
+                map[grain as usize] = u32::try_from(marker)
+                    .map_err(|_| Error::invalid("grain marker beyond 2 TiB"))?;
+                Ok(())
+            },
+        )?;
+        match walk.end {
+            StreamEnd::EndOfStream { .. } => Ok(map),
+            end => Err(Error::invalid(format!(
+                "the stream has no usable grain directory and {}: the file is truncated (qemu-img and VMware refuse it too); get the whole file again",
+                end.describe()
+            ))),
         }
-        Ok(map)
     }
 
     /// Capacity in bytes.
@@ -377,7 +329,7 @@ impl StreamExtent {
         })?;
         let lba = u64_at(&head, 0);
         let size = u64::from(u32_at(&head, 8));
-        if size == 0 || size > 2 * g + 1024 {
+        if size == 0 || size > max_compressed_bytes(g) {
             return Err(Error::invalid(format!(
                 "{}: grain marker at sector {marker} has an invalid compressed size {size}",
                 self.name
@@ -429,6 +381,188 @@ impl StreamExtent {
     pub fn file_len(&self) -> u64 {
         self.file_len
     }
+}
+
+/// Looks for a footer (marker type 3 followed by a header copy) at the end of the
+/// file, tolerating up to [`MAX_TRAILING_BYTES`] of padding or junk after it.
+pub fn find_footer(
+    storage: &dyn Storage,
+    header: &SparseHeader,
+    file_len: u64,
+    name: &str,
+) -> Result<Option<SparseHeader>> {
+    let end = file_len / SECTOR_SIZE * SECTOR_SIZE;
+    let span = end.min(MAX_TRAILING_BYTES + 3 * SECTOR_SIZE);
+    if span < 2 * SECTOR_SIZE {
+        return Ok(None);
+    }
+    let start = end - span;
+    let mut tail = vec![0u8; span as usize];
+    storage
+        .read_exact_at(&mut tail, start)
+        .map_err(|e| Error::io("cannot read the end of the file", e))?;
+    // From the end backwards: the last footer in the file wins.
+    let sectors = (span / SECTOR_SIZE) as usize;
+    for i in (0..sectors - 1).rev() {
+        let marker = &tail[i * 512..(i + 1) * 512];
+        let body = &tail[(i + 1) * 512..(i + 2) * 512];
+        if u32_at(marker, 8) == 0
+            && u32_at(marker, 12) == MARKER_FOOTER
+            && has_sparse_magic(body)
+            && start + (i as u64) * SECTOR_SIZE >= header.overhead * SECTOR_SIZE
+        {
+            let mut hb = [0u8; HEADER_SIZE];
+            hb.copy_from_slice(body);
+            match SparseHeader::parse(&hb) {
+                Ok(f) if f.gd_offset != GD_AT_END && f.grain_size == header.grain_size => {
+                    return Ok(Some(f))
+                }
+                Ok(_) => continue,
+                Err(e) => tracing::warn!("{}: ignoring a damaged footer: {e}", name),
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// How a walk over a stream's markers ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// At an end-of-stream marker (an all-zero sector) at this sector.
+    EndOfStream {
+        /// Sector of the marker.
+        sector: u64,
+    },
+    /// At the end of the file, between two markers, with no end-of-stream marker.
+    FileEnd {
+        /// Sector where the next marker would have been.
+        sector: u64,
+    },
+    /// Inside a grain or metadata block that runs past the end of the file.
+    CutShort {
+        /// Sector of the marker whose block is cut.
+        sector: u64,
+        /// Bytes of the block (after its marker) the marker announces.
+        bytes: u64,
+    },
+}
+
+impl StreamEnd {
+    /// What the end says, for messages ("ends at ...").
+    pub fn describe(&self) -> String {
+        match *self {
+            StreamEnd::EndOfStream { sector } => {
+                format!("ends with an end-of-stream marker at sector {sector}")
+            }
+            StreamEnd::FileEnd { sector } => {
+                format!("ends at sector {sector} without an end-of-stream marker")
+            }
+            StreamEnd::CutShort { sector, bytes } => format!(
+                "ends inside the block of the marker at sector {sector} ({bytes} bytes announced)"
+            ),
+        }
+    }
+}
+
+/// What a walk over a stream's markers saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkerWalk {
+    /// How it ended.
+    pub end: StreamEnd,
+    /// Grain markers seen.
+    pub grains: u64,
+    /// Metadata markers (grain table, directory, footer, others) seen before the end.
+    pub metadata_markers: u64,
+    /// Whether a footer marker was among them.
+    pub footer: bool,
+}
+
+/// Walks the markers of a streamOptimized file from `overHead` to its end-of-stream
+/// marker (an all-zero sector) or the end of the file (`file_len` bytes), calling
+/// `on_grain(grain index, marker sector, compressed bytes)` for each grain marker.
+/// A grain marker with an LBA that is not a grain start inside the disk, a
+/// compressed size beyond any grain, or a metadata marker whose length overflows is
+/// an error; a block cut by the end of the file ends the walk
+/// ([`StreamEnd::CutShort`]). Reads one sector per marker: the cost follows the
+/// number of grains, not the capacity.
+pub fn walk_markers(
+    storage: &dyn Storage,
+    header: &SparseHeader,
+    file_len: u64,
+    on_grain: &mut dyn FnMut(u64, u64, u64) -> Result<()>,
+) -> Result<MarkerWalk> {
+    let grain_sectors = header.grain_size;
+    let grain_bytes = header.grain_bytes();
+    let grains = (header.capacity * SECTOR_SIZE).div_ceil(grain_bytes);
+    let file_sectors = file_len / SECTOR_SIZE;
+    let mut walk = MarkerWalk {
+        end: StreamEnd::FileEnd { sector: 0 },
+        grains: 0,
+        metadata_markers: 0,
+        footer: false,
+    };
+    let mut pos = header.overhead.max(1);
+    let mut sector = [0u8; 512];
+    while pos < file_sectors {
+        storage
+            .read_exact_at(&mut sector, pos * SECTOR_SIZE)
+            .map_err(|e| Error::io(format!("cannot read the marker at sector {pos}"), e))?;
+        let value = u64_at(&sector, 0);
+        let size = u64::from(u32_at(&sector, 8));
+        if size != 0 {
+            if !value.is_multiple_of(grain_sectors) || value / grain_sectors >= grains {
+                return Err(Error::invalid(format!(
+                    "grain marker at sector {pos} has LBA {value}, not a grain start inside the disk"
+                )));
+            }
+            if size > max_compressed_bytes(grain_bytes) {
+                return Err(Error::invalid(format!(
+                    "grain marker at sector {pos} has an invalid compressed size {size}"
+                )));
+            }
+            let next = pos + (GRAIN_MARKER_HEADER + size).div_ceil(SECTOR_SIZE);
+            if pos * SECTOR_SIZE + GRAIN_MARKER_HEADER + size > file_len {
+                walk.end = StreamEnd::CutShort {
+                    sector: pos,
+                    bytes: size,
+                };
+                return Ok(walk);
+            }
+            on_grain(value / grain_sectors, pos, size)?;
+            walk.grains += 1;
+            pos = next;
+        } else {
+            let kind = u32_at(&sector, 12);
+            if kind == MARKER_EOS {
+                walk.end = StreamEnd::EndOfStream { sector: pos };
+                return Ok(walk);
+            }
+            let next = pos
+                .checked_add(1)
+                .and_then(|p| p.checked_add(value))
+                .ok_or_else(|| {
+                    Error::invalid(format!("marker at sector {pos} has an absurd length"))
+                })?;
+            if next > file_sectors {
+                walk.end = StreamEnd::CutShort {
+                    sector: pos,
+                    bytes: value.saturating_mul(SECTOR_SIZE),
+                };
+                return Ok(walk);
+            }
+            walk.metadata_markers += 1;
+            walk.footer |= kind == MARKER_FOOTER;
+            pos = next;
+        }
+    }
+    walk.end = StreamEnd::FileEnd { sector: pos };
+    Ok(walk)
+}
+
+/// The largest compressed size a grain marker may announce: zlib's worst case for an
+/// incompressible grain, with room to spare.
+fn max_compressed_bytes(grain_bytes: u64) -> u64 {
+    2 * grain_bytes + 1024
 }
 
 /// Inflates a zlib stream (or, failing that, raw deflate) into `out`; returns the

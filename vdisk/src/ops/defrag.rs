@@ -49,6 +49,8 @@ fn defrag_inner(path: &Path, progress: Progress<'_>) -> Result<DefragStats> {
         };
         Error::new(ErrorKind::NotSupported, why)
     })?;
+    // What check finds, repair may recover; rewriting the file first would lose it.
+    crate::ops::check::require_clean(path)?;
     let total: u64 = files.iter().map(|f| f.gd.len() as u64).sum();
     let mut done = 0u64;
     let mut stats = DefragStats::default();
@@ -158,6 +160,7 @@ fn rewrite(f: &SparseFile, tick: &mut dyn FnMut() -> Result<()>) -> Result<(u64,
     let mut grain = vec![0u8; gb];
     for index in 0..f.gd.len() {
         if f.gd[index] == 0 {
+            f.no_redundant_table(index)?;
             tick()?;
             continue;
         }

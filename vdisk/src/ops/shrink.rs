@@ -58,6 +58,9 @@ fn shrink_inner(path: &Path, progress: Progress<'_>) -> Result<ShrinkStats> {
         };
         Error::new(ErrorKind::CantShrink, why)
     })?;
+    // Tables that disagree, a copy a directory lost, a grain cut short: what check
+    // finds, repair may recover, and shrink would treat as free space.
+    crate::ops::check::require_clean(path)?;
     let total_tables: u64 = files.iter().map(|f| f.gd.len() as u64).sum::<u64>() * 3;
     let mut done = 0u64;
     let mut stats = ShrinkStats::default();
@@ -199,6 +202,7 @@ fn unmap_zero_grains(
     for index in 0..f.gd.len() {
         let gt = f.gd[index];
         if gt == 0 {
+            f.no_redundant_table(index)?;
             tick(2)?;
             continue;
         }

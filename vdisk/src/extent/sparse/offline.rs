@@ -361,6 +361,18 @@ impl SparseFile {
         )
     }
 
+    /// Fails with `NeedsRepair` if the redundant directory names a table for entry
+    /// `index`, which the grain directory leaves empty: that table may map data a
+    /// repair would restore, so nothing it names may be treated as free.
+    pub fn no_redundant_table(&self, index: usize) -> Result<()> {
+        match &self.rgd {
+            Some(rgd) if rgd[index] != 0 => Err(self.needs_repair(format!(
+                "grain directory entry {index} is empty but its redundant copy names a table"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads grain table `index` and verifies its redundant copy is identical.
     pub fn read_checked_table(&self, index: usize) -> Result<Vec<u32>> {
         let table = self.read_table(self.gd[index])?;
