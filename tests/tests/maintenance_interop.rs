@@ -581,3 +581,55 @@ fn repair_truncated_qemu_disk() {
         stdout_text(&out)
     );
 }
+
+/// qemu-img's streamOptimized output (directory and a redundant copy at the front,
+/// grain markers only, no end-of-stream marker - also for an empty disk) is whole:
+/// `-e` passes. The same file cut at a grain boundary is found truncated (the
+/// tables name grains past its end), and `-R` does not pretend to fix it.
+#[test]
+fn check_of_qemu_streams_and_a_cut_one() {
+    for (size, writes) in [
+        ("8M", vec!["write -P 0x5a 1M 300K".to_string(), "write -P 0x11 7M 64K".into()]),
+        ("4M", vec![]),
+    ] {
+        let dir = tempdir();
+        let src = qemu_create(dir.path(), "src.vmdk", "monolithicSparse", size);
+        if !writes.is_empty() {
+            qemu_io(&src, &writes);
+        }
+        let stream = dir.path().join("s.vmdk");
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "vmdk",
+                "-o",
+                "subformat=streamOptimized",
+                path_str(&src),
+                path_str(&stream),
+            ],
+        );
+        let what = format!("qemu stream of {size}");
+        check_passes(&stream, &what);
+        if writes.is_empty() {
+            continue;
+        }
+        // Cut after the first two grains (qemu starts them at sector 128; what
+        // follows its last grain is zeros): the tables name grains past the end.
+        assert!(file_len(&stream) > 140 * SECTOR);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&stream)
+            .expect("open");
+        f.set_len(130 * SECTOR).expect("truncate");
+        drop(f);
+        check_fails(&stream, &format!("{what}, cut"));
+        let out = run_unchecked(vdiskmanager_bin(), &["-R", path_str(&stream)]);
+        assert!(
+            !out.status.success(),
+            "{what}: -R claims to have repaired a cut stream\n{}",
+            all_output(&out)
+        );
+    }
+}
