@@ -589,7 +589,13 @@ fn repair_truncated_qemu_disk() {
 #[test]
 fn check_of_qemu_streams_and_a_cut_one() {
     for (size, writes) in [
-        ("8M", vec!["write -P 0x5a 1M 300K".to_string(), "write -P 0x11 7M 64K".into()]),
+        (
+            "8M",
+            vec![
+                "write -P 0x5a 1M 300K".to_string(),
+                "write -P 0x11 7M 64K".into(),
+            ],
+        ),
         ("4M", vec![]),
     ] {
         let dir = tempdir();
