@@ -8,9 +8,10 @@
 //! changed since it" is every block stamped later.
 //!
 //! Tracking is only trusted while nothing can have been missed. A sidecar found
-//! marked open (the writer died), or whose recorded CID and file fingerprint (names,
-//! sizes and modification times of the link's files) no longer match the link (a
-//! program that does not track wrote to it), is invalid: old change IDs are refused
+//! marked open (the writer died), or whose recorded CID and file fingerprint (device,
+//! inode, size and modification time of each of the link's files, read from the open
+//! files, so the spelling of the path the disk was opened by does not matter) no
+//! longer match the link (a program that does not track wrote to it), is invalid: old change IDs are refused
 //! with [`ErrorKind::ChangeIdRefused`], and the next open for writing starts a new
 //! epoch (a new random id) so the next backup is a full one.
 //!
@@ -51,7 +52,9 @@ struct Loaded {
     invalid: Option<String>,
 }
 
-/// The sidecar path a link's descriptor names, if tracking is enabled on it.
+/// The sidecar path a link's descriptor names, if tracking is enabled on it: an
+/// absolute path, resolved now, so that the sidecar is found again whatever the
+/// working folder is when it is saved.
 fn sidecar_of(link: &Link) -> Result<Option<PathBuf>> {
     let Some(name) = link.descriptor()?.ddb(DDB_KEY).map(str::to_string) else {
         return Ok(None);
@@ -64,7 +67,15 @@ fn sidecar_of(link: &Link) -> Result<Option<PathBuf>> {
         )));
     }
     let dir = link.path().parent().unwrap_or(Path::new("."));
-    let path = dir.join(name);
+    let path = std::path::absolute(dir.join(name)).map_err(|e| {
+        Error::io(
+            format!(
+                "{}: cannot resolve the folder of its change-tracking file",
+                link.path().display()
+            ),
+            e,
+        )
+    })?;
     // It is written on every writable open: never through a link or into a device.
     if let Ok(m) = std::fs::symlink_metadata(&path) {
         if !m.file_type().is_file() {
@@ -81,12 +92,10 @@ fn sidecar_of(link: &Link) -> Result<Option<PathBuf>> {
     Ok(Some(path))
 }
 
-/// FNV-1a over the names, sizes and modification times of the link's files.
-fn fingerprint(link: &Link) -> u64 {
-    let mut files: Vec<&Path> = vec![link.path()];
-    files.extend(link.extents().iter().filter_map(|e| e.path.as_deref()));
-    files.sort();
-    files.dedup();
+/// FNV-1a over what the link's files are: device, inode, size and modification
+/// time of each, from the open files (never their names: a disk opened as `d.vmdk`,
+/// `./d.vmdk` or by an absolute path is the same disk).
+fn fingerprint(link: &Link) -> Result<u64> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for &b in bytes {
@@ -94,20 +103,14 @@ fn fingerprint(link: &Link) -> u64 {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
     };
-    for f in files {
-        eat(f.as_os_str().as_encoded_bytes());
-        match std::fs::metadata(f) {
-            Ok(m) => {
-                use std::os::unix::fs::MetadataExt;
-                eat(&m.len().to_le_bytes());
-                eat(&m.mtime().to_le_bytes());
-                eat(&m.mtime_nsec().to_le_bytes());
-                eat(&m.ino().to_le_bytes());
-            }
-            Err(_) => eat(b"missing"),
-        }
+    for f in link.file_identities()? {
+        eat(&f.dev.to_le_bytes());
+        eat(&f.ino.to_le_bytes());
+        eat(&f.len.to_le_bytes());
+        eat(&f.mtime.to_le_bytes());
+        eat(&f.mtime_nsec.to_le_bytes());
     }
-    h
+    Ok(h)
 }
 
 fn link_cid(link: &Link) -> Result<u32> {
@@ -129,6 +132,19 @@ fn new_epoch() -> [u8; 16] {
     e[..8].copy_from_slice(&crate::ids::random_u64().to_le_bytes());
     e[8..].copy_from_slice(&crate::ids::random_u64().to_le_bytes());
     e
+}
+
+/// The sidecar of a link whose descriptor was just given the key.
+fn named_sidecar(link: &Link) -> Result<PathBuf> {
+    sidecar_of(link)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Fail,
+            format!(
+                "{}: the change-tracking key is missing after it was written",
+                link.path().display()
+            ),
+        )
+    })
 }
 
 /// Reads and checks the sidecar at `path` against the link it tracks.
@@ -165,7 +181,7 @@ fn load(path: &Path, link: &Link) -> Result<Loaded> {
             header.capacity,
             link.capacity()
         ))
-    } else if header.disk_cid != link_cid(link)? || header.fingerprint != fingerprint(link) {
+    } else if header.disk_cid != link_cid(link)? || header.fingerprint != fingerprint(link)? {
         Some(
             "the disk was changed by a program that does not track changes (its files or CID \
              differ from when tracking last saw them)"
@@ -229,7 +245,7 @@ fn save(path: &Path, l: &Loaded) -> Result<()> {
 /// Stamps `l` with the link's current CID and fingerprint, as a closed sidecar.
 fn seal(l: &mut Loaded, link: &Link) -> Result<()> {
     l.header.disk_cid = link_cid(link)?;
-    l.header.fingerprint = fingerprint(link);
+    l.header.fingerprint = fingerprint(link)?;
     l.header.flags &= !FLAG_OPEN;
     if let Some(reason) = &l.invalid {
         l.header.flags |= FLAG_INVALID;
@@ -485,11 +501,11 @@ fn install(link: &Link, mut l: Loaded) -> Result<()> {
     let path = match sidecar_of(link)? {
         Some(p) => p,
         None => {
-            let name = sidecar_name(link.path());
             let mut d = link.descriptor()?;
-            d.set_ddb(DDB_KEY, &name);
+            d.set_ddb(DDB_KEY, &sidecar_name(link.path()));
             link.save_descriptor(&d)?;
-            link.path().parent().unwrap_or(Path::new(".")).join(name)
+            drop(d);
+            named_sidecar(link)?
         }
     };
     l.header.capacity = link.capacity();
@@ -512,23 +528,20 @@ pub fn enable(path: &Path) -> Result<String> {
         return t.change_id();
     }
     drop(disk);
-    let name = {
+    {
         let disk = open_single(path, true)?;
         let link = &disk.links()[0];
-        let name = sidecar_name(link.path());
         let mut d = link.descriptor()?;
-        d.set_ddb(DDB_KEY, &name);
+        d.set_ddb(DDB_KEY, &sidecar_name(link.path()));
         link.save_descriptor(&d)?;
         drop(d);
         disk.close()?;
-        name
-    };
+    }
     let disk = open_single(path, false)?;
     let link = &disk.links()[0];
     let mut l = fresh(link, 1, format!("tracking enabled at {}", now_text()));
     seal(&mut l, link)?;
-    let file = link.path().parent().unwrap_or(Path::new(".")).join(name);
-    save(&file, &l)?;
+    save(&named_sidecar(link)?, &l)?;
     Ok(format::change_id(&l.header.epoch, l.header.seq))
 }
 
