@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -197,6 +197,12 @@ impl FileStorage {
     pub fn identity(&self) -> io::Result<FileIdentity> {
         self.handle().identity()
     }
+
+    /// Whether the file is a block device (a raw device mapping), which cannot be
+    /// truncated or extended: its length is the device's size.
+    pub fn is_block_device(&self) -> io::Result<bool> {
+        Ok(self.file.metadata()?.file_type().is_block_device())
+    }
 }
 
 impl Storage for FileStorage {
@@ -214,7 +220,14 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        let m = self.file.metadata()?;
+        if m.file_type().is_block_device() {
+            // A device's size is not in its metadata: its end is (positional I/O
+            // never uses the file position this moves).
+            use std::io::{Seek, SeekFrom};
+            return (&*self.file).seek(SeekFrom::End(0));
+        }
+        Ok(m.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
