@@ -515,9 +515,11 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
             let cap = d.capacity() / SECTOR;
             let start = startSector.min(cap);
             let end = startSector.saturating_add(numSectors).min(cap);
-            let map = d.allocation_map(start * SECTOR, (end - start) * SECTOR)?;
             let mut out: Vec<VixDiskLibBlock> = Vec::new();
-            for r in map.iter().filter(|r| r.kind == RangeKind::Data) {
+            d.for_each_range(start * SECTOR, (end - start) * SECTOR, |r| {
+                if r.kind != RangeKind::Data {
+                    return Ok(());
+                }
                 // Round out to chunks, relative to the query's start.
                 let s = r.offset / SECTOR;
                 let e = (r.offset + r.length).div_ceil(SECTOR);
@@ -532,7 +534,8 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
                         length: ce - cs,
                     }),
                 }
-            }
+                Ok(())
+            })?;
             Ok(out)
         })?;
         block_list_out(blocks, blockList)

@@ -34,6 +34,9 @@ pub const DDB_KEY: &str = "ddb.vdisk.changeTrackPath";
 /// The change ID meaning "everything allocated" in [`crate::Disk::changed_areas`].
 pub const ALL: &str = "*";
 
+/// Blocks of the map scanned under the tracker's lock at a time when listing changes.
+const SCAN_BLOCKS: u64 = 1 << 16;
+
 /// The sidecar file name used for the link at `path`: its file stem + `-cbt.vdcbt`.
 pub fn sidecar_name(path: &Path) -> String {
     let stem = path
@@ -413,67 +416,89 @@ impl Tracker {
     }
 
     /// The blocks written after change ID `since`, as sorted, merged byte ranges
-    /// `(offset, length)` clipped to `[offset, offset+len)` and to `capacity`.
-    pub fn changed_since(
+    /// `(offset, length)` clipped to `[offset, offset+len)` and to `capacity`, each
+    /// handed to `f` as it is found (only the pending range is held). The map is
+    /// scanned a slice at a time and `f` runs without the tracker's lock held, so it
+    /// may use the disk.
+    pub fn for_each_changed(
         &self,
         since: &str,
         offset: u64,
         len: u64,
         capacity: u64,
-    ) -> Result<Vec<(u64, u64)>> {
-        let s = self.state()?;
-        let refuse = |why: String| Error::new(ErrorKind::ChangeIdRefused, why);
-        if let Some(reason) = &s.loaded.invalid {
-            return Err(refuse(format!(
-                "change ID {since} cannot be used: {reason}; take a full backup"
-            )));
-        }
-        let (epoch, seq) = format::parse_change_id(since).ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("{since:?} is not a change ID (EPOCH/SEQ, or * for all allocated data)"),
-            )
-        })?;
-        let h = &s.loaded.header;
-        if epoch != h.epoch {
-            return Err(refuse(format!(
-                "change ID {since} is from another tracking history than this disk's \
-                 ({}; {}): take a full backup",
-                format::change_id(&h.epoch, h.seq),
-                if h.note.is_empty() {
-                    "tracking was re-enabled"
-                } else {
-                    h.note.as_str()
-                }
-            )));
-        }
-        if seq > h.seq {
-            return Err(refuse(format!(
-                "change ID {since} is newer than this disk's history (last session {})",
-                h.seq
-            )));
-        }
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let (seq, bs) = {
+            let s = self.state()?;
+            let refuse = |why: String| Error::new(ErrorKind::ChangeIdRefused, why);
+            if let Some(reason) = &s.loaded.invalid {
+                return Err(refuse(format!(
+                    "change ID {since} cannot be used: {reason}; take a full backup"
+                )));
+            }
+            let (epoch, seq) = format::parse_change_id(since).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{since:?} is not a change ID (EPOCH/SEQ, or * for all allocated data)"
+                    ),
+                )
+            })?;
+            let h = &s.loaded.header;
+            if epoch != h.epoch {
+                return Err(refuse(format!(
+                    "change ID {since} is from another tracking history than this disk's \
+                     ({}; {}): take a full backup",
+                    format::change_id(&h.epoch, h.seq),
+                    if h.note.is_empty() {
+                        "tracking was re-enabled"
+                    } else {
+                        h.note.as_str()
+                    }
+                )));
+            }
+            if seq > h.seq {
+                return Err(refuse(format!(
+                    "change ID {since} is newer than this disk's history (last session {})",
+                    h.seq
+                )));
+            }
+            (seq, h.block_size)
+        };
         let end = offset.saturating_add(len).min(capacity);
-        let bs = h.block_size;
-        let mut out: Vec<(u64, u64)> = Vec::new();
         if offset >= end {
-            return Ok(out);
+            return Ok(());
         }
-        let first = offset / bs;
+        let mut emit = |(o, l): (u64, u64)| f(o, l);
+        let mut out = crate::disk::Coalesce::new(&mut emit, crate::disk::join_areas);
         let last = (end - 1) / bs;
-        for b in first..=last {
-            let stamp = s.loaded.map.get(b as usize).copied().unwrap_or(0);
-            if u64::from(stamp) <= seq {
-                continue;
+        let mut first = offset / bs;
+        let mut slice: Vec<(u64, u64)> = Vec::new();
+        while first <= last {
+            let stop = last.min(first.saturating_add(SCAN_BLOCKS - 1));
+            {
+                let s = self.state()?;
+                for b in first..=stop {
+                    let stamp = s.loaded.map.get(b as usize).copied().unwrap_or(0);
+                    if u64::from(stamp) <= seq {
+                        continue;
+                    }
+                    let start = (b * bs).max(offset);
+                    let area = (start, ((b + 1) * bs).min(end) - start);
+                    let merged = slice
+                        .last_mut()
+                        .is_some_and(|prev| crate::disk::join_areas(prev, &area));
+                    if !merged {
+                        slice.push(area);
+                    }
+                }
             }
-            let start = (b * bs).max(offset);
-            let stop = ((b + 1) * bs).min(end);
-            match out.last_mut() {
-                Some(last) if last.0 + last.1 == start => last.1 += stop - start,
-                _ => out.push((start, stop - start)),
+            for area in slice.drain(..) {
+                out.push(area)?;
             }
+            first = stop + 1;
         }
-        Ok(out)
+        out.finish()
     }
 
     /// A copy of the in-memory history, sealed for `link` (a new child of this disk).

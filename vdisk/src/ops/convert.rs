@@ -84,16 +84,25 @@ impl Source {
         }
     }
 
-    /// Ranges of `[offset, offset+len)` that may hold data.
-    fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+    /// Calls `f(start, len)` for each range of `[offset, offset+len)` that may hold
+    /// data, in order (streamed: the map of a window is never held whole).
+    fn for_each_data_range(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64),
+    ) -> Result<()> {
         match self {
-            Source::Raw(..) => Ok(vec![(offset, len)]),
-            Source::Disk(d) => Ok(d
-                .allocation_map(offset, len)?
-                .into_iter()
-                .filter(|r| r.kind == RangeKind::Data)
-                .map(|r| (r.offset, r.length))
-                .collect()),
+            Source::Raw(..) => {
+                f(offset, len);
+                Ok(())
+            }
+            Source::Disk(d) => d.for_each_range(offset, len, |r| {
+                if r.kind == RangeKind::Data {
+                    f(r.offset, r.length);
+                }
+                Ok(())
+            }),
         }
     }
 
@@ -318,21 +327,23 @@ impl ChunkCursor<'_> {
             }
             let wlen = MAP_WINDOW.min(self.capacity - self.window);
             // Widen ranges to whole blocks (merging neighbours): a grain of the
-            // destination is then never split between two chunks.
+            // destination is then never split between two chunks, and a window holds
+            // at most one range per block.
             let block = BLOCK as u64;
-            let mut ranges: std::collections::VecDeque<(u64, u64)> = Default::default();
-            for (start, len) in self.source.data_ranges(self.window, wlen)? {
-                let s = start / block * block;
-                let e = (start + len)
-                    .div_ceil(block)
-                    .saturating_mul(block)
-                    .min(self.capacity);
-                match ranges.back_mut() {
-                    Some((ps, pl)) if *ps + *pl >= s => *pl = e.max(*ps + *pl) - *ps,
-                    _ => ranges.push_back((s, e - s)),
-                }
-            }
-            self.ranges = ranges;
+            let capacity = self.capacity;
+            let ranges = &mut self.ranges;
+            self.source
+                .for_each_data_range(self.window, wlen, |start, len| {
+                    let s = start / block * block;
+                    let e = (start + len)
+                        .div_ceil(block)
+                        .saturating_mul(block)
+                        .min(capacity);
+                    match ranges.back_mut() {
+                        Some((ps, pl)) if *ps + *pl >= s => *pl = e.max(*ps + *pl) - *ps,
+                        _ => ranges.push_back((s, e - s)),
+                    }
+                })?;
             self.window += wlen;
         }
     }
