@@ -556,3 +556,57 @@ fn map_and_changes_json_of_very_many_ranges_stream_in_bounded_memory() {
         );
     }
 }
+
+/// A disk that opens and reads but whose allocation map cannot be walked (one grain
+/// table entry points past the end of the file): `info` says what it knows from the
+/// header and descriptor, allocated bytes unknown with the reason as a warning, exit
+/// status 0; `--json` gives null and the warning.
+#[test]
+fn info_of_a_disk_with_one_bad_grain_table_entry_says_what_it_knows() {
+    let dir = tempdir();
+    let disk = vdisk_interop::sparse_with_a_grain_past_the_end(dir.path());
+    // The library: reads elsewhere work, info answers.
+    let d = Disk::open(&disk).unwrap();
+    let mut buf = vec![0u8; 65536];
+    d.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x42));
+    d.read_at(&mut buf, 6 * MIB).unwrap();
+    assert!(d.read_at(&mut buf, 4 * MIB).is_err());
+    let info = d.info().expect("info of a disk that opens and reads");
+    assert_eq!(info.capacity, 8 * MIB);
+    assert_eq!(info.allocated_bytes, None);
+    assert_eq!(info.warnings.len(), 1, "{:?}", info.warnings);
+    assert!(
+        info.warnings[0].contains("allocated"),
+        "{:?}",
+        info.warnings
+    );
+    drop(d);
+    // The CLI.
+    let out = vdiskmanager(&["info", path_str(&disk)]);
+    let text = stdout_text(&out);
+    assert!(text.contains("Capacity:         8388608 bytes"), "{text}");
+    assert!(text.contains("Allocated:        unknown"), "{text}");
+    let err = stderr_text(&out);
+    assert!(
+        err.starts_with("vdiskmanager: warning: ") && err.contains("allocated"),
+        "{err}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout_text(&vdiskmanager(&[
+        "info",
+        "--json",
+        path_str(&disk),
+    ])))
+    .unwrap();
+    assert_eq!(json["capacity"], 8 * MIB);
+    assert_eq!(json["allocatedBytes"], serde_json::Value::Null);
+    assert!(
+        json["warnings"][0].as_str().unwrap().contains("allocated"),
+        "{json}"
+    );
+    // A sound disk has no warnings.
+    let sound = create(dir.path(), "sound.vmdk", 0, "8MB");
+    let json = vdiskmanager_info(&sound);
+    assert_eq!(json["allocatedBytes"], 0);
+    assert_eq!(json["warnings"], serde_json::json!([]));
+}

@@ -109,6 +109,9 @@ pub unsafe extern "C" fn VixDiskLib_GetInfo(
         unsafe { *info = std::ptr::null_mut() };
         let h = state::disk(diskHandle as usize)?;
         let i = h.with_disk(|d| Ok(d.info()?))?;
+        for w in &i.warnings {
+            crate::log::warn(&format!("VixDiskLib_GetInfo: {w}"));
+        }
         let phys = geometry(i.geometry);
         let bios = match i.bios_geometry {
             Some(g) => geometry(Some(g)),

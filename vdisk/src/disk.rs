@@ -207,12 +207,16 @@ pub struct DiskInfo {
     pub cid: Option<u32>,
     /// parentCID of the top link.
     pub parent_cid: Option<u32>,
-    /// Guest bytes stored as data somewhere in the chain.
-    pub allocated_bytes: u64,
+    /// Guest bytes stored as data somewhere in the chain; `None` if the allocation
+    /// map could not be walked (a damaged grain table elsewhere than where the disk
+    /// is read): the reason is in `warnings`.
+    pub allocated_bytes: Option<u64>,
     /// Bytes of all files of the chain on the host.
     pub file_bytes: u64,
     /// The chain, top link first.
     pub chain: Vec<LinkInfo>,
+    /// What could not be found out, and why (the rest of the answer stands).
+    pub warnings: Vec<String>,
 }
 
 /// An open virtual disk (a chain of links; the top one takes writes).
@@ -572,6 +576,10 @@ impl Disk {
     }
 
     /// Capacity, geometry, adapter, hardware version, CIDs, extents and allocation.
+    /// Everything but the allocation comes from the descriptors and headers; the
+    /// allocated bytes need a walk of the whole allocation map, and a disk can open
+    /// and read while one of its grain tables is bad: then they are unknown (`None`)
+    /// and the reason is a warning, instead of the whole answer failing.
     pub fn info(&self) -> Result<DiskInfo> {
         // A non-persistent open's redo log is not part of the disk.
         let disk_links: Vec<&Link> = self.links.iter().filter(|l| !l.is_redo_log()).collect();
@@ -604,7 +612,14 @@ impl Disk {
                 extents,
             });
         }
-        let allocated_bytes = self.allocated_bytes()?;
+        let mut warnings = Vec::new();
+        let allocated_bytes = match self.allocated_bytes() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                warnings.push(format!("the allocated bytes are unknown: {e}"));
+                None
+            }
+        };
         let geometry_of = |c: &str, h: &str, s: &str| -> Result<Option<Geometry>> {
             Ok(
                 match (ddb_u32(top, c)?, ddb_u32(top, h)?, ddb_u32(top, s)?) {
@@ -651,6 +666,7 @@ impl Disk {
             allocated_bytes,
             file_bytes,
             chain,
+            warnings,
         })
     }
 

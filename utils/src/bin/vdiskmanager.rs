@@ -714,6 +714,9 @@ fn hex(v: Option<u32>) -> Value {
 fn info(path: &PathBuf, as_json: bool) -> CliResult {
     let disk = Disk::open(path).map_err(err)?;
     let i = disk.info().map_err(err)?;
+    for w in &i.warnings {
+        eprintln!("vdiskmanager: warning: {w}");
+    }
     if as_json {
         let chain: Vec<Value> = i
             .chain
@@ -757,6 +760,7 @@ fn info(path: &PathBuf, as_json: bool) -> CliResult {
             "allocatedBytes": i.allocated_bytes,
             "fileBytes": i.file_bytes,
             "chain": chain,
+            "warnings": i.warnings,
         });
         outln!(
             "{}",
@@ -801,11 +805,10 @@ fn info(path: &PathBuf, as_json: bool) -> CliResult {
         i.parent_cid.map_or("-".into(), |c| format!("{c:08x}"))
     );
     outln!("UUID:             {}", i.uuid.as_deref().unwrap_or("-"));
-    outln!(
-        "Allocated:        {} bytes ({})",
-        i.allocated_bytes,
-        human_bytes(i.allocated_bytes)
-    );
+    match i.allocated_bytes {
+        Some(n) => outln!("Allocated:        {n} bytes ({})", human_bytes(n)),
+        None => outln!("Allocated:        unknown (see the warning)"),
+    }
     outln!(
         "Files on host:    {} bytes ({})",
         i.file_bytes,
