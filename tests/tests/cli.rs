@@ -199,6 +199,12 @@ fn convert_to_existing_destination_fails_and_leaves_it_unchanged() {
         b"someone else's extent"
     );
     assert!(!new.exists(), "a descriptor was left behind");
+    // A refused convert removes its temporary folder.
+    let files = files_in(dir.path());
+    assert!(
+        !files.iter().any(|f| f.starts_with(".vdisk-convert")),
+        "{files:?}"
+    );
 }
 
 /// `meta set` then `meta get` / `meta list` round-trip on `disk`; the value is
