@@ -37,10 +37,8 @@ fn c(p: &Path) -> CString {
 fn open(conn: VixDiskLibConnection, path: &Path, flags: u32) -> VixDiskLibHandle {
     let mut h: VixDiskLibHandle = ptr::null_mut();
     // SAFETY: a NUL-terminated path and a valid out pointer.
-    check(
-        unsafe { VixDiskLib_Open(conn, c(path).as_ptr(), flags, &mut h) },
-        &format!("Open {}", path.display()),
-    );
+    let code = unsafe { VixDiskLib_Open(conn, c(path).as_ptr(), flags, &mut h) };
+    check(code, &format!("Open {}", path.display()));
     h
 }
 
@@ -87,41 +85,33 @@ fn a_vddk_client_writing_by_the_absolute_path_keeps_change_ids_of_a_relative_ena
     )
     .unwrap();
     // SAFETY: no callbacks, no library folder.
-    check(
-        unsafe {
-            VixDiskLib_Init(
-                8,
-                0,
-                ptr::null_mut(),
-                ptr::null_mut(),
-                ptr::null_mut(),
-                ptr::null(),
-            )
-        },
-        "Init",
-    );
+    let code = unsafe {
+        VixDiskLib_Init(
+            8,
+            0,
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null(),
+        )
+    };
+    check(code, "Init");
     let mut conn: VixDiskLibConnection = ptr::null_mut();
     // SAFETY: local connection, valid out pointer.
-    check(
-        unsafe { VixDiskLib_Connect(ptr::null(), &mut conn) },
-        "Connect",
-    );
+    let code = unsafe { VixDiskLib_Connect(ptr::null(), &mut conn) };
+    check(code, "Connect");
     // SAFETY: a NUL-terminated path.
-    check(
-        unsafe { VdiskExt_EnableChangeTracking(conn, c(Path::new("d.vmdk")).as_ptr(), 1) },
-        "EnableChangeTracking d.vmdk",
-    );
+    let code = unsafe { VdiskExt_EnableChangeTracking(conn, c(Path::new("d.vmdk")).as_ptr(), 1) };
+    check(code, "EnableChangeTracking d.vmdk");
     let h = open(conn, Path::new("./d.vmdk"), VIXDISKLIB_FLAG_OPEN_READ_ONLY);
     let mut id_ptr = ptr::null_mut();
     // SAFETY: an open handle and a valid out pointer.
-    check(
-        unsafe { VdiskExt_GetChangeId(h, &mut id_ptr) },
-        "GetChangeId",
-    );
+    let code = unsafe { VdiskExt_GetChangeId(h, &mut id_ptr) };
+    check(code, "GetChangeId");
     // SAFETY: a malloc'd NUL-terminated string from GetChangeId, copied then freed.
     let id = unsafe {
         let id = std::ffi::CStr::from_ptr(id_ptr).to_owned();
-        libc_free(id_ptr.cast());
+        libc::free(id_ptr.cast());
         id
     };
     check(VixDiskLib_Close(h), "Close");
@@ -129,10 +119,8 @@ fn a_vddk_client_writing_by_the_absolute_path_keeps_change_ids_of_a_relative_ena
     let h = open(conn, &dir.join("d.vmdk"), 0);
     let buf = vec![0x5au8; 8 * SECTOR as usize];
     // SAFETY: `buf` holds 8 sectors.
-    check(
-        unsafe { VixDiskLib_Write(h, 2048, 8, buf.as_ptr()) },
-        "Write",
-    );
+    let code = unsafe { VixDiskLib_Write(h, 2048, 8, buf.as_ptr()) };
+    check(code, "Write");
     check(VixDiskLib_Close(h), "Close");
     let spellings: Vec<PathBuf> = vec![
         PathBuf::from("d.vmdk"),
@@ -146,9 +134,4 @@ fn a_vddk_client_writing_by_the_absolute_path_keeps_change_ids_of_a_relative_ena
     }
     check(VixDiskLib_Disconnect(conn), "Disconnect");
     VixDiskLib_Exit();
-}
-
-extern "C" {
-    #[link_name = "free"]
-    fn libc_free(p: *mut std::ffi::c_void);
 }

@@ -35,10 +35,8 @@ fn get_info_succeeds_on_a_disk_with_one_bad_grain_table_entry() {
     assert_eq!(code, VIX_OK);
     let mut conn: VixDiskLibConnection = ptr::null_mut();
     // SAFETY: a local connection and a valid out pointer.
-    assert_eq!(
-        unsafe { VixDiskLib_Connect(ptr::null(), &mut conn) },
-        VIX_OK
-    );
+    let code = unsafe { VixDiskLib_Connect(ptr::null(), &mut conn) };
+    assert_eq!(code, VIX_OK);
     let mut h: VixDiskLibHandle = ptr::null_mut();
     // SAFETY: a NUL-terminated path and a valid out pointer.
     let code =
