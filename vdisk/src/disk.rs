@@ -499,7 +499,9 @@ impl Disk {
     /// The allocation map of `[offset, offset+len)` as a stream: calls `f` for each
     /// run, in ascending order, merged with its neighbours of the same kind and depth
     /// as it is found. Only the pending run is held, so a map of millions of runs
-    /// takes no memory. An error from `f` stops the walk and is returned.
+    /// takes no memory. An error from `f` stops the walk and is returned. No lock is
+    /// held while `f` runs, so it may read and write the disk (commit copies from
+    /// inside the walk).
     pub fn for_each_range(
         &self,
         offset: u64,
