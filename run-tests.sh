@@ -11,6 +11,8 @@ command -v vmdkinfo >/dev/null 2>&1 || need+=(libvmdk-utils)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+# Peak memory of a child process (GNU time: tests/tests/cli.rs streams huge maps).
+[ -x /usr/bin/time ] || need+=(time)
 # Kill points at exact system calls in the crash tests (tests/tests/crash_kill.rs).
 command -v strace >/dev/null 2>&1 || need+=(strace)
 # Partition and filesystem tools for the vdisk-mount tests.

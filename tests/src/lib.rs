@@ -547,6 +547,40 @@ pub fn qemu_io_write(disk: &Path, writes: &[(u8, u64, u64)]) {
     run("qemu-io", &args);
 }
 
+/// A monolithicSparse disk of 8 MiB at `dir/bad-gt.vmdk` whose first 64 KiB hold
+/// 0x42 and whose grain at 4 MiB is named by a grain-table entry pointing past the
+/// end of the file: it opens and reads everywhere but there, and a walk of its whole
+/// allocation map fails.
+pub fn sparse_with_a_grain_past_the_end(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("bad-gt.vmdk");
+    vdisk::create(
+        &path,
+        &vdisk::CreateOptions::new(vdisk::DiskType::MonolithicSparse, 8 * MIB),
+    )
+    .unwrap();
+    let d = vdisk::OpenOptions::new().write(true).open(&path).unwrap();
+    d.write_at(&[0x42; 64 << 10], 0).unwrap();
+    d.close().unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut head = [0u8; vdisk::extent::sparse::header::HEADER_SIZE];
+    f.read_exact_at(&mut head, 0).unwrap();
+    let h = vdisk::extent::sparse::header::SparseHeader::parse(&head).unwrap();
+    let mut gde = [0u8; 4];
+    f.read_exact_at(&mut gde, h.gd_offset * 512).unwrap();
+    let table = u64::from(u32::from_le_bytes(gde)) * 512;
+    let grain = 4 * MIB / (h.grain_size * 512);
+    let past_end = u32::try_from(f.metadata().unwrap().len() / 512 + 4096).unwrap();
+    f.write_all_at(&past_end.to_le_bytes(), table + grain * 4)
+        .unwrap();
+    f.sync_all().unwrap();
+    path
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,14 +3,15 @@
 //! the changed areas with little else; incremental backups (streamOptimized
 //! children) read identical in qemu and take a fraction of a full backup's time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Instant;
 
 use vdisk::ops::backup::write_backup;
 use vdisk::{cbt, create, CreateOptions, Disk, DiskType, ErrorKind, OpenOptions};
 use vdisk_interop::{
     assert_qemu_identical, path_str, qemu_io_write, run, stderr_text, stdout_text, tempdir,
-    vdiskmanager, vdiskmanager_failing,
+    vdiskmanager, vdiskmanager_bin, vdiskmanager_failing,
 };
 
 const MIB: u64 = 1 << 20;
@@ -88,6 +89,80 @@ fn a_qemu_write_refuses_old_change_ids_until_tracking_restarts() {
     run("vmdkinfo", &[path_str(&disk)]);
     vdiskmanager(&["cbt", "disable", path_str(&disk)]);
     assert!(!dir.path().join("d-cbt.vdcbt").exists());
+}
+
+/// `vdiskmanager args...` run in the folder `dir`, asserted to succeed.
+fn vdiskmanager_in(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(vdiskmanager_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vdiskmanager {args:?} in {}: {}",
+        dir.display(),
+        stderr_text(&out)
+    );
+    out
+}
+
+/// `vdiskmanager cbt enable d.vmdk` in the disk's folder, then writers and readers
+/// that spell the path differently (the library by the absolute path, as every VDDK
+/// client opens a disk; the CLI by `./d.vmdk`, through a symbolic link to the
+/// folder, with `..`): the first change ID stays accepted and the changed areas are
+/// exactly the writes.
+#[test]
+fn change_ids_hold_however_the_disk_path_is_spelled() {
+    let tmp = tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let dir = root.join("vm");
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::os::unix::fs::symlink(&dir, root.join("link")).unwrap();
+    vdiskmanager_in(&dir, &["-c", "-s", "16MB", "-t", "1", "-q", "d.vmdk"]);
+    let out = stdout_text(&vdiskmanager_in(&dir, &["cbt", "enable", "d.vmdk"]));
+    let id = out.trim().rsplit(' ').next().unwrap().to_string();
+    let spellings: Vec<PathBuf> = vec![
+        PathBuf::from("d.vmdk"),
+        PathBuf::from("./d.vmdk"),
+        dir.join("d.vmdk"),
+        root.join("link/d.vmdk"),
+        PathBuf::from("a/../d.vmdk"),
+    ];
+    let mut written: Vec<serde_json::Value> = Vec::new();
+    for (i, s) in spellings.iter().enumerate() {
+        // A data write through the library by the absolute path, then a tracked
+        // writer through the CLI by this spelling (meta set opens for writing).
+        let at = (i as u64 + 1) * MIB;
+        let d = OpenOptions::new()
+            .write(true)
+            .open(dir.join("d.vmdk"))
+            .unwrap();
+        d.write_at(&[i as u8 + 1; 8192], at).unwrap();
+        d.close().unwrap();
+        written.push(serde_json::json!({"start": at, "length": 8192}));
+        vdiskmanager_in(&dir, &["meta", "set", "note", &i.to_string(), path_str(s)]);
+        for r in &spellings {
+            let r = path_str(r);
+            let st: serde_json::Value = serde_json::from_str(&stdout_text(&vdiskmanager_in(
+                &dir,
+                &["cbt", "status", "--json", r],
+            )))
+            .unwrap();
+            assert_eq!(
+                st["trusted"],
+                true,
+                "written via {}, status of {r}: {st}",
+                s.display()
+            );
+            let ch: serde_json::Value = serde_json::from_str(&stdout_text(&vdiskmanager_in(
+                &dir,
+                &["cbt", "changes", "--json", "--since", &id, r],
+            )))
+            .unwrap();
+            assert_eq!(ch["areas"], serde_json::Value::from(written.clone()), "{r}");
+        }
+    }
 }
 
 /// A small deterministic generator.

@@ -272,6 +272,82 @@ fn grow_our_disks_of_every_growable_type() {
     }
 }
 
+/// A loop device, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    /// Attaches `file` (needs root and losetup).
+    fn attach(file: &Path) -> LoopDevice {
+        let uid = stdout_text(&run("id", &["-u"]));
+        assert_eq!(uid.trim(), "0", "this test needs root (a loop device)");
+        let losetup = vdisk_interop::require_tool_from("losetup", "mount");
+        let out = run(&losetup, &["--find", "--show", path_str(file)]);
+        LoopDevice(stdout_text(&out).trim().to_string())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let losetup = vdisk_interop::require_tool_from("losetup", "mount");
+        let _ = std::process::Command::new(losetup)
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// A raw device mapping (a FLAT extent naming a block device) grows inside the
+/// device: what the device held past the old extent end reads as zeros in the grown
+/// disk (the device cannot be cut, so zeros are written), bytes beyond the new end
+/// are not touched, and a device too small for the new size is refused with the
+/// descriptor unchanged.
+#[test]
+fn grow_of_a_raw_device_mapping_zeroes_the_new_space_in_the_device() {
+    let dir = tempdir();
+    let backing = dir.path().join("device.img");
+    std::fs::write(&backing, vec![0xeeu8; 16 * MIB as usize]).expect("write");
+    let dev = LoopDevice::attach(&backing);
+    let disk = dir.path().join("rdm.vmdk");
+    std::fs::write(
+        &disk,
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+             createType=\"monolithicFlat\"\n\nRW 8192 FLAT \"{}\" 0\n\n\
+             ddb.adapterType = \"lsilogic\"\n",
+            dev.0
+        ),
+    )
+    .expect("write");
+    vdiskmanager(&["-x", "8MB", path_str(&disk)]);
+    let d = vdisk::Disk::open(&disk).expect("open the grown disk");
+    assert_eq!(d.capacity(), 8 * MIB);
+    let mut buf = vec![0u8; 8 * MIB as usize];
+    d.read_at(&mut buf, 0).expect("read");
+    drop(d);
+    assert!(
+        buf[..4 * MIB as usize].iter().all(|&b| b == 0xee),
+        "old content changed"
+    );
+    if let Some(i) = buf[4 * MIB as usize..].iter().position(|&b| b != 0) {
+        panic!(
+            "grown space shows a stale byte at disk offset {}",
+            4 * MIB as usize + i
+        );
+    }
+    let device = std::fs::read(&dev.0).expect("read the device");
+    assert!(
+        device[8 * MIB as usize..].iter().all(|&b| b == 0xee),
+        "bytes past the new end changed"
+    );
+    let before = std::fs::read(&disk).expect("read");
+    let out = vdiskmanager_failing(&["-x", "32MB", path_str(&disk)]);
+    assert!(stderr_text(&out).contains("needs"), "{}", stderr_text(&out));
+    assert_eq!(
+        std::fs::read(&disk).expect("read"),
+        before,
+        "descriptor changed"
+    );
+}
+
 #[test]
 fn grow_smaller_or_stream_fails_and_keeps_the_disk() {
     let dir = tempdir();

@@ -693,6 +693,91 @@ fn persistent_mount_writes_reach_the_disk() {
     m.unmount();
 }
 
+/// `vdisk-mount [extra...] -f NAME DIR` run in the disk's folder (the disk named
+/// relatively: the serving process moves to `/` once the disk is open).
+fn mount_by_relative_name(folder: &Path, name: &str, mnt: &Path, extra: &[&str]) -> FlatMount {
+    std::fs::create_dir_all(mnt).unwrap();
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend(["-f", name, path_str(mnt)]);
+    let out = Command::new(vdisk_mount_bin())
+        .args(&args)
+        .current_dir(folder)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vdisk-mount {args:?}: {}",
+        stderr_text(&out)
+    );
+    assert!(is_mounted(mnt), "{} is not mounted", mnt.display());
+    FlatMount {
+        dir: mnt.canonicalize().unwrap(),
+    }
+}
+
+/// A tracked disk mounted `--persistent` by a relative name keeps its change
+/// tracking: the sidecar in the disk's folder is closed at unmount (none appears in
+/// `/`, the serving process's folder), the change ID taken before is accepted and
+/// the changed areas hold the write made through the mount. Read-only and
+/// non-persistent mounts leave tracking as it was.
+#[test]
+fn mounts_of_a_tracked_disk_keep_its_change_tracking() {
+    let _guard = setup();
+    let dir = tempdir();
+    let folder = dir.path().canonicalize().unwrap();
+    // A name no other test uses, so that a sidecar written into / is this one's.
+    let stem = format!("tracked-{}", std::process::id());
+    let name = format!("{stem}.vmdk");
+    let disk = folder.join(&name);
+    let stray = Path::new("/").join(format!("{stem}-cbt.vdcbt"));
+    let _ = std::fs::remove_file(&stray);
+    vdiskmanager(&["-c", "-s", "16MB", "-t", "0", "-q", path_str(&disk)]);
+    let id = vdisk::cbt::enable(&disk).unwrap();
+    let mnt = folder.join("mnt");
+    let changes = || {
+        let d = vdisk::Disk::open(&disk).unwrap();
+        let st = d.tracker().unwrap().status().unwrap();
+        assert_eq!(st.invalid, None, "tracking not trusted after the mount");
+        d.changed_areas(&id, 0, d.capacity())
+            .unwrap_or_else(|e| panic!("change ID {id} refused after the mount: {e}"))
+    };
+    let m = mount_by_relative_name(&folder, &name, &mnt, &["--persistent"]);
+    let data = pattern(21, 65_536);
+    write_through(&m.file("flat"), 5 * MIB, &data);
+    m.unmount();
+    let strayed = stray.exists();
+    let _ = std::fs::remove_file(&stray);
+    assert!(
+        !strayed,
+        "the persistent mount wrote its sidecar as {}",
+        stray.display()
+    );
+    let after = changes();
+    assert_eq!(after, vec![(5 * MIB, 65_536)]);
+    // Read-only, then non-persistent (a write that goes to the throwaway redo log).
+    for extra in [&["-r"][..], &[][..]] {
+        let m = mount_by_relative_name(&folder, &name, &mnt, extra);
+        let mut back = vec![0u8; data.len()];
+        File::open(m.file("flat"))
+            .unwrap()
+            .read_exact_at(&mut back, 5 * MIB)
+            .unwrap();
+        assert_same_bytes("tracked disk read through the mount", &back, &data);
+        if extra.is_empty() {
+            write_through(&m.file("flat"), 9 * MIB, &data);
+        }
+        m.unmount();
+        let strayed = stray.exists();
+        let _ = std::fs::remove_file(&stray);
+        assert!(!strayed, "{extra:?}: a sidecar appeared in /");
+        assert_eq!(
+            changes(),
+            after,
+            "{extra:?} mount changed the tracked areas"
+        );
+    }
+}
+
 #[test]
 fn gpt_disk_lists_and_mounts_its_partitions() {
     let _guard = setup();

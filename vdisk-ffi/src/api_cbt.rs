@@ -116,9 +116,8 @@ pub unsafe extern "C" fn VdiskExt_QueryChangedAreas(
         let blocks = h.with_disk(|d| {
             let start = startSector.saturating_mul(SECTOR);
             let len = numSectors.saturating_mul(SECTOR);
-            let areas = d.changed_areas(&id, start, len)?;
-            let mut out: Vec<VixDiskLibBlock> = Vec::with_capacity(areas.len());
-            for (off, l) in areas {
+            let mut out: Vec<VixDiskLibBlock> = Vec::new();
+            d.for_each_changed_area(&id, start, len, |off, l| {
                 let s = off / SECTOR;
                 let e = (off + l).div_ceil(SECTOR);
                 match out.last_mut() {
@@ -128,7 +127,8 @@ pub unsafe extern "C" fn VdiskExt_QueryChangedAreas(
                         length: e - s,
                     }),
                 }
-            }
+                Ok(())
+            })?;
             Ok(out)
         })?;
         block_list_out(blocks, blockList)

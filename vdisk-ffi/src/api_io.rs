@@ -109,6 +109,9 @@ pub unsafe extern "C" fn VixDiskLib_GetInfo(
         unsafe { *info = std::ptr::null_mut() };
         let h = state::disk(diskHandle as usize)?;
         let i = h.with_disk(|d| Ok(d.info()?))?;
+        for w in &i.warnings {
+            crate::log::warn(&format!("VixDiskLib_GetInfo: {w}"));
+        }
         let phys = geometry(i.geometry);
         let bios = match i.bios_geometry {
             Some(g) => geometry(Some(g)),
@@ -515,9 +518,11 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
             let cap = d.capacity() / SECTOR;
             let start = startSector.min(cap);
             let end = startSector.saturating_add(numSectors).min(cap);
-            let map = d.allocation_map(start * SECTOR, (end - start) * SECTOR)?;
             let mut out: Vec<VixDiskLibBlock> = Vec::new();
-            for r in map.iter().filter(|r| r.kind == RangeKind::Data) {
+            d.for_each_range(start * SECTOR, (end - start) * SECTOR, |r| {
+                if r.kind != RangeKind::Data {
+                    return Ok(());
+                }
                 // Round out to chunks, relative to the query's start.
                 let s = r.offset / SECTOR;
                 let e = (r.offset + r.length).div_ceil(SECTOR);
@@ -532,7 +537,8 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
                         length: ce - cs,
                     }),
                 }
-            }
+                Ok(())
+            })?;
             Ok(out)
         })?;
         block_list_out(blocks, blockList)

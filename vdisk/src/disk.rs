@@ -207,12 +207,16 @@ pub struct DiskInfo {
     pub cid: Option<u32>,
     /// parentCID of the top link.
     pub parent_cid: Option<u32>,
-    /// Guest bytes stored as data somewhere in the chain.
-    pub allocated_bytes: u64,
+    /// Guest bytes stored as data somewhere in the chain; `None` if the allocation
+    /// map could not be walked (a damaged grain table elsewhere than where the disk
+    /// is read): the reason is in `warnings`.
+    pub allocated_bytes: Option<u64>,
     /// Bytes of all files of the chain on the host.
     pub file_bytes: u64,
     /// The chain, top link first.
     pub chain: Vec<LinkInfo>,
+    /// What could not be found out, and why (the rest of the answer stands).
+    pub warnings: Vec<String>,
 }
 
 /// An open virtual disk (a chain of links; the top one takes writes).
@@ -307,22 +311,41 @@ impl Disk {
     /// sorted, merged `(offset, length)` byte ranges (blocks of the tracker's block
     /// size, clipped to the range). `since` = `*` gives every area holding data (the
     /// allocated data of the whole chain), tracked or not, for a first full backup.
+    /// Collects [`Disk::for_each_changed_area`].
     pub fn changed_areas(&self, since: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        self.for_each_changed_area(since, offset, len, |o, l| {
+            out.push((o, l));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Disk::changed_areas`] as a stream: calls `f(offset, length)` for each area,
+    /// in ascending order, merged with its neighbours as it is found (only the
+    /// pending area is held, so millions of areas take no memory). An error from `f`
+    /// stops the walk and is returned. `f` may use the disk (the tracker is not
+    /// locked while it runs).
+    pub fn for_each_changed_area(
+        &self,
+        since: &str,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
         if since.trim() == crate::cbt::ALL {
-            let mut out: Vec<(u64, u64)> = Vec::new();
-            for r in self.allocation_map(offset, len)? {
-                if r.kind != RangeKind::Data {
-                    continue;
+            let mut emit = |(o, l): (u64, u64)| f(o, l);
+            let mut areas = Coalesce::new(&mut emit, join_areas);
+            self.for_each_range(offset, len, |r| {
+                if r.kind == RangeKind::Data {
+                    areas.push((r.offset, r.length))?;
                 }
-                match out.last_mut() {
-                    Some(last) if last.0 + last.1 == r.offset => last.1 += r.length,
-                    _ => out.push((r.offset, r.length)),
-                }
-            }
-            return Ok(out);
+                Ok(())
+            })?;
+            return areas.finish();
         }
         match &self.cbt {
-            Some(t) => t.changed_since(since, offset, len, self.capacity),
+            Some(t) => t.for_each_changed(since, offset, len, self.capacity, f),
             None => Err(self.untracked()),
         }
     }
@@ -462,11 +485,46 @@ impl Disk {
 
     /// The allocation map of `[offset, offset+len)`: coalesced runs saying whether
     /// each range is data, zero or unallocated, and at which depth of the chain.
+    /// Collects [`Disk::for_each_range`] (a hostile file can describe millions of
+    /// runs: stream them where the whole disk is walked).
     pub fn allocation_map(&self, offset: u64, len: u64) -> Result<Vec<MapRange>> {
-        let len = len.min(self.capacity.saturating_sub(offset));
-        let mut out: Vec<MapRange> = Vec::new();
-        self.map_chain(0, offset, len, &mut out)?;
+        let mut out = Vec::new();
+        self.for_each_range(offset, len, |r| {
+            out.push(r);
+            Ok(())
+        })?;
         Ok(out)
+    }
+
+    /// The allocation map of `[offset, offset+len)` as a stream: calls `f` for each
+    /// run, in ascending order, merged with its neighbours of the same kind and depth
+    /// as it is found. Only the pending run is held, so a map of millions of runs
+    /// takes no memory. An error from `f` stops the walk and is returned. No lock is
+    /// held while `f` runs, so it may read and write the disk (commit copies from
+    /// inside the walk).
+    pub fn for_each_range(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(MapRange) -> Result<()>,
+    ) -> Result<()> {
+        let len = len.min(self.capacity.saturating_sub(offset));
+        let mut runs = Coalesce::new(&mut f, join_ranges);
+        self.map_chain(0, offset, len, &mut runs)?;
+        runs.finish()
+    }
+
+    /// Guest bytes stored as data somewhere in the chain (a walk of the whole
+    /// allocation map, in constant memory).
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let mut total = 0u64;
+        self.for_each_range(0, self.capacity, |r| {
+            if r.kind == RangeKind::Data {
+                total = total.saturating_add(r.length);
+            }
+            Ok(())
+        })?;
+        Ok(total)
     }
 
     fn map_chain(
@@ -474,19 +532,15 @@ impl Disk {
         level: usize,
         offset: u64,
         len: u64,
-        out: &mut Vec<MapRange>,
+        out: &mut Coalesce<'_, MapRange>,
     ) -> Result<()> {
         let Some(link) = self.links.get(level) else {
-            push_range(
-                out,
-                MapRange {
-                    offset,
-                    length: len,
-                    kind: RangeKind::Unallocated,
-                    depth: level.saturating_sub(1),
-                },
-            );
-            return Ok(());
+            return out.push(MapRange {
+                offset,
+                length: len,
+                kind: RangeKind::Unallocated,
+                depth: level.saturating_sub(1),
+            });
         };
         let full = len;
         let inside = link.capacity().saturating_sub(offset).min(len);
@@ -503,33 +557,31 @@ impl Disk {
                     continue;
                 }
             };
-            push_range(
-                out,
-                MapRange {
-                    offset: offset + pos,
-                    length: n,
-                    kind,
-                    depth: level,
-                },
-            );
+            out.push(MapRange {
+                offset: offset + pos,
+                length: n,
+                kind,
+                depth: level,
+            })?;
             pos += n;
         }
         // Past the end of a parent smaller than its child: nothing below either.
         if inside < full {
-            push_range(
-                out,
-                MapRange {
-                    offset: offset + inside,
-                    length: full - inside,
-                    kind: RangeKind::Unallocated,
-                    depth: level,
-                },
-            );
+            out.push(MapRange {
+                offset: offset + inside,
+                length: full - inside,
+                kind: RangeKind::Unallocated,
+                depth: level,
+            })?;
         }
         Ok(())
     }
 
     /// Capacity, geometry, adapter, hardware version, CIDs, extents and allocation.
+    /// Everything but the allocation comes from the descriptors and headers; the
+    /// allocated bytes need a walk of the whole allocation map, and a disk can open
+    /// and read while one of its grain tables is bad: then they are unknown (`None`)
+    /// and the reason is a warning, instead of the whole answer failing.
     pub fn info(&self) -> Result<DiskInfo> {
         // A non-persistent open's redo log is not part of the disk.
         let disk_links: Vec<&Link> = self.links.iter().filter(|l| !l.is_redo_log()).collect();
@@ -562,12 +614,14 @@ impl Disk {
                 extents,
             });
         }
-        let allocated_bytes = self
-            .allocation_map(0, self.capacity)?
-            .iter()
-            .filter(|r| r.kind == RangeKind::Data)
-            .map(|r| r.length)
-            .sum();
+        let mut warnings = Vec::new();
+        let allocated_bytes = match self.allocated_bytes() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                warnings.push(format!("the allocated bytes are unknown: {e}"));
+                None
+            }
+        };
         let geometry_of = |c: &str, h: &str, s: &str| -> Result<Option<Geometry>> {
             Ok(
                 match (ddb_u32(top, c)?, ddb_u32(top, h)?, ddb_u32(top, s)?) {
@@ -614,6 +668,7 @@ impl Disk {
             allocated_bytes,
             file_bytes,
             chain,
+            warnings,
         })
     }
 
@@ -698,18 +753,66 @@ impl Disk {
     pub const SECTOR_SIZE: u64 = SECTOR_SIZE;
 }
 
-/// Appends a run to the map, merging it with the previous one when they continue.
-fn push_range(out: &mut Vec<MapRange>, r: MapRange) {
-    match out.last_mut() {
-        Some(last)
-            if last.kind == r.kind
-                && last.depth == r.depth
-                && last.offset + last.length == r.offset =>
-        {
-            last.length += r.length
+/// Runs handed on as they are found, each first merged into the one before it when
+/// it continues it (`join`): only the pending run is held.
+pub(crate) struct Coalesce<'a, T> {
+    pending: Option<T>,
+    emit: &'a mut dyn FnMut(T) -> Result<()>,
+    /// Extends the pending run by the next one, if it continues it.
+    join: fn(&mut T, &T) -> bool,
+}
+
+impl<'a, T> Coalesce<'a, T> {
+    pub(crate) fn new(
+        emit: &'a mut dyn FnMut(T) -> Result<()>,
+        join: fn(&mut T, &T) -> bool,
+    ) -> Coalesce<'a, T> {
+        Coalesce {
+            pending: None,
+            emit,
+            join,
         }
-        _ => out.push(r),
     }
+
+    /// Takes the next run: merged, or the pending one is handed on.
+    pub(crate) fn push(&mut self, next: T) -> Result<()> {
+        if let Some(p) = &mut self.pending {
+            if (self.join)(p, &next) {
+                return Ok(());
+            }
+        }
+        match self.pending.replace(next) {
+            Some(done) => (self.emit)(done),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands on the last run.
+    pub(crate) fn finish(mut self) -> Result<()> {
+        match self.pending.take() {
+            Some(done) => (self.emit)(done),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Allocation map runs merge when they continue with the same kind and depth.
+fn join_ranges(last: &mut MapRange, r: &MapRange) -> bool {
+    let continues =
+        last.kind == r.kind && last.depth == r.depth && last.offset + last.length == r.offset;
+    if continues {
+        last.length += r.length;
+    }
+    continues
+}
+
+/// `(offset, length)` areas merge when one ends where the next starts.
+pub(crate) fn join_areas(last: &mut (u64, u64), a: &(u64, u64)) -> bool {
+    let continues = last.0 + last.1 == a.0;
+    if continues {
+        last.1 += a.1;
+    }
+    continues
 }
 
 fn strip_ddb(key: &str) -> &str {

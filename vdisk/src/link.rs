@@ -12,7 +12,7 @@ use crate::extent::{
 };
 use crate::ids;
 use crate::limits::{MAX_CAPACITY_SECTORS, MAX_DESCRIPTOR_BYTES, SECTOR_SIZE};
-use crate::storage::{FileStorage, LockMode, Storage};
+use crate::storage::{FileHandle, FileIdentity, FileStorage, LockMode, Storage};
 
 /// Where a link's descriptor text lives.
 #[derive(Debug)]
@@ -90,6 +90,10 @@ pub struct Link {
     descriptor: Mutex<Descriptor>,
     home: DescriptorHome,
     extents: Vec<LinkExtent>,
+    /// The open files of the extents (each once, in extent order; the monolithic
+    /// file when the descriptor is embedded), to identify them (see
+    /// [`Link::file_identities`]).
+    extent_files: Vec<FileHandle>,
     capacity: u64,
     writable: bool,
 }
@@ -146,13 +150,21 @@ impl Link {
                         e.line, e.message
                     ))
                 })?;
-                Self::open_described(path, descriptor, DescriptorHome::File(storage), None, how)
+                Self::open_described(
+                    path,
+                    descriptor,
+                    DescriptorHome::File(storage),
+                    None,
+                    Vec::new(),
+                    how,
+                )
             }
         }
     }
 
     /// A monolithic sparse file: the descriptor is embedded in the extent itself.
     fn open_monolithic(path: &Path, storage: FileStorage, how: LinkOpen) -> Result<Link> {
+        let file = storage.handle();
         let sparse = open_hosted_sparse(storage, how.writable)?;
         let text = match &sparse {
             Extent::Sparse(s) => s.read_embedded_descriptor()?,
@@ -176,6 +188,7 @@ impl Link {
             descriptor,
             DescriptorHome::Embedded,
             Some(sparse),
+            vec![file],
             how,
         )
     }
@@ -185,6 +198,7 @@ impl Link {
         descriptor: Descriptor,
         home: DescriptorHome,
         embedded: Option<Extent>,
+        mut extent_files: Vec<FileHandle>,
         how: LinkOpen,
     ) -> Result<Link> {
         let lines = descriptor.extents();
@@ -279,6 +293,7 @@ impl Link {
                     let lock = LinkOpen { writable, ..how }.lock_mode();
                     let mut storage = FileStorage::open(&p, writable, lock)?;
                     storage.set_sync(how.sync);
+                    extent_files.push(storage.handle());
                     let extent = if matches!(
                         kind,
                         ExtentKind::Sparse | ExtentKind::VmfsSparse | ExtentKind::SeSparse
@@ -350,6 +365,7 @@ impl Link {
             descriptor: Mutex::new(descriptor),
             home,
             extents,
+            extent_files,
             capacity: start,
             writable: how.writable,
         })
@@ -404,6 +420,7 @@ impl Link {
                 path: None,
                 extent,
             }],
+            extent_files: Vec::new(),
             capacity: sectors * SECTOR_SIZE,
             writable: true,
         })
@@ -447,6 +464,29 @@ impl Link {
     /// The extents, in order.
     pub fn extents(&self) -> &[LinkExtent] {
         &self.extents
+    }
+
+    /// What the link's files are now, whatever names they were opened by: the
+    /// descriptor file (if it is one of its own), then each extent file once, in
+    /// extent order. Read from the open files. Empty for a throwaway redo log.
+    pub fn file_identities(&self) -> Result<Vec<FileIdentity>> {
+        let io = |e| {
+            Error::io(
+                format!(
+                    "{}: cannot read the state of its files",
+                    self.path.display()
+                ),
+                e,
+            )
+        };
+        let mut out = Vec::with_capacity(self.extent_files.len() + 1);
+        if let DescriptorHome::File(storage) = &self.home {
+            out.push(storage.identity().map_err(io)?);
+        }
+        for f in &self.extent_files {
+            out.push(f.identity().map_err(io)?);
+        }
+        Ok(out)
     }
 
     /// Whether the descriptor is embedded in the first extent.

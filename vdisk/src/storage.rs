@@ -4,8 +4,9 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -76,10 +77,52 @@ fn try_lock_for_a_while(file: &File, lock: LockMode) -> std::result::Result<(), 
     }
 }
 
+/// What a file is, whatever name it was opened by: its device and inode, and its
+/// size and modification time now (read from an open handle, so neither the
+/// spelling of its name nor the working folder matters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// Device holding the file.
+    pub dev: u64,
+    /// Inode number on that device.
+    pub ino: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Modification time: seconds since the epoch.
+    pub mtime: i64,
+    /// Modification time: nanoseconds within the second.
+    pub mtime_nsec: i64,
+}
+
+impl FileIdentity {
+    fn of(m: &std::fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        }
+    }
+}
+
+/// Another reference to the open file of a [`FileStorage`] (the same descriptor, not
+/// a copy), kept to ask what the file is after the storage has been handed on.
+#[derive(Clone, Debug)]
+pub struct FileHandle(Arc<File>);
+
+impl FileHandle {
+    /// What the file is now.
+    pub fn identity(&self) -> io::Result<FileIdentity> {
+        Ok(FileIdentity::of(&self.0.metadata()?))
+    }
+}
+
 /// A host file, opened for reading or for reading and writing, optionally locked.
 #[derive(Debug)]
 pub struct FileStorage {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     sync: bool,
 }
@@ -109,7 +152,7 @@ impl FileStorage {
             }
         }
         Ok(FileStorage {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             sync: true,
         })
@@ -134,7 +177,7 @@ impl FileStorage {
             Error::new(ErrorKind::Locked, format!("cannot lock {}", path.display()))
         })?;
         Ok(FileStorage {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             sync: true,
         })
@@ -143,6 +186,22 @@ impl FileStorage {
     /// The path the file was opened with.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A reference to the open file, to identify it later (see [`FileHandle`]).
+    pub fn handle(&self) -> FileHandle {
+        FileHandle(Arc::clone(&self.file))
+    }
+
+    /// What the file is now.
+    pub fn identity(&self) -> io::Result<FileIdentity> {
+        self.handle().identity()
+    }
+
+    /// Whether the file is a block device (a raw device mapping), which cannot be
+    /// truncated or extended: its length is the device's size.
+    pub fn is_block_device(&self) -> io::Result<bool> {
+        Ok(self.file.metadata()?.file_type().is_block_device())
     }
 }
 
@@ -161,7 +220,14 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        let m = self.file.metadata()?;
+        if m.file_type().is_block_device() {
+            // A device's size is not in its metadata: its end is (positional I/O
+            // never uses the file position this moves).
+            use std::io::{Seek, SeekFrom};
+            return (&*self.file).seek(SeekFrom::End(0));
+        }
+        Ok(m.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

@@ -470,6 +470,33 @@ fn grow_every_growable_type_keeps_content_and_reads_zeros_beyond() {
     }
 }
 
+/// A flat extent file longer than its extent (bytes past the extent's end, left by
+/// an earlier shrink of the file's use or another tool) must not show through the
+/// grown disk: the new space reads as zeros, whether the stale bytes end inside the
+/// new space or beyond it.
+#[test]
+fn grow_of_a_flat_disk_never_shows_bytes_left_past_the_old_extent_end() {
+    for t in FLAT {
+        for junk in [5 * MIB, 60 * MIB] {
+            let dir = tempdir();
+            let cap0 = 10 * MIB + 3 * SECTOR;
+            let (path, mut exp) = new_disk(dir.path(), t, cap0);
+            write_disk(&path, &mut exp, vec![(cap0 - 4096, pattern(7, 4096))]);
+            let info = Disk::open(&path).unwrap().info().unwrap();
+            let last = info.chain[0].extents.last().unwrap().file.clone().unwrap();
+            let end = file_len(&last);
+            write_at(&last, end, &vec![0xee; junk as usize]);
+            let ctx = format!("{t}: {} MiB of stale bytes, grow to 40 MiB", junk / MIB);
+            verify(&path, &exp, &format!("{ctx}: before grow"));
+            grow(&path, 40 * MIB, &GrowOptions::default(), &mut no_progress())
+                .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            exp.capacity = 40 * MIB;
+            exp.marks.push(cap0);
+            verify(&path, &exp, &ctx);
+        }
+    }
+}
+
 /// Split types grown from below one extent to three: the last extent fills up to
 /// 2047 MiB, new extent files follow, data near and across the boundaries reads
 /// back after a reopen.

@@ -14,7 +14,9 @@ use vdisk::{
     convert, create, AdapterType, ConvertOptions, CreateOptions, Disk, DiskType, ImageFormat,
     OpenOptions, RangeKind,
 };
-use vdisk_utils::{human_bytes, parse_size, progress_bar, step_bar};
+use vdisk_utils::{
+    human_bytes, parse_size, print_json, print_walk, progress_bar, step_bar, JsonWalk,
+};
 
 /// vmware-vdiskmanager style invocation (one operation per call).
 #[derive(Parser, Debug)]
@@ -605,30 +607,57 @@ fn cbt(action: CbtAction) -> CliResult {
             }
         }
         CbtAction::Changes { since, json, disk } => {
+            // Streamed: a disk can have millions of changed areas.
             let d = Disk::open(&disk).map_err(err)?;
-            let areas = d.changed_areas(&since, 0, d.capacity()).map_err(err)?;
-            let total: u64 = areas.iter().map(|a| a.1).sum();
+            let capacity = d.capacity();
+            // A refused or malformed change ID is one error line and no output: an
+            // empty query checks it before anything is written.
+            d.for_each_changed_area(&since, 0, 0, |_, _| Ok(()))
+                .map_err(err)?;
+            let total = std::cell::Cell::new(0u64);
             if json {
-                let v = json!({
-                    "since": since,
-                    "change_id": d.tracker().and_then(|t| t.status().ok()).map(|s| s.change_id),
-                    "bytes": total,
-                    "areas": areas.iter().map(|&(o, l)| json!({"start": o, "length": l})).collect::<Vec<_>>(),
+                let areas = JsonWalk::new(|emit| {
+                    d.for_each_changed_area(&since, 0, capacity, |o, l| {
+                        total.set(total.get() + l);
+                        emit(json!({"start": o, "length": l}))
+                    })
                 });
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
-                );
-                return Ok(());
+                return print_json(&ChangesJson {
+                    areas,
+                    bytes: &total,
+                    change_id: d
+                        .tracker()
+                        .and_then(|t| t.status().ok())
+                        .map(|s| s.change_id),
+                    since: &since,
+                });
             }
-            outln!("{:>20} {:>20}", "Offset", "Length");
-            for (o, l) in &areas {
-                outln!("{o:>#20x} {l:>#20x}");
-            }
-            outln!("{} areas, {} changed", areas.len(), human_bytes(total));
+            print_walk(|emit| {
+                emit(format_args!("{:>20} {:>20}\n", "Offset", "Length"))?;
+                let mut count = 0u64;
+                d.for_each_changed_area(&since, 0, capacity, |o, l| {
+                    count += 1;
+                    total.set(total.get() + l);
+                    emit(format_args!("{o:>#20x} {l:>#20x}\n"))
+                })?;
+                emit(format_args!(
+                    "{count} areas, {} changed\n",
+                    human_bytes(total.get())
+                ))
+            })?;
         }
     }
     Ok(())
+}
+
+/// `cbt changes --json`: the keys in the order the whole-document output had them
+/// (serde_json's map sorts them), the areas streamed, their total after them.
+#[derive(serde::Serialize)]
+struct ChangesJson<'a> {
+    areas: JsonWalk<'a>,
+    bytes: &'a std::cell::Cell<u64>,
+    change_id: Option<String>,
+    since: &'a str,
 }
 
 fn snapshot(parent: &Path, child: Option<PathBuf>, t: Option<&str>, quiet: bool) -> CliResult {
@@ -696,6 +725,9 @@ fn hex(v: Option<u32>) -> Value {
 fn info(path: &PathBuf, as_json: bool) -> CliResult {
     let disk = Disk::open(path).map_err(err)?;
     let i = disk.info().map_err(err)?;
+    for w in &i.warnings {
+        eprintln!("vdiskmanager: warning: {w}");
+    }
     if as_json {
         let chain: Vec<Value> = i
             .chain
@@ -739,6 +771,7 @@ fn info(path: &PathBuf, as_json: bool) -> CliResult {
             "allocatedBytes": i.allocated_bytes,
             "fileBytes": i.file_bytes,
             "chain": chain,
+            "warnings": i.warnings,
         });
         outln!(
             "{}",
@@ -783,11 +816,10 @@ fn info(path: &PathBuf, as_json: bool) -> CliResult {
         i.parent_cid.map_or("-".into(), |c| format!("{c:08x}"))
     );
     outln!("UUID:             {}", i.uuid.as_deref().unwrap_or("-"));
-    outln!(
-        "Allocated:        {} bytes ({})",
-        i.allocated_bytes,
-        human_bytes(i.allocated_bytes)
-    );
+    match i.allocated_bytes {
+        Some(n) => outln!("Allocated:        {n} bytes ({})", human_bytes(n)),
+        None => outln!("Allocated:        unknown (see the warning)"),
+    }
     outln!(
         "Files on host:    {} bytes ({})",
         i.file_bytes,
@@ -815,50 +847,41 @@ fn info(path: &PathBuf, as_json: bool) -> CliResult {
     Ok(())
 }
 
+/// `map`: the allocation map, streamed (a disk can have millions of ranges).
 fn map(path: &PathBuf, as_json: bool) -> CliResult {
     let disk = Disk::open(path).map_err(err)?;
-    let ranges = disk.allocation_map(0, disk.capacity()).map_err(err)?;
+    let capacity = disk.capacity();
     if as_json {
-        let v: Vec<Value> = ranges
-            .iter()
-            .map(|r| {
-                json!({
+        return print_json(&JsonWalk::new(|emit| {
+            disk.for_each_range(0, capacity, |r| {
+                emit(json!({
                     "start": r.offset,
                     "length": r.length,
                     "depth": r.depth,
                     "present": r.kind != RangeKind::Unallocated,
                     "zero": r.kind != RangeKind::Data,
                     "data": r.kind == RangeKind::Data,
-                })
+                }))
             })
-            .collect();
-        outln!(
-            "{}",
-            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
-        );
-        return Ok(());
+        }));
     }
-    outln!(
-        "{:>20} {:>20} {:>12} {:>5}",
-        "Offset",
-        "Length",
-        "Kind",
-        "Depth"
-    );
-    for r in ranges {
-        let kind = match r.kind {
-            RangeKind::Data => "data",
-            RangeKind::Zero => "zero",
-            RangeKind::Unallocated => "unallocated",
-        };
-        outln!(
-            "{:>#20x} {:>#20x} {kind:>12} {:>5}",
-            r.offset,
-            r.length,
-            r.depth
-        );
-    }
-    Ok(())
+    print_walk(|emit| {
+        emit(format_args!(
+            "{:>20} {:>20} {:>12} {:>5}\n",
+            "Offset", "Length", "Kind", "Depth"
+        ))?;
+        disk.for_each_range(0, capacity, |r| {
+            let kind = match r.kind {
+                RangeKind::Data => "data",
+                RangeKind::Zero => "zero",
+                RangeKind::Unallocated => "unallocated",
+            };
+            emit(format_args!(
+                "{:>#20x} {:>#20x} {kind:>12} {:>5}\n",
+                r.offset, r.length, r.depth
+            ))
+        })
+    })
 }
 
 fn meta(action: MetaAction) -> CliResult {

@@ -8,9 +8,10 @@
 //! changed since it" is every block stamped later.
 //!
 //! Tracking is only trusted while nothing can have been missed. A sidecar found
-//! marked open (the writer died), or whose recorded CID and file fingerprint (names,
-//! sizes and modification times of the link's files) no longer match the link (a
-//! program that does not track wrote to it), is invalid: old change IDs are refused
+//! marked open (the writer died), or whose recorded CID and file fingerprint (device,
+//! inode, size and modification time of each of the link's files, read from the open
+//! files, so the spelling of the path the disk was opened by does not matter) no
+//! longer match the link (a program that does not track wrote to it), is invalid: old change IDs are refused
 //! with [`ErrorKind::ChangeIdRefused`], and the next open for writing starts a new
 //! epoch (a new random id) so the next backup is a full one.
 //!
@@ -33,6 +34,9 @@ pub const DDB_KEY: &str = "ddb.vdisk.changeTrackPath";
 /// The change ID meaning "everything allocated" in [`crate::Disk::changed_areas`].
 pub const ALL: &str = "*";
 
+/// Blocks of the map scanned under the tracker's lock at a time when listing changes.
+const SCAN_BLOCKS: u64 = 1 << 16;
+
 /// The sidecar file name used for the link at `path`: its file stem + `-cbt.vdcbt`.
 pub fn sidecar_name(path: &Path) -> String {
     let stem = path
@@ -51,7 +55,9 @@ struct Loaded {
     invalid: Option<String>,
 }
 
-/// The sidecar path a link's descriptor names, if tracking is enabled on it.
+/// The sidecar path a link's descriptor names, if tracking is enabled on it: an
+/// absolute path, resolved now, so that the sidecar is found again whatever the
+/// working folder is when it is saved.
 fn sidecar_of(link: &Link) -> Result<Option<PathBuf>> {
     let Some(name) = link.descriptor()?.ddb(DDB_KEY).map(str::to_string) else {
         return Ok(None);
@@ -64,7 +70,15 @@ fn sidecar_of(link: &Link) -> Result<Option<PathBuf>> {
         )));
     }
     let dir = link.path().parent().unwrap_or(Path::new("."));
-    let path = dir.join(name);
+    let path = std::path::absolute(dir.join(name)).map_err(|e| {
+        Error::io(
+            format!(
+                "{}: cannot resolve the folder of its change-tracking file",
+                link.path().display()
+            ),
+            e,
+        )
+    })?;
     // It is written on every writable open: never through a link or into a device.
     if let Ok(m) = std::fs::symlink_metadata(&path) {
         if !m.file_type().is_file() {
@@ -81,12 +95,10 @@ fn sidecar_of(link: &Link) -> Result<Option<PathBuf>> {
     Ok(Some(path))
 }
 
-/// FNV-1a over the names, sizes and modification times of the link's files.
-fn fingerprint(link: &Link) -> u64 {
-    let mut files: Vec<&Path> = vec![link.path()];
-    files.extend(link.extents().iter().filter_map(|e| e.path.as_deref()));
-    files.sort();
-    files.dedup();
+/// FNV-1a over what the link's files are: device, inode, size and modification
+/// time of each, from the open files (never their names: a disk opened as `d.vmdk`,
+/// `./d.vmdk` or by an absolute path is the same disk).
+fn fingerprint(link: &Link) -> Result<u64> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for &b in bytes {
@@ -94,20 +106,14 @@ fn fingerprint(link: &Link) -> u64 {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
     };
-    for f in files {
-        eat(f.as_os_str().as_encoded_bytes());
-        match std::fs::metadata(f) {
-            Ok(m) => {
-                use std::os::unix::fs::MetadataExt;
-                eat(&m.len().to_le_bytes());
-                eat(&m.mtime().to_le_bytes());
-                eat(&m.mtime_nsec().to_le_bytes());
-                eat(&m.ino().to_le_bytes());
-            }
-            Err(_) => eat(b"missing"),
-        }
+    for f in link.file_identities()? {
+        eat(&f.dev.to_le_bytes());
+        eat(&f.ino.to_le_bytes());
+        eat(&f.len.to_le_bytes());
+        eat(&f.mtime.to_le_bytes());
+        eat(&f.mtime_nsec.to_le_bytes());
     }
-    h
+    Ok(h)
 }
 
 fn link_cid(link: &Link) -> Result<u32> {
@@ -129,6 +135,19 @@ fn new_epoch() -> [u8; 16] {
     e[..8].copy_from_slice(&crate::ids::random_u64().to_le_bytes());
     e[8..].copy_from_slice(&crate::ids::random_u64().to_le_bytes());
     e
+}
+
+/// The sidecar of a link whose descriptor was just given the key.
+fn named_sidecar(link: &Link) -> Result<PathBuf> {
+    sidecar_of(link)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Fail,
+            format!(
+                "{}: the change-tracking key is missing after it was written",
+                link.path().display()
+            ),
+        )
+    })
 }
 
 /// Reads and checks the sidecar at `path` against the link it tracks.
@@ -165,7 +184,7 @@ fn load(path: &Path, link: &Link) -> Result<Loaded> {
             header.capacity,
             link.capacity()
         ))
-    } else if header.disk_cid != link_cid(link)? || header.fingerprint != fingerprint(link) {
+    } else if header.disk_cid != link_cid(link)? || header.fingerprint != fingerprint(link)? {
         Some(
             "the disk was changed by a program that does not track changes (its files or CID \
              differ from when tracking last saw them)"
@@ -229,7 +248,7 @@ fn save(path: &Path, l: &Loaded) -> Result<()> {
 /// Stamps `l` with the link's current CID and fingerprint, as a closed sidecar.
 fn seal(l: &mut Loaded, link: &Link) -> Result<()> {
     l.header.disk_cid = link_cid(link)?;
-    l.header.fingerprint = fingerprint(link);
+    l.header.fingerprint = fingerprint(link)?;
     l.header.flags &= !FLAG_OPEN;
     if let Some(reason) = &l.invalid {
         l.header.flags |= FLAG_INVALID;
@@ -397,67 +416,89 @@ impl Tracker {
     }
 
     /// The blocks written after change ID `since`, as sorted, merged byte ranges
-    /// `(offset, length)` clipped to `[offset, offset+len)` and to `capacity`.
-    pub fn changed_since(
+    /// `(offset, length)` clipped to `[offset, offset+len)` and to `capacity`, each
+    /// handed to `f` as it is found (only the pending range is held). The map is
+    /// scanned a slice at a time and `f` runs without the tracker's lock held, so it
+    /// may use the disk.
+    pub fn for_each_changed(
         &self,
         since: &str,
         offset: u64,
         len: u64,
         capacity: u64,
-    ) -> Result<Vec<(u64, u64)>> {
-        let s = self.state()?;
-        let refuse = |why: String| Error::new(ErrorKind::ChangeIdRefused, why);
-        if let Some(reason) = &s.loaded.invalid {
-            return Err(refuse(format!(
-                "change ID {since} cannot be used: {reason}; take a full backup"
-            )));
-        }
-        let (epoch, seq) = format::parse_change_id(since).ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidArgument,
-                format!("{since:?} is not a change ID (EPOCH/SEQ, or * for all allocated data)"),
-            )
-        })?;
-        let h = &s.loaded.header;
-        if epoch != h.epoch {
-            return Err(refuse(format!(
-                "change ID {since} is from another tracking history than this disk's \
-                 ({}; {}): take a full backup",
-                format::change_id(&h.epoch, h.seq),
-                if h.note.is_empty() {
-                    "tracking was re-enabled"
-                } else {
-                    h.note.as_str()
-                }
-            )));
-        }
-        if seq > h.seq {
-            return Err(refuse(format!(
-                "change ID {since} is newer than this disk's history (last session {})",
-                h.seq
-            )));
-        }
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let (seq, bs) = {
+            let s = self.state()?;
+            let refuse = |why: String| Error::new(ErrorKind::ChangeIdRefused, why);
+            if let Some(reason) = &s.loaded.invalid {
+                return Err(refuse(format!(
+                    "change ID {since} cannot be used: {reason}; take a full backup"
+                )));
+            }
+            let (epoch, seq) = format::parse_change_id(since).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "{since:?} is not a change ID (EPOCH/SEQ, or * for all allocated data)"
+                    ),
+                )
+            })?;
+            let h = &s.loaded.header;
+            if epoch != h.epoch {
+                return Err(refuse(format!(
+                    "change ID {since} is from another tracking history than this disk's \
+                     ({}; {}): take a full backup",
+                    format::change_id(&h.epoch, h.seq),
+                    if h.note.is_empty() {
+                        "tracking was re-enabled"
+                    } else {
+                        h.note.as_str()
+                    }
+                )));
+            }
+            if seq > h.seq {
+                return Err(refuse(format!(
+                    "change ID {since} is newer than this disk's history (last session {})",
+                    h.seq
+                )));
+            }
+            (seq, h.block_size)
+        };
         let end = offset.saturating_add(len).min(capacity);
-        let bs = h.block_size;
-        let mut out: Vec<(u64, u64)> = Vec::new();
         if offset >= end {
-            return Ok(out);
+            return Ok(());
         }
-        let first = offset / bs;
+        let mut emit = |(o, l): (u64, u64)| f(o, l);
+        let mut out = crate::disk::Coalesce::new(&mut emit, crate::disk::join_areas);
         let last = (end - 1) / bs;
-        for b in first..=last {
-            let stamp = s.loaded.map.get(b as usize).copied().unwrap_or(0);
-            if u64::from(stamp) <= seq {
-                continue;
+        let mut first = offset / bs;
+        let mut slice: Vec<(u64, u64)> = Vec::new();
+        while first <= last {
+            let stop = last.min(first.saturating_add(SCAN_BLOCKS - 1));
+            {
+                let s = self.state()?;
+                for b in first..=stop {
+                    let stamp = s.loaded.map.get(b as usize).copied().unwrap_or(0);
+                    if u64::from(stamp) <= seq {
+                        continue;
+                    }
+                    let start = (b * bs).max(offset);
+                    let area = (start, ((b + 1) * bs).min(end) - start);
+                    let merged = slice
+                        .last_mut()
+                        .is_some_and(|prev| crate::disk::join_areas(prev, &area));
+                    if !merged {
+                        slice.push(area);
+                    }
+                }
             }
-            let start = (b * bs).max(offset);
-            let stop = ((b + 1) * bs).min(end);
-            match out.last_mut() {
-                Some(last) if last.0 + last.1 == start => last.1 += stop - start,
-                _ => out.push((start, stop - start)),
+            for area in slice.drain(..) {
+                out.push(area)?;
             }
+            first = stop + 1;
         }
-        Ok(out)
+        out.finish()
     }
 
     /// A copy of the in-memory history, sealed for `link` (a new child of this disk).
@@ -485,11 +526,11 @@ fn install(link: &Link, mut l: Loaded) -> Result<()> {
     let path = match sidecar_of(link)? {
         Some(p) => p,
         None => {
-            let name = sidecar_name(link.path());
             let mut d = link.descriptor()?;
-            d.set_ddb(DDB_KEY, &name);
+            d.set_ddb(DDB_KEY, &sidecar_name(link.path()));
             link.save_descriptor(&d)?;
-            link.path().parent().unwrap_or(Path::new(".")).join(name)
+            drop(d);
+            named_sidecar(link)?
         }
     };
     l.header.capacity = link.capacity();
@@ -512,23 +553,20 @@ pub fn enable(path: &Path) -> Result<String> {
         return t.change_id();
     }
     drop(disk);
-    let name = {
+    {
         let disk = open_single(path, true)?;
         let link = &disk.links()[0];
-        let name = sidecar_name(link.path());
         let mut d = link.descriptor()?;
-        d.set_ddb(DDB_KEY, &name);
+        d.set_ddb(DDB_KEY, &sidecar_name(link.path()));
         link.save_descriptor(&d)?;
         drop(d);
         disk.close()?;
-        name
-    };
+    }
     let disk = open_single(path, false)?;
     let link = &disk.links()[0];
     let mut l = fresh(link, 1, format!("tracking enabled at {}", now_text()));
     seal(&mut l, link)?;
-    let file = link.path().parent().unwrap_or(Path::new(".")).join(name);
-    save(&file, &l)?;
+    save(&named_sidecar(link)?, &l)?;
     Ok(format::change_id(&l.header.epoch, l.header.seq))
 }
 

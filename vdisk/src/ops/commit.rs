@@ -89,21 +89,23 @@ fn commit_inner(top: &Path, opts: &CommitOptions, progress: Progress<'_>) -> Res
     let source = OpenOptions::new().top_links(n).open(top)?;
     let dest = OpenOptions::new().write(true).open(&target)?;
     dest.keep_cid();
-    let map = source.allocation_map(0, source.capacity())?;
-    let total: u64 = map
-        .iter()
-        .filter(|r| r.kind != RangeKind::Unallocated)
-        .map(|r| r.length)
-        .sum();
+    // The map is walked twice (streamed, never held whole): the total, then the copy.
+    let mut total = 0u64;
+    source.for_each_range(0, source.capacity(), |r| {
+        if r.kind != RangeKind::Unallocated {
+            total += r.length;
+        }
+        Ok(())
+    })?;
     if !progress(0, total) {
         return Err(Error::new(ErrorKind::Cancelled, "commit cancelled"));
     }
     let mut buf = vec![0u8; CHUNK as usize];
     let zeros = vec![0u8; CHUNK as usize];
     let mut done = 0u64;
-    for r in &map {
+    let copied = source.for_each_range(0, source.capacity(), |r| {
         if r.kind == RangeKind::Unallocated {
-            continue;
+            return Ok(());
         }
         let end = (r.offset + r.length).min(dest.capacity());
         let mut off = r.offset;
@@ -118,13 +120,19 @@ fn commit_inner(top: &Path, opts: &CommitOptions, progress: Progress<'_>) -> Res
             off += len as u64;
             done += len as u64;
             if !progress(done, total) {
-                dest.flush()?;
                 return Err(Error::new(
                     ErrorKind::Cancelled,
                     "commit cancelled (the chain still reads as before; run it again to finish)",
                 ));
             }
         }
+        Ok(())
+    });
+    if let Err(e) = copied {
+        if e.kind() == ErrorKind::Cancelled {
+            dest.flush()?;
+        }
+        return Err(e);
     }
     dest.flush()?;
     drop(source);

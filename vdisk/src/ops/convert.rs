@@ -1,10 +1,15 @@
 //! Converting between raw images and VMDK disks of any writable type, copying only
-//! what holds data. A reader thread reads and finds all-zero blocks while a writer
-//! Worker threads each read a chunk, skip its all-zero blocks and write the rest,
-//! one chunk buffer per worker (bounded memory).
+//! what holds data. Worker threads each read a chunk, skip its all-zero blocks and
+//! write the rest, one chunk buffer per worker (bounded memory).
+//!
+//! The destination is built in a hidden folder beside it (`.vdisk-convert-RANDOM`,
+//! see [`Staging`]) under its final file names, and moved into place only when it is
+//! complete: the extent files first, the descriptor (or the one file of a
+//! monolithic disk or raw image) last. An interrupted conversion therefore never
+//! leaves a file under the destination's name; a killed one leaves the hidden folder.
 
 use std::fs::OpenOptions as FsOpenOptions;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -84,16 +89,25 @@ impl Source {
         }
     }
 
-    /// Ranges of `[offset, offset+len)` that may hold data.
-    fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+    /// Calls `f(start, len)` for each range of `[offset, offset+len)` that may hold
+    /// data, in order (streamed: the map of a window is never held whole).
+    fn for_each_data_range(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64),
+    ) -> Result<()> {
         match self {
-            Source::Raw(..) => Ok(vec![(offset, len)]),
-            Source::Disk(d) => Ok(d
-                .allocation_map(offset, len)?
-                .into_iter()
-                .filter(|r| r.kind == RangeKind::Data)
-                .map(|r| (r.offset, r.length))
-                .collect()),
+            Source::Raw(..) => {
+                f(offset, len);
+                Ok(())
+            }
+            Source::Disk(d) => d.for_each_range(offset, len, |r| {
+                if r.kind == RangeKind::Data {
+                    f(r.offset, r.length);
+                }
+                Ok(())
+            }),
         }
     }
 
@@ -191,8 +205,9 @@ pub fn is_zero(block: &[u8]) -> bool {
 }
 
 /// Converts `src` (of format `src_format`) into a new `dst`. Only ranges holding
-/// data are read, and blocks of zeros are not written. On failure the destination
-/// is removed.
+/// data are read, and blocks of zeros are not written. The destination is built
+/// under temporary names and renamed into place when complete (see [`Staging`]): on
+/// failure (or a crash) no file exists under its name.
 pub fn convert(
     src: &Path,
     src_format: ImageFormat,
@@ -212,39 +227,42 @@ pub fn convert(
         ImageFormat::Vmdk => Source::Disk(Disk::open(src)?),
     };
     let capacity = source.capacity();
-    if dst.exists() {
+    if dst.symlink_metadata().is_ok() {
         return Err(Error::new(
             ErrorKind::AlreadyExists,
             format!("destination {} already exists", dst.display()),
         ));
     }
+    if dst_format == ImageFormat::Vmdk && capacity == 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "the source is empty",
+        ));
+    }
+    let staging = Staging::new(dst)?;
+    let staged = staging.path();
+    let staged = staged.as_path();
     let sink = match dst_format {
         ImageFormat::Raw => {
             let f = FsOpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(dst)
-                .map_err(|e| Error::io(format!("cannot create {}", dst.display()), e))?;
+                .open(staged)
+                .map_err(|e| Error::io(format!("cannot create {}", staged.display()), e))?;
             drop(f);
-            let mut s = FileStorage::open(dst, true, LockMode::Exclusive)?;
+            let mut s = FileStorage::open(staged, true, LockMode::Exclusive)?;
             s.set_sync(opts.sync);
             s.set_len(capacity)
-                .map_err(|e| Error::io(format!("cannot size {}", dst.display()), e))?;
+                .map_err(|e| Error::io(format!("cannot size {}", staged.display()), e))?;
             Sink::Raw(s)
         }
         ImageFormat::Vmdk => {
-            if capacity == 0 {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    "the source is empty",
-                ));
-            }
             let create_opts = CreateOptions {
                 capacity,
                 ..opts.target.clone()
             };
             if create_opts.disk_type == crate::DiskType::StreamOptimized {
-                let mut writer = start_stream(dst, &create_opts)?;
+                let mut writer = start_stream(staged, &create_opts)?;
                 writer.set_sync(opts.sync);
                 Sink::Stream(Box::new(Mutex::new(StreamSink {
                     writer,
@@ -252,38 +270,161 @@ pub fn convert(
                     pending: BTreeMap::new(),
                 })))
             } else {
-                create(dst, &create_opts)?;
-                Sink::Disk(OpenOptions::new().write(true).sync(opts.sync).open(dst)?)
+                create(staged, &create_opts).map_err(|e| e.within(dst.display()))?;
+                Sink::Disk(
+                    OpenOptions::new()
+                        .write(true)
+                        .sync(opts.sync)
+                        .open(staged)?,
+                )
             }
         }
     };
-    let result =
-        copy(&source, &sink, capacity, opts.compression_level, progress).and_then(|stats| {
-            sink.finish()?;
-            Ok(stats)
-        });
-    if result.is_err() {
-        remove_output(dst, dst_format);
-    }
-    result
+    // Every file the destination will have exists now: one already taken refuses
+    // the conversion before any data is copied.
+    staging.check_free()?;
+    let stats = copy(&source, &sink, capacity, opts.compression_level, progress)?;
+    sink.finish()?;
+    staging.publish(opts.sync)?;
+    Ok(stats)
 }
 
-/// Best-effort removal of a half-written destination.
-fn remove_output(dst: &Path, format: ImageFormat) {
-    if format == ImageFormat::Vmdk {
-        if let Ok(d) = Disk::open(dst) {
-            let files: Vec<_> = d.links()[0]
-                .extents()
-                .iter()
-                .filter_map(|e| e.path.clone())
-                .collect();
-            drop(d);
-            for f in files {
-                let _ = std::fs::remove_file(f);
+/// A destination under construction: a hidden folder created beside it
+/// (`.vdisk-convert-` and 16 random hex digits, so a retry never meets a leftover
+/// of an earlier run), in which the destination is made under its final name, so
+/// names inside it (extent lines) are already right. [`Staging::publish`] moves its
+/// files into the destination's folder, each by a rename that never replaces a
+/// file: the extent files first, the file named like the destination (descriptor,
+/// monolithic file, raw image) last, so that nothing looks whole before everything
+/// is there. Dropped unpublished (an error, a cancel, a panic), it removes itself;
+/// only a killed process leaves it behind, or, killed during the renames, extent
+/// files already moved (no descriptor names them).
+struct Staging {
+    /// The hidden folder.
+    dir: PathBuf,
+    /// The destination's folder.
+    target_dir: PathBuf,
+    /// The destination's file name.
+    name: std::ffi::OsString,
+}
+
+impl Staging {
+    fn new(dst: &Path) -> Result<Staging> {
+        let name = dst.file_name().ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{} is not a usable file name", dst.display()),
+            )
+        })?;
+        let target_dir = match dst.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let dir = target_dir.join(format!(".vdisk-convert-{:016x}", crate::ids::random_u64()));
+        std::fs::create_dir(&dir).map_err(|e| {
+            Error::io(
+                format!("cannot create the temporary folder {}", dir.display()),
+                e,
+            )
+        })?;
+        Ok(Staging {
+            dir,
+            target_dir,
+            name: name.to_os_string(),
+        })
+    }
+
+    /// Where the destination is built.
+    fn path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// The files built so far, the one named like the destination last.
+    fn files(&self) -> Result<Vec<std::ffi::OsString>> {
+        let io = |e| Error::io(format!("cannot list {}", self.dir.display()), e);
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io)? {
+            names.push(entry.map_err(io)?.file_name());
+        }
+        names.sort_by_key(|n| *n == self.name);
+        Ok(names)
+    }
+
+    /// Refuses (`AlreadyExists`) if a file the destination will have is taken.
+    fn check_free(&self) -> Result<()> {
+        for name in self.files()? {
+            let there = self.target_dir.join(&name);
+            if there.symlink_metadata().is_ok() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{} already exists", there.display()),
+                ));
             }
         }
+        Ok(())
     }
-    let _ = std::fs::remove_file(dst);
+
+    /// Moves the finished destination into place (see [`Staging`]); with `sync`,
+    /// the folder is synced so that the names are durable.
+    fn publish(self, sync: bool) -> Result<()> {
+        let mut moved: Vec<PathBuf> = Vec::new();
+        let result = (|| {
+            for name in self.files()? {
+                let to = self.target_dir.join(&name);
+                move_new(&self.dir.join(&name), &to)?;
+                moved.push(to);
+            }
+            if sync {
+                std::fs::File::open(&self.target_dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| {
+                        Error::io(format!("cannot sync {}", self.target_dir.display()), e)
+                    })?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            // What was moved is this conversion's own, incomplete destination.
+            for p in &moved {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Renames `from` to `to`, refusing (`AlreadyExists`) to replace a file: a hard link
+/// under the new name (which fails if it is taken), then the old name removed. On a
+/// file system without hard links, a check then a rename.
+fn move_new(from: &Path, to: &Path) -> Result<()> {
+    let taken = || {
+        Error::new(
+            ErrorKind::AlreadyExists,
+            format!("{} already exists", to.display()),
+        )
+    };
+    let failed = |e| {
+        Error::io(
+            format!("cannot move {} to {}", from.display(), to.display()),
+            e,
+        )
+    };
+    match std::fs::hard_link(from, to) {
+        Ok(()) => std::fs::remove_file(from).map_err(failed),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(taken()),
+        Err(_) => {
+            if to.symlink_metadata().is_ok() {
+                return Err(taken());
+            }
+            std::fs::rename(from, to).map_err(failed)
+        }
+    }
 }
 
 /// Hands out chunks of the source's data ranges to the workers, a window of the
@@ -318,21 +459,23 @@ impl ChunkCursor<'_> {
             }
             let wlen = MAP_WINDOW.min(self.capacity - self.window);
             // Widen ranges to whole blocks (merging neighbours): a grain of the
-            // destination is then never split between two chunks.
+            // destination is then never split between two chunks, and a window holds
+            // at most one range per block.
             let block = BLOCK as u64;
-            let mut ranges: std::collections::VecDeque<(u64, u64)> = Default::default();
-            for (start, len) in self.source.data_ranges(self.window, wlen)? {
-                let s = start / block * block;
-                let e = (start + len)
-                    .div_ceil(block)
-                    .saturating_mul(block)
-                    .min(self.capacity);
-                match ranges.back_mut() {
-                    Some((ps, pl)) if *ps + *pl >= s => *pl = e.max(*ps + *pl) - *ps,
-                    _ => ranges.push_back((s, e - s)),
-                }
-            }
-            self.ranges = ranges;
+            let capacity = self.capacity;
+            let ranges = &mut self.ranges;
+            self.source
+                .for_each_data_range(self.window, wlen, |start, len| {
+                    let s = start / block * block;
+                    let e = (start + len)
+                        .div_ceil(block)
+                        .saturating_mul(block)
+                        .min(capacity);
+                    match ranges.back_mut() {
+                        Some((ps, pl)) if *ps + *pl >= s => *pl = e.max(*ps + *pl) - *ps,
+                        _ => ranges.push_back((s, e - s)),
+                    }
+                })?;
             self.window += wlen;
         }
     }

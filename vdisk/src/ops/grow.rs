@@ -174,16 +174,13 @@ fn grow_inner(
             _ => {
                 let p = link.extent_path(last_index)?;
                 let storage = FileStorage::open(p, true, LockMode::Exclusive)?;
-                let need = (line.offset.unwrap_or(0) + target) * SECTOR_SIZE;
-                let have = storage
-                    .len()
-                    .map_err(|e| Error::io(format!("cannot read {}", p.display()), e))?;
-                if have < need {
-                    storage
-                        .set_len(need)
-                        .and_then(|()| storage.sync())
-                        .map_err(|e| Error::io(format!("cannot extend {}", p.display()), e))?;
-                }
+                let base = line.offset.unwrap_or(0);
+                let end_of = |sectors: u64| {
+                    base.checked_add(sectors)
+                        .and_then(|s| s.checked_mul(SECTOR_SIZE))
+                        .ok_or_else(|| Error::invalid("the flat extent's end overflows"))
+                };
+                zero_new_flat_space(&storage, end_of(line.sectors)?, end_of(target)?)?;
             }
         }
         line.sectors = target;
@@ -208,3 +205,41 @@ fn grow_inner(
     progress(extra.len() as u64 + 1, extra.len() as u64 + 1);
     Ok(())
 }
+
+/// Makes bytes `[old_end, new_end)` of a flat extent's file read as zeros: whatever
+/// lay past the old extent's end (the file may be longer than its extent) must not
+/// appear in the grown disk. A regular file is cut back to `old_end` and extended
+/// (a hole); a block device (raw device mapping) cannot change size, so it must be
+/// large enough and the range is overwritten with zeros. Synced; the descriptor,
+/// written after this, is what makes the new space part of the disk.
+fn zero_new_flat_space(storage: &FileStorage, old_end: u64, new_end: u64) -> Result<()> {
+    let name = storage.path().display();
+    let io = |what: &str, e| Error::io(format!("cannot {what} {name}"), e);
+    if !storage.is_block_device().map_err(|e| io("inspect", e))? {
+        return storage
+            .set_len(old_end)
+            .and_then(|()| storage.set_len(new_end))
+            .and_then(|()| storage.sync())
+            .map_err(|e| io("extend", e));
+    }
+    let have = storage.len().map_err(|e| io("read the size of", e))?;
+    if have < new_end {
+        return Err(Error::new(
+            ErrorKind::DiskFull,
+            format!("the device {name} holds {have} bytes; growing the disk needs {new_end}"),
+        ));
+    }
+    let zeros = vec![0u8; ZERO_CHUNK.min(new_end - old_end) as usize];
+    let mut at = old_end;
+    while at < new_end {
+        let n = (new_end - at).min(zeros.len() as u64);
+        storage
+            .write_all_at(&zeros[..n as usize], at)
+            .map_err(|e| io("write zeros to", e))?;
+        at += n;
+    }
+    storage.sync().map_err(|e| io("sync", e))
+}
+
+/// Bytes of zeros written at once into a block device's new space.
+const ZERO_CHUNK: u64 = 1 << 20;

@@ -23,17 +23,17 @@ pub fn space_needed_for_clone(disk: &Disk, target: DiskType) -> Result<u64> {
     // Grains that hold data, counting a grain touched by two ranges once.
     let mut grains = 0u64;
     let mut next_free_grain = 0u64;
-    for r in disk.allocation_map(0, capacity)? {
-        if r.kind != RangeKind::Data {
-            continue;
+    disk.for_each_range(0, capacity, |r| {
+        if r.kind == RangeKind::Data {
+            let first = (r.offset / grain).max(next_free_grain);
+            let end = (r.offset + r.length).div_ceil(grain);
+            if end > first {
+                grains += end - first;
+                next_free_grain = end;
+            }
         }
-        let first = (r.offset / grain).max(next_free_grain);
-        let end = (r.offset + r.length).div_ceil(grain);
-        if end > first {
-            grains += end - first;
-            next_free_grain = end;
-        }
-    }
+        Ok(())
+    })?;
     let data = grains * grain;
     let sparse_meta = |extent_sectors: u64, desc: u64| -> Result<u64> {
         Ok(new_sparse_header(extent_sectors, DEFAULT_GRAIN_SECTORS, desc)?.overhead * SECTOR_SIZE)
