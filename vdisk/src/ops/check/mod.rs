@@ -202,25 +202,19 @@ fn verify_opens(path: &Path, read_all: bool, lock: bool) -> Result<()> {
         return Ok(());
     }
     let mut buf = vec![0u8; 1 << 20];
-    // A window of the map at a time: memory does not follow the number of ranges.
-    let window = 1u64 << 30;
-    let mut at = 0u64;
-    while at < disk.capacity() {
-        let len = window.min(disk.capacity() - at);
-        for r in disk.allocation_map(at, len)? {
-            if r.kind != RangeKind::Data {
-                continue;
-            }
-            let mut off = r.offset;
-            while off < r.offset + r.length {
-                let n = (r.offset + r.length - off).min(buf.len() as u64) as usize;
-                disk.read_at(&mut buf[..n], off)?;
-                off += n as u64;
-            }
+    // The map is walked as a stream: memory does not follow the number of ranges.
+    disk.for_each_range(0, disk.capacity(), |r| {
+        if r.kind != RangeKind::Data {
+            return Ok(());
         }
-        at += len;
-    }
-    Ok(())
+        let mut off = r.offset;
+        while off < r.offset + r.length {
+            let n = (r.offset + r.length - off).min(buf.len() as u64) as usize;
+            disk.read_at(&mut buf[..n], off)?;
+            off += n as u64;
+        }
+        Ok(())
+    })
 }
 
 fn parse_sparse_header(head: &[u8]) -> Result<SparseHeader> {
