@@ -201,29 +201,18 @@ fn fresh(link: &Link, seq: u64, note: String) -> Loaded {
     }
 }
 
-/// Writes `l` to `path` (through a temporary file renamed over it, synced).
+/// Writes `l` to `path` (through a temporary file renamed over it, synced: see
+/// [`crate::replace`]).
 fn save(path: &Path, l: &Loaded) -> Result<()> {
     let bytes = format::encode(&l.header, &l.map);
-    let tmp = path.with_extension("vdcbt-new");
-    let io = |e: std::io::Error| {
-        Error::io(
-            format!("cannot write the change-tracking file {}", path.display()),
-            e,
-        )
-    };
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::replace::replace_file(path, &bytes, crate::storage::LockMode::None, true)
+        .map(drop)
+        .map_err(|e| {
+            e.within(format!(
+                "cannot write the change-tracking file {}",
+                path.display()
+            ))
+        })
 }
 
 /// Stamps `l` with the link's current CID and fingerprint, as a closed sidecar.
