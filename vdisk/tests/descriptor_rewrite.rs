@@ -1,13 +1,17 @@
 //! Descriptor rewrites: a descriptor file is replaced whole (a new file renamed over
 //! it) and the writer keeps its lock across the swap; a process that waited for the
 //! old file's lock never ends up holding a disk through it; leftovers of a killed
-//! rewrite are cleared. (The kill points themselves are exercised in
+//! rewrite are cleared; a commit that keeps its child re-points it in steps that
+//! each leave a chain that opens. (The kill points themselves are exercised in
 //! `tests/tests/crash_kill.rs`.)
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vdisk::chain::PENDING_PARENT_CID_KEY;
+use vdisk::ops::child::create_child;
+use vdisk::ops::commit::{commit, CommitOptions};
 use vdisk::storage::{FileStorage, LockMode};
 use vdisk::{create, CreateOptions, Disk, DiskType, ErrorKind, OpenOptions};
 
@@ -176,4 +180,68 @@ fn a_new_disk_appears_whole_under_its_name() {
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
         assert_eq!(names(dir.path()), before);
     }
+}
+
+/// The states a commit that keeps its child passes through between its two
+/// descriptor rewrites: the child records the CID its parent is about to get; the
+/// parent has it; the child's parentCID follows. Each opens; a commit run again
+/// from each finishes.
+#[test]
+fn commit_keeping_the_child_leaves_a_chain_that_opens_between_its_rewrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = new_disk(dir.path(), DiskType::MonolithicSparse);
+    let top = dir.path().join("disk-000001.vmdk");
+    create_child(&base, &top, DiskType::MonolithicSparse).unwrap();
+    let d = OpenOptions::new().write(true).open(&top).unwrap();
+    d.write_at(&[7; 8192], 2 * MIB).unwrap();
+    d.close().unwrap();
+    let read = |p: &Path| {
+        let d = Disk::open(p).unwrap();
+        let mut b = vec![0u8; 4 * MIB as usize];
+        d.read_at(&mut b, 0).unwrap();
+        b
+    };
+    let content = read(&top);
+    let set = |p: &Path, f: &dyn Fn(&mut vdisk::descriptor::Descriptor)| {
+        let d = OpenOptions::new()
+            .write(true)
+            .single_link(true)
+            .open(p)
+            .unwrap();
+        let l = &d.links()[0];
+        let mut desc = l.descriptor().unwrap();
+        f(&mut desc);
+        l.save_descriptor(&desc).unwrap();
+        drop(desc);
+        d.close().unwrap();
+    };
+    let base_cid = Disk::open(&base).unwrap().cid().unwrap();
+    // After the first rewrite: the child records the coming CID.
+    set(&top, &|d| d.set_ddb(PENDING_PARENT_CID_KEY, "12345678"));
+    assert_eq!(read(&top), content);
+    // After the second: the parent has it, the child's parentCID is still the old.
+    set(&base, &|d| d.set_cid(0x1234_5678));
+    assert_eq!(read(&top), content, "the pending CID is accepted");
+    // Without the record that is a CID mismatch.
+    set(&top, &|d| {
+        d.remove_ddb(PENDING_PARENT_CID_KEY);
+    });
+    assert_eq!(Disk::open(&top).unwrap_err().kind(), ErrorKind::CidMismatch);
+    set(&top, &|d| d.set_ddb(PENDING_PARENT_CID_KEY, "12345678"));
+    // Running the commit again finishes: the record goes, the chain opens as usual.
+    let opts = CommitOptions {
+        keep_child: true,
+        ..CommitOptions::default()
+    };
+    let stats = commit(&top, &opts, &mut |_, _| true).unwrap();
+    assert_ne!(stats.cid, base_cid);
+    let child = Disk::open(&top).unwrap();
+    assert!(child.metadata("vdisk.pendingParentCID").is_err());
+    assert_eq!(
+        child.links()[1].descriptor().unwrap().cid(),
+        Some(stats.cid)
+    );
+    drop(child);
+    assert_eq!(read(&top), content);
+    assert_eq!(read(&base), content);
 }
