@@ -498,7 +498,11 @@ fn open_single(path: &Path, write: bool) -> Result<crate::Disk> {
 pub fn enable(path: &Path) -> Result<String> {
     let disk = crate::OpenOptions::new().open(path)?;
     if let Some(t) = disk.tracker() {
-        return t.change_id();
+        // A descriptor naming a sidecar that is not there is an enable killed
+        // before it wrote the sidecar: finish it.
+        if t.path().exists() {
+            return t.change_id();
+        }
     }
     drop(disk);
     let name = {
@@ -522,11 +526,25 @@ pub fn enable(path: &Path) -> Result<String> {
 }
 
 /// Turns tracking off for the disk at `path`: the descriptor key goes, then the
-/// sidecar file. Returns whether it was on.
+/// sidecar file (run again after an interruption, it removes a sidecar left
+/// behind). Returns whether it was on.
 pub fn disable(path: &Path) -> Result<bool> {
     let disk = open_single(path, true)?;
     let link = &disk.links()[0];
     let Some(file) = sidecar_of(link)? else {
+        // A disable killed after the descriptor lost its key leaves the sidecar of
+        // the usual name behind: it goes now.
+        let orphan = link
+            .path()
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(sidecar_name(link.path()));
+        drop(disk);
+        if std::fs::symlink_metadata(&orphan).is_ok_and(|m| m.file_type().is_file()) {
+            std::fs::remove_file(&orphan)
+                .map_err(|e| Error::io(format!("cannot remove {}", orphan.display()), e))?;
+        }
+        crate::replace::remove_stale_temp(&orphan)?;
         return Ok(false);
     };
     let mut d = link.descriptor()?;
@@ -535,10 +553,12 @@ pub fn disable(path: &Path) -> Result<bool> {
     drop(d);
     disk.close()?;
     match std::fs::remove_file(&file) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(Error::io(format!("cannot remove {}", file.display()), e)),
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("cannot remove {}", file.display()), e)),
     }
+    crate::replace::remove_stale_temp(&file)?;
+    Ok(true)
 }
 
 /// Gives a new child (at `child`, closed) the history of its parent: the open
