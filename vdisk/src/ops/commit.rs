@@ -7,7 +7,9 @@
 //! ranges the links above it cover, and the whole chain reads exactly as before. An
 //! interrupted commit can simply be run again. Only at the end does the target get a
 //! new CID; then the merged links are removed (they would no longer match), or, when
-//! kept, the lowest of them is re-pointed at the target's new CID.
+//! kept, the lowest of them is re-pointed at the target's new CID (through a pending
+//! CID record, [`crate::chain::PENDING_PARENT_CID_KEY`], so that the chain opens
+//! between the two descriptor rewrites).
 //!
 //! As with VDDK, other children of the target (siblings of the merged link) become
 //! invalid (their parentCID no longer matches), and children of the named link that
