@@ -54,11 +54,28 @@
 //!   grains and tables move): the content must be unchanged after the kill (ours and
 //!   `qemu-img compare`), check clean or repair clean, and a second shrink - run
 //!   before the repair in half of the cases, after it in the others - must complete.
+//! * **descriptor rewrites and rename**
+//!   (`descriptor_rewrites_survive_sigkill_at_every_call`): `meta set` (a value that
+//!   carries the descriptor across the first 4 KiB block of a monolithic file, and
+//!   one that shortens it), `cbt enable`, `cbt disable` (a DDB key removed), `commit
+//!   --keep-child` and rename (twoGbMaxExtentSparse, monolithicFlat,
+//!   monolithicSparse), each killed at every one of its file-changing system calls
+//!   in turn (N = 1..count of each call in the counted run; they make few: 5 to 40).
+//!   After each kill the disk - for a rename exactly one of the old and the new
+//!   name - opens and reads as before, check finds only what repair fixes,
+//!   `qemu-img check` agrees (sparse types), the operation run again completes and
+//!   has its effect, and no hidden temporary file is left (counted). Known issue,
+//!   fixed with these tests: `commit --keep-child` killed between its two descriptor
+//!   rewrites left a chain refused with `CidMismatch` (the kept link now records
+//!   the CID its parent is about to get first; see `vdisk::ops::commit`). Without
+//!   kills by time: a kill inside a descriptor `pwrite` (between pages) is covered
+//!   by the unit tests of `vdisk::extent::sparse::embedded`.
 //!
 //! Environment:
 //! * `VDISK_KILL_ITERATIONS=N`: kills per test (default: 40 for writes, spread over
 //!   the disk types, 15 for commit and 15 for shrink - what CI runs, about 30 s on
-//!   2 cores). The long run is
+//!   2 cores; the descriptor test always kills at every call, about 140 kills in
+//!   10 s). The long run is
 //!   `VDISK_KILL_ITERATIONS=200 cargo test -p vdisk-interop --test crash_kill -- --nocapture`.
 //! * `VDISK_KILL_SEED=S`: base seed (decimal or 0x hex; default fixed, so CI runs are
 //!   reproducible). A failure message names the seed, the run and the kill point.
@@ -200,7 +217,7 @@ fn read_journal(path: &Path) -> Vec<(u64, u64)> {
 /// The system calls that change files: the kill points of `strace` injection. Only
 /// the thread doing the operation makes them (the journal uses `write`).
 const MUTATING: &str =
-    "pwrite64,pwritev,ftruncate,fallocate,unlink,unlinkat,rename,renameat,renameat2";
+    "pwrite64,pwritev,ftruncate,fallocate,unlink,unlinkat,rename,renameat,renameat2,link,linkat";
 
 /// How a child is run: plainly, under `strace` counting the [`MUTATING`] calls into
 /// a log, or under `strace` that kills it (SIGKILL on entry, so the call does not
@@ -582,6 +599,11 @@ fn crash_child_process() {
         "shrink" => {
             record(&mut journal, REC_START, 0);
             shrink(&disk, &mut |_, _| true).unwrap_or_else(|e| panic!("shrink: {e}"));
+            record(&mut journal, REC_DONE, 0);
+        }
+        other if DESCRIPTOR_OPS.contains(&other) => {
+            record(&mut journal, REC_START, 0);
+            descriptor_op(other, &disk).unwrap_or_else(|e| panic!("{other}: {e}"));
             record(&mut journal, REC_DONE, 0);
         }
         other => panic!("unknown child role {other}"),
@@ -2026,5 +2048,341 @@ fn shrink_survives_sigkill() {
         stats.reruns,
         same_size,
         stats.checks.report()
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Descriptor rewrites and rename: killed at each of their file-changing calls.
+
+/// The operations that rewrite a descriptor (or rename a disk), as child roles.
+const DESCRIPTOR_OPS: [&str; 6] = [
+    "meta-grow",
+    "meta-shrink",
+    "cbt-enable",
+    "cbt-disable",
+    "commit-keep",
+    "rename",
+];
+
+/// The DDB key the metadata scenarios set.
+const CRASH_KEY: &str = "vdisk.crash";
+
+/// A value long enough that setting it carries a small descriptor across the first
+/// 4 KiB block of a monolithic file (so the embedded rewrite grows unseen first).
+fn long_value() -> String {
+    "v".repeat(3000)
+}
+
+/// Where the `rename` scenario moves the disk.
+fn renamed(disk: &Path) -> PathBuf {
+    disk.with_file_name("renamed.vmdk")
+}
+
+/// Runs the descriptor operation `role` on `disk`: in the child that is killed, and
+/// again as the retry that must complete.
+fn descriptor_op(role: &str, disk: &Path) -> vdisk::Result<()> {
+    match role {
+        "meta-grow" | "meta-shrink" => {
+            let d = OpenOptions::new().write(true).open(disk)?;
+            let value = if role == "meta-grow" {
+                long_value()
+            } else {
+                "short".to_string()
+            };
+            d.set_metadata(CRASH_KEY, &value)?;
+            d.close()
+        }
+        "cbt-enable" => vdisk::cbt::enable(disk).map(drop),
+        "cbt-disable" => vdisk::cbt::disable(disk).map(drop),
+        "commit-keep" => commit(
+            disk,
+            &CommitOptions {
+                keep_child: true,
+                ..CommitOptions::default()
+            },
+            &mut |_, _| true,
+        )
+        .map(drop),
+        "rename" => vdisk::ops::files::rename(disk, &renamed(disk)),
+        other => panic!("not a descriptor operation: {other}"),
+    }
+}
+
+/// Asserts that the operation `role` took effect on `disk` (run to completion).
+fn assert_descriptor_op_done(role: &str, disk: &Path, ctx: &str) {
+    let open =
+        |p: &Path| Disk::open(p).unwrap_or_else(|e| panic!("{ctx}: open {}: {e}", p.display()));
+    match role {
+        "meta-grow" | "meta-shrink" => {
+            let want = if role == "meta-grow" {
+                long_value()
+            } else {
+                "short".to_string()
+            };
+            assert_eq!(open(disk).metadata(CRASH_KEY).unwrap(), want, "{ctx}");
+        }
+        "cbt-enable" => {
+            let d = open(disk);
+            let status = d.tracker().expect("tracking is on").status().unwrap();
+            assert!(status.invalid.is_none(), "{ctx}: {status:?}");
+            assert!(status.path.is_file(), "{ctx}: no sidecar {status:?}");
+        }
+        "cbt-disable" => {
+            assert!(open(disk).tracker().is_none(), "{ctx}: still tracked");
+            let dir = disk.parent().unwrap();
+            assert!(
+                !file_names(dir).iter().any(|n| n.ends_with(".vdcbt")),
+                "{ctx}: the sidecar is left: {:?}",
+                file_names(dir)
+            );
+        }
+        "commit-keep" => {
+            // Opens with the usual CID check; nothing pending.
+            let d = open(disk);
+            assert!(d.metadata("vdisk.pendingParentCID").is_err(), "{ctx}");
+            assert_eq!(
+                d.links()[0].descriptor().unwrap().parent_cid(),
+                d.links()[1].descriptor().unwrap().cid(),
+                "{ctx}"
+            );
+        }
+        "rename" => {
+            assert!(!disk.exists(), "{ctx}: the old name is still there");
+            open(&renamed(disk));
+        }
+        other => panic!("not a descriptor operation: {other}"),
+    }
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// How a scenario's template is prepared before the operation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prep {
+    Plain,
+    /// `vdisk.crash` set to the long value (to be shortened).
+    LongKey,
+    /// Change tracking on (to be turned off).
+    Tracked,
+    /// A child (`disk-000001.vmdk`, the operation's disk) with data on the disk.
+    Child,
+}
+
+struct DescriptorScenario {
+    name: String,
+    role: &'static str,
+    /// Template folder.
+    dir: PathBuf,
+    disk_name: &'static str,
+    /// What the disk reads (through its chain).
+    content: Content,
+    calls: Calls,
+    /// Whether `qemu-img check` reads the type.
+    qemu: bool,
+}
+
+fn descriptor_scenario(
+    root: &Path,
+    i: usize,
+    (role, t, prep): (&'static str, DiskType, Prep),
+    seed: u64,
+) -> DescriptorScenario {
+    let cap = 16 * MIB;
+    let dir = root.join(format!("template{i}"));
+    fs::create_dir(&dir).unwrap();
+    let base = dir.join("disk.vmdk");
+    create(&base, &CreateOptions::new(t, cap)).unwrap();
+    fill_disk(&base, cap, 40, 10, mix(seed, i as u64));
+    let disk_name = match prep {
+        Prep::Plain => "disk.vmdk",
+        Prep::LongKey => {
+            let d = OpenOptions::new().write(true).open(&base).unwrap();
+            d.set_metadata(CRASH_KEY, &long_value()).unwrap();
+            d.close().unwrap();
+            "disk.vmdk"
+        }
+        Prep::Tracked => {
+            vdisk::cbt::enable(&base).unwrap();
+            "disk.vmdk"
+        }
+        Prep::Child => {
+            let top = dir.join("disk-000001.vmdk");
+            create_child(&base, &top, t).unwrap();
+            fill_disk(&top, cap, 30, 10, mix(seed, 100 + i as u64));
+            "disk-000001.vmdk"
+        }
+    };
+    let disk = dir.join(disk_name);
+    let content = Content::of(&disk);
+    let scratch = root.join("scratch");
+    let calls = count_run(role, &dir, disk_name, &scratch);
+    DescriptorScenario {
+        name: format!("{role} on {t}"),
+        role,
+        dir,
+        disk_name,
+        content,
+        calls,
+        qemu: matches!(
+            t,
+            DiskType::MonolithicSparse | DiskType::TwoGbMaxExtentSparse
+        ),
+    }
+}
+
+/// Kills `sc`'s operation at its `nth` call of `call` in a copy of its template, then
+/// checks what is left and finishes the operation by running it again.
+fn kill_descriptor_op(
+    sc: &DescriptorScenario,
+    run: &Path,
+    (call, nth): (&str, u64),
+    checks: &mut CheckStats,
+    leftovers: &mut usize,
+) {
+    let ctx = format!(
+        "{} killed at {call} #{nth} (VDISK_KILL_SEED={:#x})",
+        sc.name,
+        base_seed()
+    );
+    copy_dir(&sc.dir, run);
+    let disk = run.join(sc.disk_name);
+    let journal = run.join("journal");
+    let killed = run_and_kill(
+        sc.role,
+        &disk,
+        &journal,
+        &KillPlan::Syscall(call.to_string(), nth),
+        &ctx,
+    );
+    assert!(killed, "{ctx}: not killed");
+    fs::remove_file(&journal).unwrap();
+    // Exactly one descriptor (of the old and the new name, for a rename) opens and
+    // reads the disk as before.
+    let names = if sc.role == "rename" {
+        vec![disk.clone(), renamed(&disk)]
+    } else {
+        vec![disk.clone()]
+    };
+    let opening: Vec<&PathBuf> = names.iter().filter(|p| Disk::open(p).is_ok()).collect();
+    assert_eq!(
+        opening.len(),
+        1,
+        "{ctx}: of {names:?}, these open: {opening:?} ({:?}; files {:?})",
+        names
+            .iter()
+            .map(|p| Disk::open(p).err())
+            .collect::<Vec<_>>(),
+        file_names(run)
+    );
+    let live = opening[0].clone();
+    sc.content.assert_read_by(&live, &ctx);
+    // Nothing check cannot repair; qemu-img agrees once repaired.
+    let mut checked = vec![live.clone()];
+    if sc.role == "commit-keep" {
+        checked.push(run.join("disk.vmdk"));
+    }
+    for p in &checked {
+        checks.check_or_repair(p, &ctx, None);
+        if sc.qemu {
+            assert_qemu_clean(p, &ctx);
+        }
+    }
+    sc.content.assert_read_by(&live, &ctx);
+    // The retry completes.
+    descriptor_op(sc.role, &disk).unwrap_or_else(|e| panic!("{ctx}: run again: {e}"));
+    assert_descriptor_op_done(sc.role, &disk, &ctx);
+    let done = if sc.role == "rename" {
+        renamed(&disk)
+    } else {
+        disk.clone()
+    };
+    sc.content.assert_read_by(&done, &ctx);
+    for p in checked.iter().map(|p| if *p == live { &done } else { p }) {
+        let r = check(p, false).unwrap();
+        assert!(r.is_clean(), "{ctx}: after the retry: {:#?}", r.findings);
+        if sc.qemu {
+            assert_qemu_clean(p, &ctx);
+        }
+    }
+    let hidden: Vec<String> = file_names(run)
+        .into_iter()
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    if !hidden.is_empty() {
+        *leftovers += 1;
+        println!("{ctx}: left behind: {hidden:?}");
+    }
+    fs::remove_dir_all(run).unwrap();
+}
+
+/// Every operation that rewrites a descriptor, and rename, killed at each of its
+/// file-changing system calls in turn (they make few): afterwards the disk (for a
+/// rename exactly one of the two names) opens and reads as before, check finds
+/// only what it repairs, qemu-img check agrees, and the operation run again
+/// completes.
+#[test]
+fn descriptor_rewrites_survive_sigkill_at_every_call() {
+    require_tool("qemu-img");
+    require_tool_from("strace", "strace");
+    let seed = base_seed() ^ 0xde;
+    let t0 = Instant::now();
+    let root = work_dir("descriptor");
+    use DiskType::{
+        MonolithicFlat as Flat, MonolithicSparse as Mono, TwoGbMaxExtentSparse as Split,
+    };
+    let specs = [
+        ("meta-grow", Mono, Prep::Plain),
+        ("meta-grow", Split, Prep::Plain),
+        ("meta-shrink", Mono, Prep::LongKey),
+        ("meta-shrink", Flat, Prep::LongKey),
+        ("cbt-enable", Mono, Prep::Plain),
+        ("cbt-enable", Split, Prep::Plain),
+        ("cbt-disable", Mono, Prep::Tracked),
+        ("cbt-disable", Split, Prep::Tracked),
+        ("commit-keep", Mono, Prep::Child),
+        ("commit-keep", Split, Prep::Child),
+        ("rename", Split, Prep::Plain),
+        ("rename", Flat, Prep::Plain),
+        ("rename", Mono, Prep::Plain),
+    ];
+    let scenarios: Vec<DescriptorScenario> = specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| descriptor_scenario(root.path(), i, spec, seed))
+        .collect();
+    let mut checks = CheckStats::default();
+    let mut leftovers = 0;
+    let mut kills = Vec::new();
+    let mut total = 0;
+    for sc in &scenarios {
+        let mut n = 0;
+        for (call, &count) in &sc.calls.counts {
+            for nth in 1..=count {
+                kill_descriptor_op(
+                    sc,
+                    &root.path().join("run"),
+                    (call, nth),
+                    &mut checks,
+                    &mut leftovers,
+                );
+                n += 1;
+            }
+        }
+        assert!(n > 0, "{}: no file-changing call", sc.name);
+        total += n;
+        kills.push(format!("{}: {n} {:?}", sc.name, sc.calls.counts));
+    }
+    println!(
+        "crash_kill descriptor rewrites: {total} kills in {:.1} s, runs with hidden files left behind {leftovers}\n  {}\n  {}",
+        t0.elapsed().as_secs_f64(),
+        kills.join("\n  "),
+        checks.report()
     );
 }

@@ -6,8 +6,9 @@
 //! ESXi `/vmfs/volumes/...` path, a Windows path) falls back to its file name in the
 //! child's folder. The strict policy, for untrusted images, refuses absolute hints,
 //! `..` components and symbolic links. Parents are opened read-only; each parent's
-//! CID must equal its child's `parentCID` unless the caller opts out; loops and chains
-//! deeper than the limit are refused, each with its own error.
+//! CID must equal its child's `parentCID` (or the CID the child records as pending
+//! while a commit re-points it, [`PENDING_PARENT_CID_KEY`]) unless the caller opts
+//! out; loops and chains deeper than the limit are refused, each with its own error.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -97,6 +98,19 @@ fn find_parent(child: &Path, hint: &[u8], strict: bool) -> Result<PathBuf> {
     ))
 }
 
+/// The DDB key in which a link records the CID its parent is about to get, while a
+/// commit that keeps the link changes both (see [`crate::ops::commit`]): the two
+/// descriptors cannot change in one step, and the chain must open in between.
+pub const PENDING_PARENT_CID_KEY: &str = "ddb.vdisk.pendingParentCID";
+
+/// The parent CID `link` records as pending ([`PENDING_PARENT_CID_KEY`]), if any.
+pub fn pending_parent_cid(link: &Link) -> Result<Option<u32>> {
+    Ok(link
+        .descriptor()?
+        .ddb(PENDING_PARENT_CID_KEY)
+        .and_then(|v| u32::from_str_radix(v.trim(), 16).ok()))
+}
+
 /// Opens the parents below `top` (already open) and returns the whole chain, top first.
 pub fn open_chain(top: Link, how: LinkOpen, policy: &ChainPolicy) -> Result<Vec<Link>> {
     let mut seen = HashSet::new();
@@ -143,7 +157,8 @@ pub fn open_chain(top: Link, how: LinkOpen, policy: &ChainPolicy) -> Result<Vec<
         )?;
         if policy.check_cid {
             let cid = parent.descriptor()?.cid();
-            if cid != Some(parent_cid) {
+            let pending = pending_parent_cid(child)?;
+            if cid != Some(parent_cid) && (cid.is_none() || cid != pending) {
                 return Err(Error::new(
                     ErrorKind::CidMismatch,
                     format!(

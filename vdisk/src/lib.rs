@@ -37,6 +37,7 @@ pub mod limits;
 pub mod link;
 pub mod ops;
 pub mod paths;
+pub mod replace;
 pub mod storage;
 
 pub use disk::{Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, RangeKind};

@@ -51,6 +51,17 @@ pub const MAX_CHAIN_DEPTH: usize = 255;
 pub const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 /// Pause between two attempts to take a lock.
 pub const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+/// How many times opening a locked file starts again because the file was renamed
+/// over (a descriptor rewrite) while the lock was awaited; then the disk is
+/// reported `Locked`.
+pub const LOCK_REOPENS: u32 = 8;
+
+/// A write that stays within one aligned block of this size of a regular file is
+/// all-or-nothing for a killed process: the kernel copies a `pwrite` into the page
+/// cache page by page and a signal can stop it only between pages (4 KiB, the
+/// smallest page size of the platforms we build for). The embedded descriptor is
+/// rewritten so that the switch from the old text to the new one is such a write.
+pub const KILL_ATOMIC_BYTES: u64 = 4096;
 
 /// The smallest block changed-block tracking records (4 KiB, a file-system block).
 pub const MIN_CBT_BLOCK: u64 = 4 << 10;

@@ -17,8 +17,10 @@ use crate::storage::{FileHandle, FileIdentity, FileStorage, LockMode, Storage};
 /// Where a link's descriptor text lives.
 #[derive(Debug)]
 enum DescriptorHome {
-    /// A standalone descriptor file (kept open: it carries the lock).
-    File(FileStorage),
+    /// A standalone descriptor file (kept open: it carries the lock). A rewrite
+    /// renames a new file over it, and the new file's handle (locked the same way)
+    /// takes the old one's place.
+    File(Mutex<FileStorage>),
     /// Embedded in the first (sparse) extent.
     Embedded,
     /// Kept in memory only (the throwaway redo log of a non-persistent open).
@@ -153,7 +155,7 @@ impl Link {
                 Self::open_described(
                     path,
                     descriptor,
-                    DescriptorHome::File(storage),
+                    DescriptorHome::File(Mutex::new(storage)),
                     None,
                     Vec::new(),
                     how,
@@ -481,6 +483,10 @@ impl Link {
         };
         let mut out = Vec::with_capacity(self.extent_files.len() + 1);
         if let DescriptorHome::File(storage) = &self.home {
+            // The handle in use now: a rewrite swaps in the new file.
+            let storage = storage
+                .lock()
+                .map_err(|_| Error::new(ErrorKind::Fail, "descriptor file lock poisoned"))?;
             out.push(storage.identity().map_err(io)?);
         }
         for f in &self.extent_files {
@@ -573,20 +579,14 @@ impl Link {
         Ok(())
     }
 
-    /// Writes the descriptor back where it lives.
+    /// Writes the descriptor back where it lives: a descriptor file is replaced
+    /// whole (a new file renamed over it, see [`crate::replace`]), an embedded
+    /// descriptor is rewritten in an order that always leaves one readable copy
+    /// (see [`crate::extent::sparse::write_descriptor_area`]).
     pub fn save_descriptor(&self, d: &Descriptor) -> Result<()> {
         let bytes = d.to_bytes();
         match &self.home {
-            DescriptorHome::File(storage) => storage
-                .write_all_at(&bytes, 0)
-                .and_then(|()| storage.set_len(bytes.len() as u64))
-                .and_then(|()| storage.sync())
-                .map_err(|e| {
-                    Error::io(
-                        format!("{}: cannot write the descriptor", self.path.display()),
-                        e,
-                    )
-                }),
+            DescriptorHome::File(file) => crate::replace::rewrite_open_file(file, &bytes),
             DescriptorHome::Memory => Ok(()),
             DescriptorHome::Embedded => match self.extents.first().map(|e| &e.extent) {
                 Some(Extent::Sparse(s)) => s.write_embedded_descriptor(&bytes),

@@ -4,9 +4,10 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -58,10 +59,13 @@ pub enum LockMode {
     Exclusive,
 }
 
-/// Takes `lock` on `file`, trying again for up to [`crate::limits::LOCK_RETRY`] while
-/// it is held elsewhere (see there why a free disk can look locked for a moment).
-fn try_lock_for_a_while(file: &File, lock: LockMode) -> std::result::Result<(), TryLockError> {
-    let give_up = std::time::Instant::now() + crate::limits::LOCK_RETRY;
+/// Takes `lock` on `file`, trying again until `give_up` while it is held elsewhere
+/// (see [`crate::limits::LOCK_RETRY`] why a free disk can look locked for a moment).
+fn try_lock_until(
+    file: &File,
+    lock: LockMode,
+    give_up: Instant,
+) -> std::result::Result<(), TryLockError> {
     loop {
         let locked = match lock {
             LockMode::None => Ok(()),
@@ -69,7 +73,7 @@ fn try_lock_for_a_while(file: &File, lock: LockMode) -> std::result::Result<(), 
             LockMode::Exclusive => file.try_lock(),
         };
         match locked {
-            Err(TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+            Err(TryLockError::WouldBlock) if Instant::now() < give_up => {
                 std::thread::sleep(crate::limits::LOCK_RETRY_PAUSE);
             }
             other => return other,
@@ -96,7 +100,6 @@ pub struct FileIdentity {
 
 impl FileIdentity {
     fn of(m: &std::fs::Metadata) -> FileIdentity {
-        use std::os::unix::fs::MetadataExt;
         FileIdentity {
             dev: m.dev(),
             ino: m.ino(),
@@ -119,43 +122,81 @@ impl FileHandle {
     }
 }
 
+/// A file's identity: device and inode numbers.
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    (m.dev(), m.ino())
+}
+
+/// Whether `path` names the open `file` (false if it names another file or nothing).
+fn path_names(path: &Path, file: &File) -> io::Result<bool> {
+    let open = file_id(&file.metadata()?);
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(file_id(&m) == open),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// A host file, opened for reading or for reading and writing, optionally locked.
 #[derive(Debug)]
 pub struct FileStorage {
     file: Arc<File>,
     path: PathBuf,
+    lock: LockMode,
     sync: bool,
 }
 
 impl FileStorage {
     /// Opens an existing file and takes the advisory lock `lock` on it.
+    ///
+    /// A descriptor is rewritten by renaming a new file over it (see
+    /// [`crate::replace`]), so the file a process opened may stop being the one its
+    /// path names while the process waits for the lock: the old file's lock is
+    /// released when its writer lets it go, but the writer holds the new file's.
+    /// After taking a lock the path is therefore checked to still name the locked
+    /// file (device and inode); if not, the path is opened and locked again, at most
+    /// [`crate::limits::LOCK_REOPENS`] times and within one
+    /// [`crate::limits::LOCK_RETRY`], so that no process ever believes it holds a
+    /// disk through the lock of a file that is gone.
     pub fn open(path: &Path, writable: bool, lock: LockMode) -> Result<FileStorage> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        match try_lock_for_a_while(&file, lock) {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                return Err(Error::new(
-                    ErrorKind::Locked,
-                    format!(
-                        "{} is locked by another user of the disk ({} access refused)",
-                        path.display(),
-                        if writable { "write" } else { "read" }
-                    ),
-                ))
+        let give_up = Instant::now() + crate::limits::LOCK_RETRY;
+        let locked_elsewhere = || {
+            Error::new(
+                ErrorKind::Locked,
+                format!(
+                    "{} is locked by another user of the disk ({} access refused)",
+                    path.display(),
+                    if writable { "write" } else { "read" }
+                ),
+            )
+        };
+        for _ in 0..=crate::limits::LOCK_REOPENS {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .open(path)
+                .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+            match try_lock_until(&file, lock, give_up) {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => return Err(locked_elsewhere()),
+                Err(TryLockError::Error(e)) => {
+                    return Err(Error::io(format!("cannot lock {}", path.display()), e))
+                }
             }
-            Err(TryLockError::Error(e)) => {
-                return Err(Error::io(format!("cannot lock {}", path.display()), e))
+            let current = lock == LockMode::None
+                || path_names(path, &file)
+                    .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+            if current {
+                return Ok(FileStorage {
+                    file: Arc::new(file),
+                    path: path.to_path_buf(),
+                    lock,
+                    sync: true,
+                });
             }
+            // Replaced while we waited: the lock we hold is on a file that is gone.
         }
-        Ok(FileStorage {
-            file: Arc::new(file),
-            path: path.to_path_buf(),
-            sync: true,
-        })
+        Err(locked_elsewhere())
     }
 
     /// With `false`, [`Storage::sync`] does nothing: writes stay in the host's page
@@ -173,14 +214,49 @@ impl FileStorage {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        try_lock_for_a_while(&file, LockMode::Exclusive).map_err(|_| {
-            Error::new(ErrorKind::Locked, format!("cannot lock {}", path.display()))
-        })?;
+        // A new file: nobody else can hold its lock but a process that opened the
+        // name in the instant since it was created.
+        try_lock_until(
+            &file,
+            LockMode::Exclusive,
+            Instant::now() + crate::limits::LOCK_RETRY,
+        )
+        .map_err(|_| Error::new(ErrorKind::Locked, format!("cannot lock {}", path.display())))?;
         Ok(FileStorage {
             file: Arc::new(file),
             path: path.to_path_buf(),
+            lock: LockMode::Exclusive,
             sync: true,
         })
+    }
+
+    /// Changes the lock held on the file to `lock` (a new file is created locked
+    /// exclusively; one that takes the place of a file opened with another mode
+    /// takes that mode).
+    pub(crate) fn relock(&mut self, lock: LockMode) -> Result<()> {
+        let done = match lock {
+            LockMode::None => self.file.unlock(),
+            LockMode::Shared => self.file.lock_shared(),
+            LockMode::Exclusive => self.file.lock(),
+        };
+        done.map_err(|e| Error::io(format!("cannot lock {}", self.path.display()), e))?;
+        self.lock = lock;
+        Ok(())
+    }
+
+    /// The lock this handle holds.
+    pub fn lock_mode(&self) -> LockMode {
+        self.lock
+    }
+
+    /// Whether [`Storage::sync`] makes writes durable (see [`FileStorage::set_sync`]).
+    pub fn syncs(&self) -> bool {
+        self.sync
+    }
+
+    /// Now known by `path` (it was renamed there).
+    pub(crate) fn set_path(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
     }
 
     /// The path the file was opened with.

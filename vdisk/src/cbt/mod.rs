@@ -220,29 +220,18 @@ fn fresh(link: &Link, seq: u64, note: String) -> Loaded {
     }
 }
 
-/// Writes `l` to `path` (through a temporary file renamed over it, synced).
+/// Writes `l` to `path` (through a temporary file renamed over it, synced: see
+/// [`crate::replace`]).
 fn save(path: &Path, l: &Loaded) -> Result<()> {
     let bytes = format::encode(&l.header, &l.map);
-    let tmp = path.with_extension("vdcbt-new");
-    let io = |e: std::io::Error| {
-        Error::io(
-            format!("cannot write the change-tracking file {}", path.display()),
-            e,
-        )
-    };
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::replace::replace_file(path, &bytes, crate::storage::LockMode::None, true)
+        .map(drop)
+        .map_err(|e| {
+            e.within(format!(
+                "cannot write the change-tracking file {}",
+                path.display()
+            ))
+        })
 }
 
 /// Stamps `l` with the link's current CID and fingerprint, as a closed sidecar.
@@ -550,7 +539,11 @@ fn open_single(path: &Path, write: bool) -> Result<crate::Disk> {
 pub fn enable(path: &Path) -> Result<String> {
     let disk = crate::OpenOptions::new().open(path)?;
     if let Some(t) = disk.tracker() {
-        return t.change_id();
+        // A descriptor naming a sidecar that is not there is an enable killed
+        // before it wrote the sidecar: finish it.
+        if t.path().exists() {
+            return t.change_id();
+        }
     }
     drop(disk);
     {
@@ -571,11 +564,25 @@ pub fn enable(path: &Path) -> Result<String> {
 }
 
 /// Turns tracking off for the disk at `path`: the descriptor key goes, then the
-/// sidecar file. Returns whether it was on.
+/// sidecar file (run again after an interruption, it removes a sidecar left
+/// behind). Returns whether it was on.
 pub fn disable(path: &Path) -> Result<bool> {
     let disk = open_single(path, true)?;
     let link = &disk.links()[0];
     let Some(file) = sidecar_of(link)? else {
+        // A disable killed after the descriptor lost its key leaves the sidecar of
+        // the usual name behind: it goes now.
+        let orphan = link
+            .path()
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(sidecar_name(link.path()));
+        drop(disk);
+        if std::fs::symlink_metadata(&orphan).is_ok_and(|m| m.file_type().is_file()) {
+            std::fs::remove_file(&orphan)
+                .map_err(|e| Error::io(format!("cannot remove {}", orphan.display()), e))?;
+        }
+        crate::replace::remove_stale_temp(&orphan)?;
         return Ok(false);
     };
     let mut d = link.descriptor()?;
@@ -584,10 +591,12 @@ pub fn disable(path: &Path) -> Result<bool> {
     drop(d);
     disk.close()?;
     match std::fs::remove_file(&file) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(Error::io(format!("cannot remove {}", file.display()), e)),
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("cannot remove {}", file.display()), e)),
     }
+    crate::replace::remove_stale_temp(&file)?;
+    Ok(true)
 }
 
 /// Gives a new child (at `child`, closed) the history of its parent: the open

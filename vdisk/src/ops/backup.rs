@@ -49,11 +49,10 @@ pub fn write_backup(
     parent: Option<&Path>,
     progress: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<BackupStats> {
-    let res = write_inner(src, areas, dst, parent, progress);
-    if res.is_err() {
-        let _ = std::fs::remove_file(dst);
-    }
-    res.map_err(|e| e.within(dst.display()))
+    // The stream is written under a temporary name that takes `dst` only once it is
+    // complete (and is removed otherwise): nothing to clean up here, and a `dst`
+    // that already exists is refused, not deleted.
+    write_inner(src, areas, dst, parent, progress).map_err(|e| e.within(dst.display()))
 }
 
 /// The grains covering `areas`, ascending, each once.
@@ -209,5 +208,32 @@ mod tests {
         assert!(grains_of(&[(10, 5), (0, 5)], 1 << 20).is_err());
         assert!(grains_of(&[(1 << 20, 1)], 1 << 20).is_err());
         assert!(grains_of(&[(u64::MAX, 2)], 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_backup_onto_an_existing_file_is_refused_and_leaves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.vmdk");
+        crate::create(
+            &src,
+            &crate::CreateOptions::new(DiskType::MonolithicSparse, 1 << 20),
+        )
+        .unwrap();
+        let disk = crate::Disk::open(&src).unwrap();
+        let dst = dir.path().join("backup.vmdk");
+        std::fs::write(&dst, b"not ours").unwrap();
+        let e = write_backup(&disk, &[(0, 1 << 20)], &dst, None, &mut |_, _| true).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read(&dst).unwrap(), b"not ours");
+        // Cancelled: no file, not even a temporary one.
+        let other = dir.path().join("other.vmdk");
+        let e = write_backup(&disk, &[(0, 1 << 20)], &other, None, &mut |_, _| false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Cancelled);
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["backup.vmdk", "src.vmdk"]);
     }
 }

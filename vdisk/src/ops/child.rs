@@ -14,7 +14,7 @@ use crate::extent::sparse::header::new_sparse_header;
 use crate::ids;
 use crate::limits::SECTOR_SIZE;
 use crate::ops::create::{
-    base_name, extent, split, write_descriptor_file, write_new_sparse, Created,
+    base_name, extent, refuse_existing, split, write_descriptor_file, write_new_sparse, Created,
     DEFAULT_GRAIN_SECTORS,
 };
 use crate::storage::Storage;
@@ -147,6 +147,7 @@ fn create_child_from(disk: &Disk, parent: &Path, child: &Path, disk_type: DiskTy
     };
     let sectors = capacity / SECTOR_SIZE;
     let (dir, stem) = base_name(child)?;
+    refuse_existing(child)?;
     let cid = ids::new_cid();
     let mut ddb = ddb;
     ddb.push(("ddb.longContentID".into(), ids::long_content_id(cid)));

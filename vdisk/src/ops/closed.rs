@@ -8,13 +8,14 @@
 //! while its files are rewritten.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::descriptor::{CreateType, Descriptor, ExtentKind, ExtentLine};
 use crate::disk::Disk;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::sparse::offline::SparseFile;
 use crate::extent::Extent;
-use crate::storage::{FileStorage, LockMode, Storage};
+use crate::storage::{FileStorage, LockMode};
 
 /// What kind of file backs an extent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,8 +56,9 @@ pub struct ClosedLink {
     pub embedded: bool,
     /// The extents, in order.
     pub extents: Vec<ClosedExtent>,
-    /// The separate descriptor file, open and locked (None when embedded).
-    descriptor_file: Option<FileStorage>,
+    /// The separate descriptor file, open and locked (None when embedded); a
+    /// rewrite replaces it with the new file, locked the same way.
+    descriptor_file: Option<Mutex<FileStorage>>,
 }
 
 impl ClosedLink {
@@ -95,7 +97,11 @@ impl ClosedLink {
         let descriptor_file = if embedded {
             None
         } else {
-            Some(FileStorage::open(path, true, LockMode::Exclusive)?)
+            Some(Mutex::new(FileStorage::open(
+                path,
+                true,
+                LockMode::Exclusive,
+            )?))
         };
         Ok(ClosedLink {
             path: path.to_path_buf(),
@@ -149,49 +155,20 @@ impl ClosedLink {
             .ok_or_else(|| Error::new(ErrorKind::Fail, format!("extent {index} has no file")))
     }
 
-    /// Writes `d` back as the link's descriptor; `embedded_in` must be the opened
-    /// monolithic file when the descriptor is embedded.
+    /// Writes `d` back as the link's descriptor, as [`crate::link::Link::save_descriptor`]
+    /// does: a descriptor file is replaced whole, an embedded one rewritten in place
+    /// in a kill-safe order; `embedded_in` must be the opened monolithic file when
+    /// the descriptor is embedded.
     pub fn save_descriptor(&self, d: &Descriptor, embedded_in: Option<&SparseFile>) -> Result<()> {
         let bytes = d.to_bytes();
         match (&self.descriptor_file, embedded_in) {
-            (Some(file), _) => file
-                .write_all_at(&bytes, 0)
-                .and_then(|()| file.set_len(bytes.len() as u64))
-                .and_then(|()| file.sync())
-                .map_err(|e| {
-                    Error::io(
-                        format!("{}: cannot write the descriptor", self.path.display()),
-                        e,
-                    )
-                }),
-            (None, Some(f)) => {
-                let h = &f.header;
-                let area = h.descriptor_size * crate::limits::SECTOR_SIZE;
-                if h.descriptor_offset == 0 || bytes.len() as u64 > area {
-                    return Err(Error::new(
-                        ErrorKind::FileTooBig,
-                        format!(
-                            "{}: the descriptor ({} bytes) does not fit the embedded area ({area} bytes)",
-                            self.path.display(),
-                            bytes.len()
-                        ),
-                    ));
-                }
-                let mut buf = bytes;
-                buf.resize(area as usize, 0);
-                f.storage
-                    .write_all_at(&buf, h.descriptor_offset * crate::limits::SECTOR_SIZE)
-                    .and_then(|()| f.storage.sync())
-                    .map_err(|e| {
-                        Error::io(
-                            format!(
-                                "{}: cannot write the embedded descriptor",
-                                self.path.display()
-                            ),
-                            e,
-                        )
-                    })
-            }
+            (Some(file), _) => crate::replace::rewrite_open_file(file, &bytes),
+            (None, Some(f)) => crate::extent::sparse::write_descriptor_area(
+                &f.storage,
+                &f.header,
+                &bytes,
+                &self.path.display().to_string(),
+            ),
             (None, None) => Err(Error::new(
                 ErrorKind::Fail,
                 "an embedded descriptor needs its sparse file to be saved",

@@ -7,7 +7,9 @@
 //! ranges the links above it cover, and the whole chain reads exactly as before. An
 //! interrupted commit can simply be run again. Only at the end does the target get a
 //! new CID; then the merged links are removed (they would no longer match), or, when
-//! kept, the lowest of them is re-pointed at the target's new CID.
+//! kept, the lowest of them is re-pointed at the target's new CID (through a pending
+//! CID record, [`crate::chain::PENDING_PARENT_CID_KEY`], so that the chain opens
+//! between the two descriptor rewrites).
 //!
 //! As with VDDK, other children of the target (siblings of the merged link) become
 //! invalid (their parentCID no longer matches), and children of the named link that
@@ -15,6 +17,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::chain::PENDING_PARENT_CID_KEY;
+use crate::descriptor::Descriptor;
 use crate::disk::{Disk, OpenOptions, RangeKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ops::convert::Progress;
@@ -137,25 +141,26 @@ fn commit_inner(top: &Path, opts: &CommitOptions, progress: Progress<'_>) -> Res
     dest.flush()?;
     drop(source);
     if opts.keep_child {
-        // Re-point the lowest merged link first: between the two writes the chain is
-        // inconsistent only for this instant.
+        // The lowest merged link must end up naming the target's new CID, and two
+        // descriptors cannot change in one step: the link first records the CID its
+        // parent is about to get (the chain check accepts it as well as parentCID),
+        // then the target takes it, then the link's parentCID follows and the record
+        // goes. Every step is one atomic descriptor rewrite, so a kill at any point
+        // leaves a chain that opens; running the commit again finishes it (its first
+        // step also settles a record a killed run left).
         let cid = crate::ids::new_cid();
         let lowest = &merged[n - 1];
-        {
-            let child = OpenOptions::new()
-                .write(true)
-                .single_link(true)
-                .open(lowest)?;
-            let link = &child.links()[0];
-            let mut d = link.descriptor()?;
-            d.set_parent_cid(cid);
-            link.save_descriptor(&d)?;
-            drop(d);
-            child.keep_cid();
-            child.close()?;
-        }
+        let now = dest.cid()?;
+        edit_link(lowest, |d| {
+            d.set_parent_cid(now);
+            d.set_ddb(PENDING_PARENT_CID_KEY, &format!("{cid:08x}"));
+        })?;
         set_cid(&dest, cid)?;
         dest.close()?;
+        edit_link(lowest, |d| {
+            d.set_parent_cid(cid);
+            d.remove_ddb(PENDING_PARENT_CID_KEY);
+        })?;
         progress(total, total);
         return Ok(CommitStats {
             target,
@@ -179,6 +184,22 @@ fn commit_inner(top: &Path, opts: &CommitOptions, progress: Progress<'_>) -> Res
         bytes: done,
         cid,
     })
+}
+
+/// Edits the descriptor of the (closed) link at `path` alone, keeping its CID.
+fn edit_link(path: &Path, edit: impl FnOnce(&mut Descriptor)) -> Result<()> {
+    let disk = OpenOptions::new()
+        .write(true)
+        .single_link(true)
+        .open(path)?;
+    let link = &disk.links()[0];
+    {
+        let mut d = link.descriptor()?;
+        edit(&mut d);
+        link.save_descriptor(&d)?;
+    }
+    disk.keep_cid();
+    disk.close()
 }
 
 /// Sets the top link's CID (and longContentID) to `cid`.

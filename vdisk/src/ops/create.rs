@@ -10,7 +10,8 @@ use crate::geometry::{AdapterType, Geometry};
 use crate::ids;
 use crate::limits::{MAX_CAPACITY_SECTORS, SECTOR_SIZE, SPLIT_EXTENT_SECTORS};
 use crate::ops::stream_writer::StreamWriter;
-use crate::storage::{FileStorage, Storage};
+use crate::replace::NewFile;
+use crate::storage::{FileStorage, LockMode, Storage};
 
 /// Default grain of new sparse extents: 128 sectors (64 KiB), as VMware and qemu use.
 pub const DEFAULT_GRAIN_SECTORS: u64 = 128;
@@ -145,6 +146,7 @@ fn create_inner(path: &Path, opts: &CreateOptions) -> Result<()> {
         });
     }
     let (dir, stem) = base_name(path)?;
+    refuse_existing(path)?;
     let cid = ids::new_cid();
     let mut ddb = new_ddb(sectors, opts.adapter, opts.hw_version, cid);
     let mut created = Created(Vec::new());
@@ -220,6 +222,9 @@ fn create_inner(path: &Path, opts: &CreateOptions) -> Result<()> {
 
 /// Writes the file at `path` that holds a new link's descriptor: a monolithic sparse
 /// extent of `embedded_sectors` with the descriptor inside, or a descriptor file.
+/// The file is written under a temporary name and linked as `path` once complete
+/// (see [`crate::replace::NewFile::publish`]), so `path` never names a partial
+/// descriptor; it must not exist.
 pub(crate) fn write_descriptor_file(
     created: &mut Created,
     path: &Path,
@@ -227,18 +232,33 @@ pub(crate) fn write_descriptor_file(
     embedded_sectors: Option<u64>,
 ) -> Result<()> {
     let text = descriptor.to_bytes();
-    let storage = created.new_file(path)?;
+    let file = NewFile::beside(path, LockMode::Exclusive, true)?;
     match embedded_sectors {
         Some(sectors) => {
             let header =
                 new_sparse_header(sectors, DEFAULT_GRAIN_SECTORS, EMBEDDED_DESCRIPTOR_SECTORS)?;
-            write_new_sparse(&storage, &header, Some(&text))
+            write_new_sparse(file.storage(), &header, Some(&text))?;
         }
-        None => storage
+        None => file
+            .storage()
             .write_all_at(&text, 0)
-            .and_then(|()| storage.sync())
-            .map_err(|e| Error::io("cannot write the descriptor", e)),
+            .map_err(|e| Error::io("cannot write the descriptor", e))?,
     }
+    file.publish()?;
+    created.0.push(path.to_path_buf());
+    Ok(())
+}
+
+/// Refuses to create a disk at `path` when the name is taken, before any file of
+/// it is made.
+pub(crate) fn refuse_existing(path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("{} already exists", path.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// Starts a new streamOptimized disk at `path`: header and embedded descriptor are

@@ -4,12 +4,13 @@
 //! Each extent file is rewritten beside the original with the layout of a new file
 //! (header, descriptor, directories, preallocated tables) followed by its grains in
 //! guest order, so a sequential guest read is a sequential host read. The new file
-//! is synced and renamed over the original: a failure or crash leaves the original
-//! untouched (at worst a stray `.defrag` file beside it). Allocation does not change:
+//! is written under a temporary name, synced and renamed over the original
+//! ([`crate::replace::NewFile`]): a failure or crash leaves the original untouched
+//! (at worst a hidden temporary file beside it, which the next run removes). Allocation does not change:
 //! every data grain and zeroed-grain entry is kept, CID and descriptor stay the same.
 //! Needs free host space for one extent file at a time.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::sparse::offline::{SparseFile, GTE_UNALLOCATED, GTE_ZEROED};
@@ -17,7 +18,8 @@ use crate::limits::{MAX_SPARSE_FILE_SECTORS, SECTOR_SIZE};
 use crate::ops::closed::{ClosedKind, ClosedLink};
 use crate::ops::convert::Progress;
 use crate::ops::create::write_new_sparse;
-use crate::storage::{FileStorage, Storage};
+use crate::replace::NewFile;
+use crate::storage::{FileStorage, LockMode, Storage};
 
 /// What a defragmentation found and left.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -54,6 +56,8 @@ fn defrag_inner(path: &Path, progress: Progress<'_>) -> Result<DefragStats> {
     let total: u64 = files.iter().map(|f| f.gd.len() as u64).sum();
     let mut done = 0u64;
     let mut stats = DefragStats::default();
+    // The rewritten files, kept locked until the end.
+    let mut held = Vec::with_capacity(files.len());
     for f in &files {
         let mut tick = || -> Result<()> {
             done += 1;
@@ -66,9 +70,10 @@ fn defrag_inner(path: &Path, progress: Progress<'_>) -> Result<DefragStats> {
                 ))
             }
         };
-        let (before, after) = rewrite(f, &mut tick)?;
+        let (before, after, placed) = rewrite(f, &mut tick)?;
         stats.fragments_before += before;
         stats.fragments_after += after;
+        held.push(placed);
     }
     progress(total, total);
     Ok(stats)
@@ -90,48 +95,17 @@ impl Fragments {
     }
 }
 
-/// A new file beside the original, removed unless it was renamed into place.
-struct Temp {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Rewrites one extent file in guest order; returns fragments before and after.
-fn rewrite(f: &SparseFile, tick: &mut dyn FnMut() -> Result<()>) -> Result<(u64, u64)> {
+/// Rewrites one extent file in guest order; returns fragments before and after,
+/// and the new file's handle (locked exclusively, as the original was: held until
+/// the whole disk is done).
+fn rewrite(
+    f: &SparseFile,
+    tick: &mut dyn FnMut() -> Result<()>,
+) -> Result<(u64, u64, FileStorage)> {
     let original = f.storage.path().to_path_buf();
-    let file_name = original
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp_path = original.with_file_name(format!(".{file_name}.defrag"));
-    let mut tmp = Temp {
-        path: tmp_path.clone(),
-        armed: false,
-    };
-    let out = match FileStorage::create_new(&tmp_path) {
-        Ok(s) => {
-            tmp.armed = true;
-            s
-        }
-        Err(e) if tmp_path.exists() => {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists (left by an interrupted defragmentation?); remove it and retry: {e}",
-                    tmp_path.display()
-                ),
-            ))
-        }
-        Err(e) => return Err(e),
-    };
+    let new_file = NewFile::beside(&original, LockMode::Exclusive, true)?;
+    let tmp_path = new_file.temp_path().to_path_buf();
+    let out = new_file.storage();
     let mut header = f.header.clone();
     header.unclean_shutdown = false;
     let header = header.fresh_layout()?;
@@ -143,7 +117,7 @@ fn rewrite(f: &SparseFile, tick: &mut dyn FnMut() -> Result<()>) -> Result<(u64,
             Some(d)
         }
     };
-    write_new_sparse(&out, &header, descriptor.as_deref())?;
+    write_new_sparse(out, &header, descriptor.as_deref())?;
 
     let meta = f.metadata_ranges()?;
     let g = f.grain_sectors();
@@ -214,36 +188,6 @@ fn rewrite(f: &SparseFile, tick: &mut dyn FnMut() -> Result<()>) -> Result<(u64,
             .map_err(io)?;
     }
     out.set_len(next * SECTOR_SIZE).map_err(io)?;
-    out.sync().map_err(io)?;
-    let perms = std::fs::metadata(&original)
-        .map_err(|e| Error::io(format!("cannot stat {}", original.display()), e))?
-        .permissions();
-    std::fs::set_permissions(&tmp_path, perms).map_err(|e| {
-        Error::io(
-            format!("cannot set permissions of {}", tmp_path.display()),
-            e,
-        )
-    })?;
-    std::fs::rename(&tmp_path, &original).map_err(|e| {
-        Error::io(
-            format!(
-                "cannot replace {} with {}",
-                original.display(),
-                tmp_path.display()
-            ),
-            e,
-        )
-    })?;
-    tmp.armed = false;
-    if let Some(dir) = original.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok((before.count, after.count))
+    let placed = new_file.replace()?;
+    Ok((before.count, after.count, placed))
 }

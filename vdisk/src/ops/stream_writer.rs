@@ -14,7 +14,9 @@ use crate::extent::sparse::header::{
     SparseHeader, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE, GD_AT_END,
 };
 use crate::limits::SECTOR_SIZE;
-use crate::storage::{FileStorage, Storage};
+use crate::ops::create::refuse_existing;
+use crate::replace::NewFile;
+use crate::storage::{LockMode, Storage};
 
 /// Grain size of streams we write (sectors).
 pub const STREAM_GRAIN_SECTORS: u64 = 128;
@@ -66,10 +68,12 @@ fn compresses(sample: &[u8]) -> bool {
     }
 }
 
-/// Writes a streamOptimized extent front to back.
+/// Writes a streamOptimized extent front to back, under a temporary name that the
+/// file leaves for its own name only once [`StreamWriter::finish`] completed it (a
+/// failed or killed writer never leaves a partial stream under the name).
 #[derive(Debug)]
 pub struct StreamWriter {
-    storage: FileStorage,
+    file: NewFile,
     header: SparseHeader,
     /// Next sector to write.
     pos: u64,
@@ -91,7 +95,7 @@ fn marker(num_sectors: u64, kind: u32) -> [u8; 512] {
 }
 
 impl StreamWriter {
-    /// Creates `path` (which must not exist) for a disk of `capacity` bytes and writes
+    /// Starts `path` (which must not exist) for a disk of `capacity` bytes and writes
     /// the header and the embedded `descriptor`.
     pub fn create(path: &Path, capacity: u64, descriptor: &[u8]) -> Result<StreamWriter> {
         if descriptor.len() as u64 > DESCRIPTOR_SECTORS * SECTOR_SIZE {
@@ -118,13 +122,14 @@ impl StreamWriter {
         };
         // Validate with the reader's rules (limits on capacity and directory size).
         SparseHeader::parse(&header.to_bytes())?;
-        let storage = FileStorage::create_new(path)?;
+        refuse_existing(path)?;
+        let file = NewFile::beside(path, LockMode::Exclusive, true)?;
         let mut front = header.to_bytes().to_vec();
         front.extend_from_slice(descriptor);
         front.resize((header.overhead * SECTOR_SIZE) as usize, 0);
         let gd = vec![0u32; header.num_gdes() as usize];
         let w = StreamWriter {
-            storage,
+            file,
             pos: header.overhead,
             buf: Vec::with_capacity(WRITE_BUFFER),
             buf_start: header.overhead,
@@ -135,7 +140,8 @@ impl StreamWriter {
             last_grain: None,
             header,
         };
-        w.storage
+        w.file
+            .storage()
             .write_all_at(&front, 0)
             .map_err(|e| Error::io("cannot write the stream header", e))?;
         Ok(w)
@@ -143,7 +149,7 @@ impl StreamWriter {
 
     /// Disables fsync on finish (see `ConvertOptions::sync`).
     pub fn set_sync(&mut self, sync: bool) {
-        self.storage.set_sync(sync);
+        self.file.set_sync(sync);
     }
 
     fn emit(&mut self, bytes: &[u8]) -> Result<()> {
@@ -159,7 +165,8 @@ impl StreamWriter {
 
     fn flush_buffer(&mut self) -> Result<()> {
         if !self.buf.is_empty() {
-            self.storage
+            self.file
+                .storage()
                 .write_all_at(&self.buf, self.buf_start * SECTOR_SIZE)
                 .map_err(|e| Error::io("cannot write the stream", e))?;
             self.buf_start += (self.buf.len() as u64) / SECTOR_SIZE;
@@ -227,9 +234,7 @@ impl StreamWriter {
         self.emit(&footer.to_bytes())?;
         self.emit(&marker(0, MARKER_EOS))?;
         self.flush_buffer()?;
-        self.storage
-            .sync()
-            .map_err(|e| Error::io("cannot sync the stream", e))
+        self.file.publish().map(drop)
     }
 }
 

@@ -8,6 +8,7 @@
 //! their redundant copies), grain directories, header.
 
 pub mod cowd;
+mod embedded;
 pub mod header;
 pub mod offline;
 
@@ -22,6 +23,7 @@ use crate::limits::{GT_CACHE_BYTES, MAX_SPARSE_FILE_SECTORS, SECTOR_SIZE};
 use crate::storage::{FileStorage, Storage};
 use cowd::{has_cowd_magic, CowdHeader, COWD_HEADER_SIZE};
 
+pub use embedded::{read_descriptor_area, write_descriptor_area};
 pub use header::{SparseHeader, GD_AT_END, HEADER_SIZE};
 
 /// A grain table entry value with a meaning of its own.
@@ -363,37 +365,10 @@ impl SparseExtent {
         read_descriptor_area(&*self.storage, &self.header()?, &self.name)
     }
 
-    /// Rewrites the embedded descriptor area (NUL padded); fails if the text does not fit.
+    /// Rewrites the embedded descriptor (see [`write_descriptor_area`]: one readable
+    /// copy at every point); fails if the text does not fit.
     pub fn write_embedded_descriptor(&self, text: &[u8]) -> Result<()> {
-        let h = self.header()?;
-        let area = h.descriptor_size * SECTOR_SIZE;
-        if h.descriptor_offset == 0 {
-            return Err(Error::new(
-                ErrorKind::NotSupported,
-                format!("{}: the extent has no embedded descriptor", self.name),
-            ));
-        }
-        if text.len() as u64 > area {
-            return Err(Error::new(
-                ErrorKind::FileTooBig,
-                format!(
-                    "{}: descriptor of {} bytes does not fit the embedded area of {area} bytes",
-                    self.name,
-                    text.len()
-                ),
-            ));
-        }
-        let mut buf = text.to_vec();
-        buf.resize(area as usize, 0);
-        self.storage
-            .write_all_at(&buf, h.descriptor_offset * SECTOR_SIZE)
-            .and_then(|()| self.storage.sync())
-            .map_err(|e| {
-                Error::io(
-                    format!("{}: cannot write the embedded descriptor", self.name),
-                    e,
-                )
-            })
+        write_descriptor_area(&*self.storage, &self.header()?, text, &self.name)
     }
 
     /// Loads grain table `index` into the cache if it is allocated; returns whether it is.
@@ -827,38 +802,6 @@ fn header_bytes(st: &State) -> Vec<u8> {
         }
         None => st.header.to_bytes().to_vec(),
     }
-}
-
-/// Reads the embedded descriptor area a header points at (None if it has none).
-pub fn read_descriptor_area(
-    storage: &dyn Storage,
-    h: &SparseHeader,
-    name: &str,
-) -> Result<Option<Vec<u8>>> {
-    if h.descriptor_offset == 0 {
-        return Ok(None);
-    }
-    // The size is bounded by the header parser; the offset is checked here (a
-    // streamOptimized extent is not checked on open the way a sparse one is).
-    let file_len = storage
-        .len()
-        .map_err(|e| Error::io(format!("{name}: cannot read file size"), e))?;
-    let bytes = h.descriptor_size * SECTOR_SIZE;
-    let at = h
-        .descriptor_offset
-        .checked_mul(SECTOR_SIZE)
-        .filter(|at| at.checked_add(bytes).is_some_and(|end| end <= file_len))
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "{name}: embedded descriptor (sector {}, {} sectors) lies past the end of the file ({file_len} bytes)",
-                h.descriptor_offset, h.descriptor_size
-            ))
-        })?;
-    let mut buf = vec![0u8; bytes as usize];
-    storage
-        .read_exact_at(&mut buf, at)
-        .map_err(|e| Error::io(format!("{name}: cannot read the embedded descriptor"), e))?;
-    Ok(Some(buf))
 }
 
 fn region_end(start: u64, sectors: u64) -> Result<u64> {
