@@ -280,7 +280,10 @@ pub fn rewrite_open_file(handle: &std::sync::Mutex<FileStorage>, bytes: &[u8]) -
         .lock()
         .map_err(|_| Error::new(ErrorKind::Fail, "file handle lock poisoned"))?;
     let path = file.path().to_path_buf();
-    *file = replace_file(&path, bytes, file.lock_mode(), file.syncs())
-        .map_err(|e| e.within(format!("cannot rewrite {}", path.display())))?;
+    // By the absolute name: the process may have changed its working folder since.
+    let target = file.absolute_path().to_path_buf();
+    *file = replace_file(&target, bytes, file.lock_mode(), file.syncs())
+        .map_err(|e| e.within(format!("cannot rewrite {}", path.display())))?
+        .shown_as(&path);
     Ok(())
 }

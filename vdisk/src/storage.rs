@@ -137,11 +137,20 @@ fn path_names(path: &Path, file: &File) -> io::Result<bool> {
     }
 }
 
+/// `path` made absolute against the current working folder (as it is given if that
+/// cannot be read).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// A host file, opened for reading or for reading and writing, optionally locked.
 #[derive(Debug)]
 pub struct FileStorage {
     file: Arc<File>,
     path: PathBuf,
+    /// `path` made absolute when the file was opened: a rewrite by name must reach
+    /// this file even after the process changed its working folder.
+    absolute: PathBuf,
     lock: LockMode,
     sync: bool,
 }
@@ -190,6 +199,7 @@ impl FileStorage {
                 return Ok(FileStorage {
                     file: Arc::new(file),
                     path: path.to_path_buf(),
+                    absolute: absolute(path),
                     lock,
                     sync: true,
                 });
@@ -225,6 +235,7 @@ impl FileStorage {
         Ok(FileStorage {
             file: Arc::new(file),
             path: path.to_path_buf(),
+            absolute: absolute(path),
             lock: LockMode::Exclusive,
             sync: true,
         })
@@ -257,11 +268,25 @@ impl FileStorage {
     /// Now known by `path` (it was renamed there).
     pub(crate) fn set_path(&mut self, path: &Path) {
         self.path = path.to_path_buf();
+        self.absolute = absolute(path);
     }
 
     /// The path the file was opened with.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The path made absolute when the file was opened (against the working folder
+    /// of that moment).
+    pub fn absolute_path(&self) -> &Path {
+        &self.absolute
+    }
+
+    /// The same storage, shown under `path` in messages (a file reopened by its
+    /// absolute name keeps the name it was first opened by).
+    pub fn shown_as(mut self, path: &Path) -> FileStorage {
+        self.path = path.to_path_buf();
+        self
     }
 
     /// A reference to the open file, to identify it later (see [`FileHandle`]).
