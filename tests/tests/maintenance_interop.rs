@@ -19,6 +19,24 @@ use vdisk_interop::{
 const SECTOR: u64 = 512;
 const GRAIN: u64 = 64 * KIB;
 
+/// `dir/s.vmdk`: `disk` converted by qemu-img to streamOptimized.
+fn qemu_stream_of(disk: &Path, dir: &Path) -> PathBuf {
+    let stream = dir.join("s.vmdk");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            path_str(disk),
+            path_str(&stream),
+        ],
+    );
+    stream
+}
+
 /// `qemu-img create -f vmdk -o subformat=SUB dir/name SIZE`.
 fn qemu_create(dir: &Path, name: &str, subformat: &str, size: &str) -> PathBuf {
     let disk = dir.join(name);
@@ -359,19 +377,7 @@ fn grow_smaller_or_stream_fails_and_keeps_the_disk() {
     assert_eq!(std::fs::read(&disk).expect("read"), before, "file changed");
     assert_eq!(virtual_size(&disk), 32 * MIB);
 
-    let stream = dir.path().join("s.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            path_str(&disk),
-            path_str(&stream),
-        ],
-    );
+    let stream = qemu_stream_of(&disk, dir.path());
     let before = std::fs::read(&stream).expect("read");
     vdiskmanager_failing(&["-x", "64MB", path_str(&stream)]);
     assert_eq!(
@@ -679,19 +685,7 @@ fn check_of_qemu_streams_and_a_cut_one() {
         if !writes.is_empty() {
             qemu_io(&src, &writes);
         }
-        let stream = dir.path().join("s.vmdk");
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-                path_str(&src),
-                path_str(&stream),
-            ],
-        );
+        let stream = qemu_stream_of(&src, dir.path());
         let what = format!("qemu stream of {size}");
         check_passes(&stream, &what);
         if writes.is_empty() {

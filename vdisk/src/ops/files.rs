@@ -272,16 +272,7 @@ fn start_rename(n: &Names<'_>) -> Result<()> {
         return Err(e);
     }
     // The switch: the (rewritten) descriptor takes its new name in one step.
-    if exists(dst) {
-        return Err(already_exists(dst));
-    }
-    std::fs::rename(src, dst).map_err(|e| {
-        Error::io(
-            format!("cannot rename {} to {}", src.display(), dst.display()),
-            e,
-        )
-    })?;
-    sync_folders(n)?;
+    switch_name(src, dst, n)?;
     if !n.same_folder {
         relative_names(n, &mut locks[0])?;
     }
@@ -380,16 +371,7 @@ fn rename_monolithic(n: &Names<'_>) -> Result<()> {
             src.display()
         );
     }
-    if exists(dst) {
-        return Err(already_exists(dst));
-    }
-    std::fs::rename(src, dst).map_err(|e| {
-        Error::io(
-            format!("cannot rename {} to {}", src.display(), dst.display()),
-            e,
-        )
-    })?;
-    sync_folders(n)?;
+    switch_name(src, dst, n)?;
     drop(storage);
     Ok(())
 }
@@ -418,4 +400,19 @@ fn set_embedded_name(storage: &FileStorage, dst: &Path) -> Result<()> {
     }
     d.set_extents(&lines);
     write_descriptor_area(storage, &h, &d.to_bytes(), &shown)
+}
+
+/// Renames `src` to `dst` (refused if `dst` exists) and syncs both folders: the one
+/// step in which the disk changes its name.
+fn switch_name(src: &Path, dst: &Path, n: &Names<'_>) -> Result<()> {
+    if exists(dst) {
+        return Err(already_exists(dst));
+    }
+    std::fs::rename(src, dst).map_err(|e| {
+        Error::io(
+            format!("cannot rename {} to {}", src.display(), dst.display()),
+            e,
+        )
+    })?;
+    sync_folders(n)
 }
