@@ -25,6 +25,9 @@ command -v mkfs.ntfs >/dev/null 2>&1 || need+=(ntfs-3g)
 command -v mkfs.exfat >/dev/null 2>&1 || need+=(exfatprogs)
 command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
 command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
+# NBD peers for vdisk-nbd (tests/tests/nbd_interop.rs).
+command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 # FUSE mounts (vdisk-mount) and FAT file access without a vfat kernel module.
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v mcopy >/dev/null 2>&1 || need+=(mtools)

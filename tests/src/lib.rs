@@ -145,6 +145,132 @@ pub fn vdisk_mount_bin() -> PathBuf {
     )
 }
 
+/// The `vdisk-nbd` binary of the current build (`target/<profile>/vdisk-nbd`),
+/// checked like [`vdiskmanager_bin`].
+pub fn vdisk_nbd_bin() -> PathBuf {
+    static FRESH: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    workspace_bin(
+        "vdisk-nbd",
+        &["vdisk/src", "vdisk-nbd/src", "utils/src/bin/vdisk-nbd.rs"],
+        &FRESH,
+    )
+}
+
+/// A `vdisk-nbd` server run for a test: started with `args` on a Unix socket of its
+/// own (or on TCP when `args` say so), ready when [`NbdServer::start`] returns,
+/// stopped by SIGTERM when dropped (and waited for).
+pub struct NbdServer {
+    child: std::process::Child,
+    /// The Unix socket it listens on (unless TCP was asked for).
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NbdServer {
+    /// Starts `vdisk-nbd --socket SOCK args...`.
+    pub fn start<S: AsRef<OsStr>>(args: &[S]) -> NbdServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("nbd.sock");
+        let mut cmd = std::process::Command::new(vdisk_nbd_bin());
+        cmd.arg("--socket").arg(&socket).args(args);
+        NbdServer::spawn(cmd, socket, dir, None)
+    }
+
+    /// Starts `vdisk-nbd args...` listening on TCP `port` of 127.0.0.1.
+    pub fn start_tcp<S: AsRef<OsStr>>(port: u16, args: &[S]) -> NbdServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cmd = std::process::Command::new(vdisk_nbd_bin());
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(args);
+        NbdServer::spawn(cmd, PathBuf::new(), dir, Some(port))
+    }
+
+    fn spawn(
+        mut cmd: std::process::Command,
+        socket: PathBuf,
+        dir: tempfile::TempDir,
+        port: Option<u16>,
+    ) -> NbdServer {
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        let mut child = cmd.spawn().expect("start vdisk-nbd");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let up = match port {
+                Some(p) => std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
+                None => std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+            };
+            if up {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+                panic!("vdisk-nbd exited ({status}) before listening: {log}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "vdisk-nbd did not start listening"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        NbdServer {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    /// The NBD URI of export `name` on the Unix socket (the name percent-encoded).
+    pub fn uri(&self, name: &str) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            uri_escape(name),
+            self.socket.display()
+        )
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Stops it with SIGTERM and returns its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait for vdisk-nbd")
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.terminate();
+        }
+    }
+}
+
+/// Percent-encodes what an NBD URI path cannot hold as it is.
+pub fn uri_escape(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The binary `name` of the vdisk-utils package in `target/<profile>/`, checked
 /// (once, through `fresh`) to be newer than the sources under `sources`.
 fn workspace_bin(name: &str, sources: &[&str], fresh: &std::sync::OnceLock<()>) -> PathBuf {

@@ -256,12 +256,10 @@ impl Disk {
         let link = Link::open(path, how)?;
         let capacity = link.capacity();
         let mut links = chain::open_chain(link, how, &opts.chain)?;
-        // Tracking is checked against the files before this open changes them.
-        let cbt = if opts.redo_dir.is_none() {
-            crate::cbt::Tracker::open(&links[0], how.writable)?
-        } else {
-            None
-        };
+        // Tracking is checked against the files before this open changes them. A
+        // non-persistent open sees the disk's history read-only: its writes go to
+        // the throwaway redo log and are not the disk's changes.
+        let cbt = crate::cbt::Tracker::open(&links[0], how.writable)?;
         links[0].begin_write()?;
         if let Some(t) = &cbt {
             t.begin(&links[0])?;
@@ -282,8 +280,9 @@ impl Disk {
         })
     }
 
-    /// The change tracker, if change tracking is enabled on the disk (and it is not
-    /// open non-persistent).
+    /// The change tracker, if change tracking is enabled on the disk (read-only when
+    /// the disk is open read-only or non-persistent: writes to a redo log are not
+    /// the disk's changes).
     pub fn tracker(&self) -> Option<&crate::cbt::Tracker> {
         self.cbt.as_ref()
     }
@@ -445,10 +444,100 @@ impl Disk {
         let below = |off: u64, buf: &mut [u8]| self.read_chain(1, off, buf);
         // Marked even if the write fails part-way: some of it may have landed.
         let res = top.write(offset, data, &below);
-        if let Some(t) = &self.cbt {
+        if let Some(t) = self.cbt.as_ref().filter(|t| t.writable()) {
             t.mark(offset, data.len() as u64)?;
         }
         res
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros, writing only where the disk holds
+    /// data now: ranges that already read as zeros (unallocated down the chain, or
+    /// zeroed grains) are left alone, so zeroing an empty stretch of a sparse disk
+    /// allocates nothing. With `only_if_cheap` (NBD's `FAST_ZERO`), a range that
+    /// would need zeros written fails with `NotSupported` before anything is
+    /// written. The map is walked a window at a time (bounded memory).
+    pub fn write_zeroes(&self, offset: u64, len: u64, only_if_cheap: bool) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                "the disk is open read-only",
+            ));
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.capacity)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "zeroing {len} bytes at offset {offset} goes beyond the end of the disk ({} bytes)",
+                        self.capacity
+                    ),
+                )
+            })?;
+        const WINDOW: u64 = 1 << 30;
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        if only_if_cheap {
+            let mut at = offset;
+            while at < end {
+                let n = WINDOW.min(end - at);
+                self.for_each_range(at, n, |r| {
+                    if r.kind == RangeKind::Data {
+                        return Err(Error::new(
+                            ErrorKind::NotSupported,
+                            format!(
+                                "bytes {}..{} hold data: zeroing them means writing zeros",
+                                r.offset,
+                                r.offset + r.length
+                            ),
+                        ));
+                    }
+                    Ok(())
+                })?;
+                at += n;
+            }
+            return Ok(());
+        }
+        let mut at = offset;
+        while at < end {
+            let n = WINDOW.min(end - at);
+            let mut data: Vec<(u64, u64)> = Vec::new();
+            self.for_each_range(at, n, |r| {
+                if r.kind == RangeKind::Data {
+                    data.push((r.offset, r.length));
+                }
+                Ok(())
+            })?;
+            for (o, l) in data {
+                let mut p = o;
+                while p < o + l {
+                    let k = (o + l - p).min(ZEROS.len() as u64) as usize;
+                    self.write_at(&ZEROS[..k], p)?;
+                    p += k as u64;
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// The grain size of the disk's top link (what a writer should align to), or
+    /// 4 KiB for disks without grains (flat).
+    pub fn grain_bytes(&self) -> u64 {
+        let top = self
+            .links
+            .iter()
+            .find(|l| !l.is_redo_log())
+            .unwrap_or(&self.links[0]);
+        top.extents()
+            .iter()
+            .find_map(|e| match &e.extent {
+                crate::extent::Extent::Sparse(s) => Some(s.grain_bytes()),
+                crate::extent::Extent::SeSparse(s) => Some(s.grain_bytes()),
+                crate::extent::Extent::Stream(s) => Some(s.header().grain_bytes()),
+                _ => None,
+            })
+            .unwrap_or(4096)
     }
 
     /// Writes from now on keep the top link's CID (commit changes it once, at the

@@ -366,6 +366,11 @@ impl Tracker {
         Ok(())
     }
 
+    /// Whether this open records changes (the disk's own files are written).
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
     /// The sidecar file.
     pub fn path(&self) -> &Path {
         &self.path

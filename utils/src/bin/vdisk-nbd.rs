@@ -1,0 +1,209 @@
+//! `vdisk-nbd`: serves VMDK disks and snapshot chains over NBD (the name mirrors
+//! `qemu-nbd`). Exports are independent non-persistent by default (writes go to a
+//! throwaway redo log; the disk files never change), `-r` read-only, `--persistent`
+//! write through. SIGTERM or SIGINT stop it in order: requests in flight finish,
+//! disks are flushed and closed.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use vdisk_nbd::{Datastore, DiskExport, Exports, Mode, Server};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vdisk-nbd",
+    version,
+    about = "Serve VMDK disks and snapshot chains over NBD",
+    after_help = "Exports: each DISK under its file name, --export NAME=DISK under NAME, and every disk below \
+the folder of --datastore NAME=DIR as \"[NAME] folder/disk.vmdk\" (as VDDK names them).\n\
+Metadata contexts: base:allocation, x-vdisk:allocation-depth, x-vdisk:changed:<change ID> (the areas \
+written since that change ID, from the disk's change tracking; list x-vdisk:changed: for the current ID).\n\
+Examples:\n  vdisk-nbd --socket /tmp/nbd.sock disk.vmdk && nbdinfo --map 'nbd+unix:///disk.vmdk?socket=/tmp/nbd.sock'\n  \
+vdisk-nbd -r --port 10809 --datastore datastore1=/vmfs/volumes/ds1"
+)]
+struct Args {
+    /// Read-only exports (writes are refused).
+    #[arg(short = 'r', long = "read-only", conflicts_with = "persistent")]
+    read_only: bool,
+    /// Writes go to the disks (default: to a throwaway redo log per export).
+    #[arg(long)]
+    persistent: bool,
+    /// Listen on this Unix socket instead of TCP.
+    #[arg(long, conflicts_with_all = ["bind", "port"])]
+    socket: Option<PathBuf>,
+    /// TCP address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: String,
+    /// TCP port to listen on.
+    #[arg(long, short = 'p', default_value_t = 10809)]
+    port: u16,
+    /// Export DISK under NAME (repeatable).
+    #[arg(long = "export", value_name = "NAME=DISK")]
+    exports: Vec<String>,
+    /// Export every disk below DIR as "[NAME] relative/path.vmdk" (repeatable).
+    #[arg(long = "datastore", value_name = "NAME=DIR")]
+    datastores: Vec<String>,
+    /// Log connections and refused requests to stderr (twice: every request).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Disks to export under their file names.
+    disks: Vec<PathBuf>,
+}
+
+fn split_pair(s: &str, what: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, v)) if !n.is_empty() && !v.is_empty() => Ok((n.to_string(), v.to_string())),
+        _ => Err(format!("{what} {s:?} is not NAME=VALUE")),
+    }
+}
+
+fn exports(a: &Args) -> Result<Exports, String> {
+    let mut disks: Vec<DiskExport> = Vec::new();
+    for d in &a.disks {
+        let name = d
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("{} has no file name", d.display()))?;
+        disks.push(DiskExport {
+            name,
+            path: d.clone(),
+        });
+    }
+    for e in &a.exports {
+        let (name, path) = split_pair(e, "--export")?;
+        disks.push(DiskExport {
+            name,
+            path: PathBuf::from(path),
+        });
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if disks[..i].iter().any(|o| o.name == d.name) {
+            return Err(format!("two exports are named {:?}", d.name));
+        }
+    }
+    let mut stores = Vec::new();
+    for s in &a.datastores {
+        let (name, dir) = split_pair(s, "--datastore")?;
+        stores.push(Datastore::new(&name, std::path::Path::new(&dir)).map_err(|e| e.to_string())?);
+    }
+    if disks.is_empty() && stores.is_empty() {
+        return Err(
+            "nothing to export: name a DISK, --export NAME=DISK or --datastore NAME=DIR".into(),
+        );
+    }
+    let mode = if a.read_only {
+        Mode::ReadOnly
+    } else if a.persistent {
+        Mode::Persistent
+    } else {
+        Mode::NonPersistent
+    };
+    // Every named disk must open now: a typo fails here, not at a client's first try.
+    for d in &disks {
+        let o = vdisk::OpenOptions::new();
+        let o = if mode == Mode::Persistent {
+            o.write(true)
+        } else {
+            o
+        };
+        o.open(&d.path)
+            .map_err(|e| format!("{} ({}): {e}", d.name, d.path.display()))?;
+    }
+    Ok(Exports::new(disks, stores, mode))
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+fn run(a: Args) -> Result<(), String> {
+    if a.verbose > 0 {
+        let level = if a.verbose > 1 { "debug" } else { "info" };
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+            .init();
+    }
+    let exports = exports(&a)?;
+    let mode = exports.mode();
+    let count = exports.list().len();
+    let listener = match &a.socket {
+        Some(p) => Listener::Unix(
+            UnixListener::bind(p).map_err(|e| format!("cannot listen on {}: {e}", p.display()))?,
+            p.clone(),
+        ),
+        None => Listener::Tcp(
+            TcpListener::bind((a.bind.as_str(), a.port))
+                .map_err(|e| format!("cannot listen on {}:{}: {e}", a.bind, a.port))?,
+        ),
+    };
+    // Signals are taken by one thread; every thread started after this inherits the
+    // mask.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    let server = Server::new(exports);
+    let wake: Box<dyn Fn() + Send> = match &listener {
+        Listener::Tcp(l) => {
+            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            eprintln!(
+                "vdisk-nbd: serving {count} export(s), {}, on {addr}",
+                mode.as_str()
+            );
+            Box::new(move || {
+                let _ = TcpStream::connect(addr);
+            })
+        }
+        Listener::Unix(_, p) => {
+            eprintln!(
+                "vdisk-nbd: serving {count} export(s), {}, on {}",
+                mode.as_str(),
+                p.display()
+            );
+            let p = p.clone();
+            Box::new(move || {
+                let _ = UnixStream::connect(&p);
+            })
+        }
+    };
+    let stopper = server.clone();
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            eprintln!("vdisk-nbd: {sig:?}: finishing requests in flight and closing the disks");
+        }
+        stopper.stop();
+        wake();
+    });
+    match &listener {
+        Listener::Tcp(l) => server.serve_tcp(l),
+        Listener::Unix(l, _) => server.serve_unix(l),
+    }
+    server.stop();
+    if let Listener::Unix(_, p) = &listener {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let a = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    match run(a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(m) => {
+            eprintln!("vdisk-nbd: error: {m}");
+            ExitCode::FAILURE
+        }
+    }
+}

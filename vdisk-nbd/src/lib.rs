@@ -1,0 +1,27 @@
+//! NBD (Network Block Device) for vdisk: the wire protocol and a server that exports
+//! VMDK disks and snapshot chains, with their allocation, allocation depth and
+//! changed blocks as metadata contexts.
+//!
+//! * [`wire`]: the protocol's messages, parsed and encoded by pure functions over
+//!   bytes with checked lengths (shared by the server, the client and the fuzz target).
+//! * [`export`]: what is served - named disks and datastores - and how each is opened
+//!   (non-persistent by default, read-only, persistent); one shared [`vdisk::Disk`]
+//!   per export.
+//! * [`negotiate`]: fixed newstyle negotiation; [`transmission`]: requests served by
+//!   a few workers per connection, replies matched by cookie; [`context`]: block
+//!   status contexts; [`server`]: listeners, limits, orderly stop.
+//!
+//! Std threads, no `unsafe`, no async runtime: a connection costs a reader and
+//! [`limits::WORKERS_PER_CONNECTION`] workers, and its bytes in flight are bounded.
+
+pub mod context;
+pub mod export;
+pub mod limits;
+pub mod negotiate;
+pub mod server;
+pub mod transmission;
+pub mod transport;
+pub mod wire;
+
+pub use export::{Datastore, DiskExport, Exports, Mode};
+pub use server::{Server, TlsMode};

@@ -1,0 +1,479 @@
+//! The transmission phase of one connection: a reader thread takes requests off the
+//! socket (the data of writes included) and hands them to a few workers, which run
+//! them against the export's disk and send the replies - in whatever order they
+//! finish, matched by cookie. The bytes of requests in flight are bounded
+//! ([`MAX_INFLIGHT_BYTES`]): beyond it the reader stops reading, which is the
+//! backpressure a client sees. A request the server cannot accept gets its error
+//! reply; only a broken framing (bad magic, a payload beyond what can be held)
+//! ends the connection, and never the server.
+
+use std::io::{Read, Write};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+
+use vdisk::{ErrorKind, RangeKind};
+
+use crate::context::{self, Context};
+use crate::limits::{
+    MAX_COMPACT_EXTENT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD, MAX_STATUS_EXTENTS, WORKERS_PER_CONNECTION,
+};
+use crate::negotiate::Session;
+use crate::server::ConnError;
+use crate::wire::{self, cflag, chunk, cmd, errno, Request};
+
+/// A request with its data, as the reader hands it on.
+struct Job {
+    req: Request,
+    data: Vec<u8>,
+    /// Bytes of the in-flight budget it holds.
+    cost: u64,
+}
+
+/// The in-flight budget: bytes of requests not yet replied to.
+struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn take(&self, n: u64) {
+        let Ok(mut used) = self.used.lock() else {
+            return;
+        };
+        while *used > 0 && *used + n > MAX_INFLIGHT_BYTES {
+            used = match self.freed.wait(used) {
+                Ok(g) => g,
+                Err(_) => return,
+            };
+        }
+        *used += n;
+    }
+
+    fn give(&self, n: u64) {
+        if let Ok(mut used) = self.used.lock() {
+            *used = used.saturating_sub(n);
+        }
+        self.freed.notify_all();
+    }
+}
+
+/// What the workers share.
+struct Conn {
+    session: Session,
+    out: Mutex<Box<dyn Write + Send>>,
+    budget: Budget,
+    /// A reply could not be sent: the connection is finished.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Conn {
+    fn send(&self, bytes: &[u8]) {
+        let ok = match self.out.lock() {
+            Ok(mut w) => w.write_all(bytes).and_then(|()| w.flush()).is_ok(),
+            Err(_) => false,
+        };
+        if !ok {
+            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn structured(&self) -> bool {
+        self.session.structured
+    }
+
+    /// An error reply to `req`.
+    fn fail(&self, req: &Request, error: u32, message: &str) {
+        tracing::info!(
+            "request {} ({} bytes at {}) failed with error {error}: {message}",
+            req.command,
+            req.len,
+            req.offset
+        );
+        if self.structured() {
+            let payload = wire::error_payload(error, message);
+            let mut b = self.header(req, chunk::FLAG_DONE, chunk::ERROR, payload.len() as u64);
+            b.extend_from_slice(&payload);
+            self.send(&b);
+        } else {
+            self.send(&wire::simple_reply(error, req.cookie));
+        }
+    }
+
+    /// Success without data.
+    fn done(&self, req: &Request) {
+        if self.structured() {
+            self.send(&self.header(req, chunk::FLAG_DONE, chunk::NONE, 0));
+        } else {
+            self.send(&wire::simple_reply(0, req.cookie));
+        }
+    }
+
+    fn header(&self, req: &Request, flags: u16, kind: u16, len: u64) -> Vec<u8> {
+        wire::chunk_header(
+            self.session.extended,
+            flags,
+            kind,
+            req.cookie,
+            req.offset,
+            len,
+        )
+    }
+}
+
+/// The NBD error for a library error of a request that reads (`write` false) or
+/// writes.
+fn errno_of(e: &vdisk::Error, write: bool) -> u32 {
+    match e.kind() {
+        ErrorKind::ReadOnly | ErrorKind::AccessDenied => errno::EPERM,
+        ErrorKind::OutOfRange if write => errno::ENOSPC,
+        ErrorKind::DiskFull | ErrorKind::FileTooBig => errno::ENOSPC,
+        ErrorKind::OutOfRange | ErrorKind::InvalidArgument => errno::EINVAL,
+        ErrorKind::NotSupported => errno::ENOTSUP,
+        ErrorKind::OutOfMemory => errno::ENOMEM,
+        _ => errno::EIO,
+    }
+}
+
+/// Serves requests until the client disconnects, the connection breaks, or
+/// `stop` says the server is stopping (then in-flight requests finish).
+pub fn serve(
+    session: Session,
+    mut input: Box<dyn Read + Send>,
+    output: Box<dyn Write + Send>,
+) -> Result<(), ConnError> {
+    let conn = Arc::new(Conn {
+        session,
+        out: Mutex::new(output),
+        budget: Budget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        },
+        broken: std::sync::atomic::AtomicBool::new(false),
+    });
+    let (tx, rx) = mpsc::sync_channel::<Job>(WORKERS_PER_CONNECTION * 4);
+    let rx = Arc::new(Mutex::new(rx));
+    let workers: Vec<_> = (0..WORKERS_PER_CONNECTION)
+        .map(|_| {
+            let conn = Arc::clone(&conn);
+            let rx = Arc::clone(&rx);
+            std::thread::spawn(move || loop {
+                let job = match rx.lock() {
+                    Ok(r) => r.recv(),
+                    Err(_) => return,
+                };
+                let Ok(job) = job else { return };
+                let cost = job.cost;
+                if !conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
+                    run(&conn, job.req, job.data);
+                }
+                conn.budget.give(cost);
+            })
+        })
+        .collect();
+    let result = read_requests(&conn, &mut *input, &tx);
+    drop(tx);
+    for w in workers {
+        let _ = w.join();
+    }
+    result
+}
+
+/// The reader loop.
+fn read_requests(
+    conn: &Conn,
+    input: &mut dyn Read,
+    tx: &mpsc::SyncSender<Job>,
+) -> Result<(), ConnError> {
+    let extended = conn.session.extended;
+    let header_len = if extended {
+        wire::EXT_REQUEST_BYTES
+    } else {
+        wire::REQUEST_BYTES
+    };
+    let mut hb = [0u8; wire::EXT_REQUEST_BYTES];
+    loop {
+        if conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ConnError::Protocol("a reply could not be sent".into()));
+        }
+        match input.read_exact(&mut hb[..header_len]) {
+            Ok(()) => {}
+            // The client went away between requests: a normal end.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(ConnError::Io(e)),
+        }
+        let req = wire::parse_request(&hb[..header_len], extended)
+            .map_err(|e| ConnError::Protocol(e.to_string()))?;
+        if req.command == cmd::DISC {
+            return Ok(());
+        }
+        let mut data = Vec::new();
+        if req.command == cmd::WRITE {
+            // The length of a WRITE is its payload's, with or without PAYLOAD_LEN
+            // (qemu leaves the flag out under extended headers).
+            if req.len > MAX_PAYLOAD {
+                // Its data cannot be taken in, so the stream cannot be followed.
+                return Err(ConnError::Protocol(format!(
+                    "a WRITE of {} bytes (the maximum is {MAX_PAYLOAD})",
+                    req.len
+                )));
+            }
+            conn.budget.take(req.len);
+            data = vec![0u8; req.len as usize];
+            input.read_exact(&mut data).map_err(ConnError::Io)?;
+            if tx
+                .send(Job {
+                    req,
+                    data,
+                    cost: req.len,
+                })
+                .is_err()
+            {
+                return Ok(());
+            }
+            continue;
+        }
+        if extended && req.flags & cflag::PAYLOAD_LEN != 0 {
+            // No other command carries data here (BLOCK_STATUS_PAYLOAD is not
+            // offered): the stream cannot be followed.
+            return Err(ConnError::Protocol(format!(
+                "command {} with PAYLOAD_LEN",
+                req.command
+            )));
+        }
+        let cost = if req.command == cmd::READ {
+            req.len.min(MAX_PAYLOAD)
+        } else {
+            0
+        };
+        conn.budget.take(cost);
+        if tx.send(Job { req, data, cost }).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs one request and sends its reply.
+fn run(conn: &Conn, req: Request, data: Vec<u8>) {
+    tracing::debug!("{req:?}");
+    let export = &conn.session.export;
+    let size = export.size();
+    let writes = matches!(req.command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    let known = cflag::FUA
+        | match req.command {
+            cmd::READ if conn.structured() => cflag::DF,
+            cmd::WRITE if conn.session.extended => cflag::PAYLOAD_LEN,
+            cmd::WRITE_ZEROES => cflag::NO_HOLE | cflag::FAST_ZERO,
+            cmd::BLOCK_STATUS => cflag::REQ_ONE,
+            _ => 0,
+        };
+    if req.flags & !known != 0 {
+        return conn.fail(
+            &req,
+            errno::EINVAL,
+            &format!("unknown flags {:#x}", req.flags),
+        );
+    }
+    let in_range = req.offset.checked_add(req.len).is_some_and(|e| e <= size);
+    if writes && !export.writable() {
+        return conn.fail(&req, errno::EPERM, "the export is read-only");
+    }
+    let range_error = |what: &str| {
+        let e = if writes && req.command != cmd::TRIM {
+            errno::ENOSPC
+        } else {
+            errno::EINVAL
+        };
+        conn.fail(
+            &req,
+            e,
+            &format!(
+                "{what} of {} bytes at {} goes past the end of the export ({size} bytes)",
+                req.len, req.offset
+            ),
+        )
+    };
+    let disk = &export.disk;
+    let fua = |conn: &Conn| -> bool {
+        if req.flags & cflag::FUA != 0 {
+            if let Err(e) = disk.flush() {
+                conn.fail(&req, errno_of(&e, true), &e.to_string());
+                return false;
+            }
+        }
+        true
+    };
+    match req.command {
+        cmd::READ => {
+            if !in_range {
+                return range_error("a read");
+            }
+            if req.len > MAX_PAYLOAD {
+                return conn.fail(
+                    &req,
+                    errno::EINVAL,
+                    &format!("a read of {} bytes (the maximum is {MAX_PAYLOAD})", req.len),
+                );
+            }
+            read(conn, &req);
+        }
+        cmd::WRITE => {
+            if !in_range {
+                return range_error("a write");
+            }
+            match disk.write_at(&data, req.offset) {
+                Ok(()) => {
+                    if fua(conn) {
+                        conn.done(&req);
+                    }
+                }
+                Err(e) => conn.fail(&req, errno_of(&e, true), &e.to_string()),
+            }
+        }
+        cmd::FLUSH => match disk.flush() {
+            Ok(()) => conn.done(&req),
+            Err(e) => conn.fail(&req, errno_of(&e, true), &e.to_string()),
+        },
+        cmd::TRIM | cmd::WRITE_ZEROES => {
+            if !in_range {
+                return range_error("zeroing");
+            }
+            // A trimmed range reads as zeros afterwards too (a hint the disk honours
+            // exactly, without allocating).
+            let fast = req.command == cmd::WRITE_ZEROES && req.flags & cflag::FAST_ZERO != 0;
+            match disk.write_zeroes(req.offset, req.len, fast) {
+                Ok(()) => {
+                    if fua(conn) {
+                        conn.done(&req);
+                    }
+                }
+                Err(e) => conn.fail(&req, errno_of(&e, true), &e.to_string()),
+            }
+        }
+        cmd::CACHE => {
+            if !in_range {
+                return range_error("a cache request");
+            }
+            conn.done(&req);
+        }
+        cmd::BLOCK_STATUS => block_status(conn, &req, in_range),
+        other => conn.fail(&req, errno::EINVAL, &format!("unknown command {other}")),
+    }
+}
+
+/// A read: with structured replies, data chunks for the ranges holding data and
+/// hole chunks for those that read as zeros (one data chunk with `DF`); else a
+/// simple reply with the data.
+fn read(conn: &Conn, req: &Request) {
+    let disk = &conn.session.export.disk;
+    let len = req.len as usize;
+    let mut buf = vec![0u8; len];
+    if !conn.structured() {
+        match disk.read_at(&mut buf, req.offset) {
+            Ok(()) => {
+                let mut b = Vec::with_capacity(16 + len);
+                b.extend_from_slice(&wire::simple_reply(0, req.cookie));
+                b.extend_from_slice(&buf);
+                conn.send(&b);
+            }
+            Err(e) => conn.fail(req, errno_of(&e, false), &e.to_string()),
+        }
+        return;
+    }
+    if req.len == 0 {
+        return conn.done(req);
+    }
+    // The pieces: (offset, length, holds data).
+    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+    let df = req.flags & cflag::DF != 0;
+    if df {
+        pieces.push((req.offset, req.len, true));
+    } else if let Err(e) = disk.for_each_range(req.offset, req.len, |r| {
+        let data = r.kind == RangeKind::Data;
+        match pieces.last_mut() {
+            Some(p) if p.2 == data => p.1 += r.length,
+            _ => pieces.push((r.offset, r.length, data)),
+        }
+        Ok(())
+    }) {
+        return conn.fail(req, errno_of(&e, false), &e.to_string());
+    }
+    for &(o, l, data) in &pieces {
+        if data {
+            let at = (o - req.offset) as usize;
+            if let Err(e) = disk.read_at(&mut buf[at..at + l as usize], o) {
+                return conn.fail(req, errno_of(&e, false), &e.to_string());
+            }
+        }
+    }
+    let mut b = Vec::with_capacity(len + 32 * pieces.len() + 32);
+    let last = pieces.len() - 1;
+    for (i, &(o, l, data)) in pieces.iter().enumerate() {
+        let flags = if i == last { chunk::FLAG_DONE } else { 0 };
+        if data {
+            b.extend_from_slice(&conn.header(req, flags, chunk::OFFSET_DATA, 8 + l));
+            b.extend_from_slice(&o.to_be_bytes());
+            let at = (o - req.offset) as usize;
+            b.extend_from_slice(&buf[at..at + l as usize]);
+        } else {
+            b.extend_from_slice(&conn.header(req, flags, chunk::OFFSET_HOLE, 12));
+            b.extend_from_slice(&o.to_be_bytes());
+            b.extend_from_slice(&(l as u32).to_be_bytes());
+        }
+    }
+    conn.send(&b);
+}
+
+/// Block status: one chunk per selected context.
+fn block_status(conn: &Conn, req: &Request, in_range: bool) {
+    let contexts: &[(u32, Context)] = &conn.session.contexts;
+    if contexts.is_empty() {
+        return conn.fail(req, errno::EINVAL, "no metadata context was selected");
+    }
+    if req.len == 0 || !in_range {
+        return conn.fail(
+            req,
+            errno::EINVAL,
+            &format!(
+                "block status of {} bytes at {} is outside the export",
+                req.len, req.offset
+            ),
+        );
+    }
+    let extended = conn.session.extended;
+    let (max, max_len) = if req.flags & cflag::REQ_ONE != 0 {
+        (
+            1,
+            if extended {
+                u64::MAX
+            } else {
+                MAX_COMPACT_EXTENT
+            },
+        )
+    } else if extended {
+        (MAX_STATUS_EXTENTS, u64::MAX)
+    } else {
+        (MAX_STATUS_EXTENTS, MAX_COMPACT_EXTENT)
+    };
+    let kind = if extended {
+        chunk::BLOCK_STATUS_EXT
+    } else {
+        chunk::BLOCK_STATUS
+    };
+    let mut b = Vec::new();
+    for (i, (id, c)) in contexts.iter().enumerate() {
+        let extents =
+            match context::extents(&conn.session.export, c, req.offset, req.len, max, max_len) {
+                Ok(e) => e,
+                Err(e) => return conn.fail(req, errno_of(&e, false), &e.to_string()),
+            };
+        let payload = wire::block_status_payload(*id, &extents, extended);
+        let flags = if i + 1 == contexts.len() {
+            chunk::FLAG_DONE
+        } else {
+            0
+        };
+        b.extend_from_slice(&conn.header(req, flags, kind, payload.len() as u64));
+        b.extend_from_slice(&payload);
+    }
+    conn.send(&b);
+}
