@@ -22,6 +22,9 @@ pub const MAX_PAYLOAD: u64 = 32 << 20;
 /// Bytes of requests (their data, in or out) in flight on one connection: the
 /// reader stops taking requests beyond this until replies are sent.
 pub const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+/// A worker keeps its reply buffer between requests up to this size (a larger read
+/// allocates for itself, and gives the memory back once replied to).
+pub const KEPT_REPLY_BYTES: usize = 4 << 20;
 /// Worker threads per connection (requests served at once).
 pub const WORKERS_PER_CONNECTION: usize = 4;
 /// Most extents in one block status chunk.

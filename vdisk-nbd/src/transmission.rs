@@ -15,7 +15,8 @@ use vdisk::{ErrorKind, RangeKind};
 
 use crate::context::{self, Context};
 use crate::limits::{
-    MAX_COMPACT_EXTENT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD, MAX_STATUS_EXTENTS, WORKERS_PER_CONNECTION,
+    KEPT_REPLY_BYTES, MAX_COMPACT_EXTENT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD, MAX_STATUS_EXTENTS,
+    WORKERS_PER_CONNECTION,
 };
 use crate::negotiate::Session;
 use crate::server::ConnError;
@@ -27,6 +28,51 @@ struct Job {
     data: Vec<u8>,
     /// Bytes of the in-flight budget it holds.
     cost: u64,
+}
+
+/// A worker's reply buffer, reused from request to request: a read's data lands in
+/// it once, right behind its reply header, and is sent from there - never
+/// zero-filled or copied again. Bytes past `len` are left over from earlier replies
+/// and are never sent: every byte of a reply is written before it goes out.
+#[derive(Default)]
+struct ReplyBuf {
+    bytes: Vec<u8>,
+    len: usize,
+}
+
+impl ReplyBuf {
+    /// Starts a new reply.
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends `b`.
+    fn push(&mut self, b: &[u8]) {
+        self.extend(b.len()).copy_from_slice(b);
+    }
+
+    /// Appends `n` bytes for the caller to fill (whatever they held before).
+    fn extend(&mut self, n: usize) -> &mut [u8] {
+        let end = self.len + n;
+        if self.bytes.len() < end {
+            self.bytes.resize(end, 0);
+        }
+        let start = std::mem::replace(&mut self.len, end);
+        &mut self.bytes[start..end]
+    }
+
+    /// The reply so far.
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Gives the memory back if a large request grew it beyond what a worker keeps.
+    fn shrink(&mut self) {
+        if self.bytes.len() > KEPT_REPLY_BYTES {
+            self.bytes = Vec::new();
+        }
+        self.len = 0;
+    }
 }
 
 /// The in-flight budget: bytes of requests not yet replied to.
@@ -156,17 +202,21 @@ pub fn serve(
         .map(|_| {
             let conn = Arc::clone(&conn);
             let rx = Arc::clone(&rx);
-            std::thread::spawn(move || loop {
-                let job = match rx.lock() {
-                    Ok(r) => r.recv(),
-                    Err(_) => return,
-                };
-                let Ok(job) = job else { return };
-                let cost = job.cost;
-                if !conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
-                    run(&conn, job.req, job.data);
+            std::thread::spawn(move || {
+                let mut reply = ReplyBuf::default();
+                loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    let cost = job.cost;
+                    if !conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
+                        run(&conn, job.req, job.data, &mut reply);
+                        reply.shrink();
+                    }
+                    conn.budget.give(cost);
                 }
-                conn.budget.give(cost);
             })
         })
         .collect();
@@ -253,7 +303,7 @@ fn read_requests(
 }
 
 /// Runs one request and sends its reply.
-fn run(conn: &Conn, req: Request, data: Vec<u8>) {
+fn run(conn: &Conn, req: Request, data: Vec<u8>, reply: &mut ReplyBuf) {
     tracing::debug!("{req:?}");
     let export = &conn.session.export;
     let size = export.size();
@@ -314,7 +364,7 @@ fn run(conn: &Conn, req: Request, data: Vec<u8>) {
                     &format!("a read of {} bytes (the maximum is {MAX_PAYLOAD})", req.len),
                 );
             }
-            read(conn, &req);
+            read(conn, &req, reply);
         }
         cmd::WRITE => {
             if !in_range {
@@ -362,19 +412,15 @@ fn run(conn: &Conn, req: Request, data: Vec<u8>) {
 
 /// A read: with structured replies, data chunks for the ranges holding data and
 /// hole chunks for those that read as zeros (one data chunk with `DF`); else a
-/// simple reply with the data.
-fn read(conn: &Conn, req: &Request) {
+/// simple reply with the data. The reply is built in `reply` (the data read straight
+/// into it behind each header) and sent with one write.
+fn read(conn: &Conn, req: &Request, reply: &mut ReplyBuf) {
     let disk = &conn.session.export.disk;
-    let len = req.len as usize;
-    let mut buf = vec![0u8; len];
+    reply.clear();
     if !conn.structured() {
-        match disk.read_at(&mut buf, req.offset) {
-            Ok(()) => {
-                let mut b = Vec::with_capacity(16 + len);
-                b.extend_from_slice(&wire::simple_reply(0, req.cookie));
-                b.extend_from_slice(&buf);
-                conn.send(&b);
-            }
+        reply.push(&wire::simple_reply(0, req.cookie));
+        match disk.read_at(reply.extend(req.len as usize), req.offset) {
+            Ok(()) => conn.send(reply.as_slice()),
             Err(e) => conn.fail(req, errno_of(&e, false), &e.to_string()),
         }
         return;
@@ -382,45 +428,49 @@ fn read(conn: &Conn, req: &Request) {
     if req.len == 0 {
         return conn.done(req);
     }
-    // The pieces: (offset, length, holds data).
-    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
     let df = req.flags & cflag::DF != 0;
-    if df {
-        pieces.push((req.offset, req.len, true));
-    } else if let Err(e) = disk.for_each_range(req.offset, req.len, |r| {
-        let data = r.kind == RangeKind::Data;
-        match pieces.last_mut() {
-            Some(p) if p.2 == data => p.1 += r.length,
-            _ => pieces.push((r.offset, r.length, data)),
-        }
-        Ok(())
-    }) {
-        return conn.fail(req, errno_of(&e, false), &e.to_string());
-    }
-    for &(o, l, data) in &pieces {
+    // The header of the piece before the current one goes out once the next shows
+    // whether it was the last: (offset, length, holds data), merged as found.
+    let mut pending: Option<(u64, u64, bool)> = None;
+    let put = |reply: &mut ReplyBuf, (o, l, data): (u64, u64, bool), last: bool| {
+        let flags = if last { chunk::FLAG_DONE } else { 0 };
         if data {
-            let at = (o - req.offset) as usize;
-            if let Err(e) = disk.read_at(&mut buf[at..at + l as usize], o) {
-                return conn.fail(req, errno_of(&e, false), &e.to_string());
-            }
-        }
-    }
-    let mut b = Vec::with_capacity(len + 32 * pieces.len() + 32);
-    let last = pieces.len() - 1;
-    for (i, &(o, l, data)) in pieces.iter().enumerate() {
-        let flags = if i == last { chunk::FLAG_DONE } else { 0 };
-        if data {
-            b.extend_from_slice(&conn.header(req, flags, chunk::OFFSET_DATA, 8 + l));
-            b.extend_from_slice(&o.to_be_bytes());
-            let at = (o - req.offset) as usize;
-            b.extend_from_slice(&buf[at..at + l as usize]);
+            reply.push(&conn.header(req, flags, chunk::OFFSET_DATA, 8 + l));
+            reply.push(&o.to_be_bytes());
+            disk.read_at(reply.extend(l as usize), o)
         } else {
-            b.extend_from_slice(&conn.header(req, flags, chunk::OFFSET_HOLE, 12));
-            b.extend_from_slice(&o.to_be_bytes());
-            b.extend_from_slice(&(l as u32).to_be_bytes());
+            reply.push(&conn.header(req, flags, chunk::OFFSET_HOLE, 12));
+            reply.push(&o.to_be_bytes());
+            reply.push(&(l as u32).to_be_bytes());
+            Ok(())
         }
+    };
+    let walked = if df {
+        pending = Some((req.offset, req.len, true));
+        Ok(())
+    } else {
+        disk.for_each_range(req.offset, req.len, |r| {
+            let data = r.kind == RangeKind::Data;
+            match &mut pending {
+                Some(p) if p.2 == data => p.1 += r.length,
+                Some(p) => {
+                    let done = *p;
+                    *p = (r.offset, r.length, data);
+                    put(reply, done, false)?;
+                }
+                None => pending = Some((r.offset, r.length, data)),
+            }
+            Ok(())
+        })
+    };
+    let result = walked.and_then(|()| match pending {
+        Some(p) => put(reply, p, true),
+        None => Ok(()),
+    });
+    match result {
+        Ok(()) => conn.send(reply.as_slice()),
+        Err(e) => conn.fail(req, errno_of(&e, false), &e.to_string()),
     }
-    conn.send(&b);
 }
 
 /// Block status: one chunk per selected context.
