@@ -11,8 +11,10 @@
 //!   a few workers per connection, replies matched by cookie; [`context`]: block
 //!   status contexts; [`server`]: listeners, limits, orderly stop.
 //!
-//! Std threads, no `unsafe`, no async runtime: a connection costs a reader and
-//! [`limits::WORKERS_PER_CONNECTION`] workers, and its bytes in flight are bounded.
+//! Std threads, no `unsafe`, no async runtime: a connection costs
+//! [`limits::WORKERS_PER_CONNECTION`] threads (its own among them), which take turns
+//! reading requests and each serve what they read, and its bytes in flight are
+//! bounded.
 
 pub mod context;
 pub mod export;

@@ -1,15 +1,17 @@
-//! The transmission phase of one connection: a reader thread takes requests off the
-//! socket (the data of writes included) and hands them to a few workers, which run
-//! them against the export's disk and send the replies - in whatever order they
-//! finish, matched by cookie. The bytes of requests in flight are bounded
-//! ([`MAX_INFLIGHT_BYTES`]): beyond it the reader stops reading, which is the
-//! backpressure a client sees. A request the server cannot accept gets its error
-//! reply; only a broken framing (bad magic, a payload beyond what can be held)
-//! ends the connection, and never the server.
+//! The transmission phase of one connection: a few workers (the connection's own
+//! thread is one) take turns at the socket - a worker takes the reading side, reads
+//! one request (the data of a write included; headers come through a buffer, so a
+//! burst of pipelined requests costs one system call), lets go, runs the request
+//! against the export's disk and sends the reply with one write, in whatever order
+//! requests finish, matched by cookie. No request is handed from thread to thread:
+//! the worker that read it serves it. The bytes of requests in flight are bounded
+//! ([`MAX_INFLIGHT_BYTES`]): beyond it no worker reads, which is the backpressure a
+//! client sees. A request the server cannot accept gets its error reply; only a
+//! broken framing (bad magic, a payload beyond what can be held) ends the
+//! connection, and never the server.
 
-use std::io::{Read, Write};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::io::{BufReader, Read, Write};
+use std::sync::{Condvar, Mutex};
 
 use vdisk::{ErrorKind, RangeKind};
 
@@ -22,7 +24,7 @@ use crate::negotiate::Session;
 use crate::server::ConnError;
 use crate::wire::{self, cflag, chunk, cmd, errno, Request};
 
-/// A request with its data, as the reader hands it on.
+/// A request with its data, as a worker read it.
 struct Job {
     req: Request,
     data: Vec<u8>,
@@ -77,35 +79,71 @@ impl ReplyBuf {
 
 /// The in-flight budget: bytes of requests not yet replied to.
 struct Budget {
-    used: Mutex<u64>,
+    state: Mutex<BudgetState>,
     freed: Condvar,
 }
 
+struct BudgetState {
+    used: u64,
+    /// Threads waiting for bytes to be given back (only they need waking).
+    waiting: usize,
+}
+
 impl Budget {
+    fn new() -> Budget {
+        Budget {
+            state: Mutex::new(BudgetState {
+                used: 0,
+                waiting: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
     fn take(&self, n: u64) {
-        let Ok(mut used) = self.used.lock() else {
+        let Ok(mut st) = self.state.lock() else {
             return;
         };
-        while *used > 0 && *used + n > MAX_INFLIGHT_BYTES {
-            used = match self.freed.wait(used) {
+        while st.used > 0 && st.used + n > MAX_INFLIGHT_BYTES {
+            st.waiting += 1;
+            st = match self.freed.wait(st) {
                 Ok(g) => g,
                 Err(_) => return,
             };
+            st.waiting -= 1;
         }
-        *used += n;
+        st.used += n;
     }
 
     fn give(&self, n: u64) {
-        if let Ok(mut used) = self.used.lock() {
-            *used = used.saturating_sub(n);
+        if n == 0 {
+            return;
         }
-        self.freed.notify_all();
+        let wake = match self.state.lock() {
+            Ok(mut st) => {
+                st.used = st.used.saturating_sub(n);
+                st.waiting > 0
+            }
+            Err(_) => true,
+        };
+        if wake {
+            self.freed.notify_all();
+        }
     }
+}
+
+/// The reading side of a connection, taken by one worker at a time.
+struct Input {
+    reader: BufReader<Box<dyn Read + Send>>,
+    /// The stream ended (the client disconnected, or it cannot be followed): no
+    /// worker reads again.
+    ended: bool,
 }
 
 /// What the workers share.
 struct Conn {
     session: Session,
+    input: Mutex<Input>,
     out: Mutex<Box<dyn Write + Send>>,
     budget: Budget,
     /// A reply could not be sent: the connection is finished.
@@ -180,60 +218,76 @@ fn errno_of(e: &vdisk::Error, write: bool) -> u32 {
     }
 }
 
+/// Bytes of requests read from the socket at a time (a burst of pipelined headers
+/// in one read; the large data of a write goes straight to its buffer).
+const INPUT_BUFFER_BYTES: usize = 64 << 10;
+
 /// Serves requests until the client disconnects, the connection breaks, or
 /// `stop` says the server is stopping (then in-flight requests finish).
 pub fn serve(
     session: Session,
-    mut input: Box<dyn Read + Send>,
+    input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
 ) -> Result<(), ConnError> {
-    let conn = Arc::new(Conn {
+    let conn = Conn {
         session,
+        input: Mutex::new(Input {
+            reader: BufReader::with_capacity(INPUT_BUFFER_BYTES, input),
+            ended: false,
+        }),
         out: Mutex::new(output),
-        budget: Budget {
-            used: Mutex::new(0),
-            freed: Condvar::new(),
-        },
+        budget: Budget::new(),
         broken: std::sync::atomic::AtomicBool::new(false),
-    });
-    let (tx, rx) = mpsc::sync_channel::<Job>(WORKERS_PER_CONNECTION * 4);
-    let rx = Arc::new(Mutex::new(rx));
-    let workers: Vec<_> = (0..WORKERS_PER_CONNECTION)
-        .map(|_| {
-            let conn = Arc::clone(&conn);
-            let rx = Arc::clone(&rx);
-            std::thread::spawn(move || {
-                let mut reply = ReplyBuf::default();
-                loop {
-                    let job = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(job) = job else { return };
-                    let cost = job.cost;
-                    if !conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
-                        run(&conn, job.req, job.data, &mut reply);
-                        reply.shrink();
-                    }
-                    conn.budget.give(cost);
-                }
-            })
-        })
-        .collect();
-    let result = read_requests(&conn, &mut *input, &tx);
-    drop(tx);
-    for w in workers {
-        let _ = w.join();
-    }
-    result
+    };
+    std::thread::scope(|scope| {
+        let others: Vec<_> = (1..WORKERS_PER_CONNECTION)
+            .map(|_| scope.spawn(|| work(&conn)))
+            .collect();
+        let mut result = work(&conn);
+        for w in others {
+            let r = w.join().unwrap_or(Ok(()));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
 }
 
-/// The reader loop.
-fn read_requests(
-    conn: &Conn,
-    input: &mut dyn Read,
-    tx: &mpsc::SyncSender<Job>,
-) -> Result<(), ConnError> {
+/// One worker: reads a request, serves it, until the stream ends. Returns why it
+/// ended if that was an error (only the worker that met it reports it).
+fn work(conn: &Conn) -> Result<(), ConnError> {
+    let mut reply = ReplyBuf::default();
+    loop {
+        let job = {
+            let Ok(mut input) = conn.input.lock() else {
+                return Ok(());
+            };
+            if input.ended {
+                return Ok(());
+            }
+            match next_request(conn, &mut input.reader) {
+                Ok(Some(job)) => job,
+                end => {
+                    input.ended = true;
+                    return end.map(|_| ());
+                }
+            }
+        };
+        if !conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            run(conn, job.req, job.data, &mut reply);
+            reply.shrink();
+        }
+        conn.budget.give(job.cost);
+    }
+}
+
+/// Reads the next request, taking its bytes from the in-flight budget (waiting
+/// until they fit). None: the client disconnected.
+fn next_request(conn: &Conn, input: &mut dyn Read) -> Result<Option<Job>, ConnError> {
+    if conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ConnError::Protocol("a reply could not be sent".into()));
+    }
     let extended = conn.session.extended;
     let header_len = if extended {
         wire::EXT_REQUEST_BYTES
@@ -241,65 +295,58 @@ fn read_requests(
         wire::REQUEST_BYTES
     };
     let mut hb = [0u8; wire::EXT_REQUEST_BYTES];
-    loop {
-        if conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(ConnError::Protocol("a reply could not be sent".into()));
-        }
-        match input.read_exact(&mut hb[..header_len]) {
-            Ok(()) => {}
-            // The client went away between requests: a normal end.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(ConnError::Io(e)),
-        }
-        let req = wire::parse_request(&hb[..header_len], extended)
-            .map_err(|e| ConnError::Protocol(e.to_string()))?;
-        if req.command == cmd::DISC {
-            return Ok(());
-        }
-        let mut data = Vec::new();
-        if req.command == cmd::WRITE {
-            // The length of a WRITE is its payload's, with or without PAYLOAD_LEN
-            // (qemu leaves the flag out under extended headers).
-            if req.len > MAX_PAYLOAD {
-                // Its data cannot be taken in, so the stream cannot be followed.
-                return Err(ConnError::Protocol(format!(
-                    "a WRITE of {} bytes (the maximum is {MAX_PAYLOAD})",
-                    req.len
-                )));
-            }
-            conn.budget.take(req.len);
-            data = vec![0u8; req.len as usize];
-            input.read_exact(&mut data).map_err(ConnError::Io)?;
-            if tx
-                .send(Job {
-                    req,
-                    data,
-                    cost: req.len,
-                })
-                .is_err()
-            {
-                return Ok(());
-            }
-            continue;
-        }
-        if extended && req.flags & cflag::PAYLOAD_LEN != 0 {
-            // No other command carries data here (BLOCK_STATUS_PAYLOAD is not
-            // offered): the stream cannot be followed.
+    match input.read_exact(&mut hb[..header_len]) {
+        Ok(()) => {}
+        // The client went away between requests: a normal end.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(ConnError::Io(e)),
+    }
+    let req = wire::parse_request(&hb[..header_len], extended)
+        .map_err(|e| ConnError::Protocol(e.to_string()))?;
+    if req.command == cmd::DISC {
+        return Ok(None);
+    }
+    if req.command == cmd::WRITE {
+        // The length of a WRITE is its payload's, with or without PAYLOAD_LEN
+        // (qemu leaves the flag out under extended headers).
+        if req.len > MAX_PAYLOAD {
+            // Its data cannot be taken in, so the stream cannot be followed.
             return Err(ConnError::Protocol(format!(
-                "command {} with PAYLOAD_LEN",
-                req.command
+                "a WRITE of {} bytes (the maximum is {MAX_PAYLOAD})",
+                req.len
             )));
         }
-        let cost = if req.command == cmd::READ {
-            req.len.min(MAX_PAYLOAD)
-        } else {
-            0
-        };
-        conn.budget.take(cost);
-        if tx.send(Job { req, data, cost }).is_err() {
-            return Ok(());
+        conn.budget.take(req.len);
+        let mut data = vec![0u8; req.len as usize];
+        if let Err(e) = input.read_exact(&mut data) {
+            conn.budget.give(req.len);
+            return Err(ConnError::Io(e));
         }
+        return Ok(Some(Job {
+            req,
+            data,
+            cost: req.len,
+        }));
     }
+    if extended && req.flags & cflag::PAYLOAD_LEN != 0 {
+        // No other command carries data here (BLOCK_STATUS_PAYLOAD is not
+        // offered): the stream cannot be followed.
+        return Err(ConnError::Protocol(format!(
+            "command {} with PAYLOAD_LEN",
+            req.command
+        )));
+    }
+    let cost = if req.command == cmd::READ {
+        req.len.min(MAX_PAYLOAD)
+    } else {
+        0
+    };
+    conn.budget.take(cost);
+    Ok(Some(Job {
+        req,
+        data: Vec::new(),
+        cost,
+    }))
 }
 
 /// Runs one request and sends its reply.
