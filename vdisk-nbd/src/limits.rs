@@ -25,6 +25,9 @@ pub const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
 /// A worker keeps its reply buffer between requests up to this size (a larger read
 /// allocates for itself, and gives the memory back once replied to).
 pub const KEPT_REPLY_BYTES: usize = 4 << 20;
+/// The send buffer asked for on each Unix socket connection (the kernel caps it at
+/// `net.core.wmem_max`).
+pub const SEND_BUFFER_BYTES: usize = 1 << 20;
 /// Worker threads per connection (requests served at once).
 pub const WORKERS_PER_CONNECTION: usize = 4;
 /// Most extents in one block status chunk.

