@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side NBD server benchmark: `nbdcopy -C N URI null:` of a 2 GiB disk half
-full of data, served by vdisk-nbd (the VMDK, read-only), by qemu-nbd (the same VMDK,
+"""Side-by-side NBD server benchmark: `nbdcopy -C N -T N URI null:` of a 2 GiB disk
+half full of data, served by vdisk-nbd (the VMDK, read-only), by qemu-nbd (the same VMDK,
 read-only, shared: `-r -t -e 0`, which advertises multi-conn) and by `nbdkit file`
 (the raw equivalent with holes where the VMDK has none: the ceiling, as no format
 needs decoding).
@@ -9,6 +9,9 @@ The image is the random one of ../shared/bench/gen.py (1 MiB runs, each data wit
 p = 0.5), converted to monolithicSparse with vdiskmanager; the raw copy for nbdkit
 is made sparse (`cp --sparse=always`) so that all three report the same holes and
 nbdcopy reads the same 989 MiB of data from each.
+
+nbdcopy opens at most as many connections as it runs threads (by default one per
+core), so `-T N` goes with `-C N`: `-C 4` alone opens two connections on a 2-core host.
 
 For each transport (Unix socket, TCP on 127.0.0.1) and each connection count, the
 three servers are started afresh, each gets one untimed warm-up copy, then the
@@ -24,7 +27,7 @@ time / nbdkit time (goal <= 1.2).
 
 usage: nbd_bench.py [--rounds N] [--connections 1,4] [--transports unix,tcp] [--cold]
                     [--size-mib N] [--workdir DIR] [--vdisk-nbd PATH] [--verify] [--verbose]
-                    [--only vdisk-nbd,qemu-nbd,nbdkit] [--baseline OTHER-VDISK-NBD]
+                    [--only vdisk-nbd,qemu-nbd,nbdkit] [--baseline OTHER-VDISK-NBD]...
 """
 import argparse
 import os
@@ -145,7 +148,7 @@ def copy(server, conns, cold):
         drop_caches()
     c0 = cpu_seconds(server.proc.pid)
     t0 = time.monotonic()
-    p = subprocess.run(["nbdcopy", "-C", str(conns), server.uri, "null:"],
+    p = subprocess.run(["nbdcopy", "-C", str(conns), "-T", str(conns), server.uri, "null:"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     dt = time.monotonic() - t0
     if p.returncode != 0:
@@ -186,8 +189,9 @@ def main():
     ap.add_argument("--vdiskmanager", default=os.path.join(ROOT, "target", "release", "vdiskmanager"))
     ap.add_argument("--verify", action="store_true", help="first check that every server reads as the raw image")
     ap.add_argument("--only", help="comma-separated subset of the servers: vdisk-nbd,qemu-nbd,nbdkit")
-    ap.add_argument("--baseline", metavar="PATH",
-                    help="another vdisk-nbd build, run interleaved as 'vdisk-nbd baseline' (A/B of a change)")
+    ap.add_argument("--baseline", metavar="PATH", action="append", default=[],
+                    help="another vdisk-nbd build, run interleaved as 'vdisk-nbd FILENAME' (A/B of a "
+                         "change; repeatable)")
     ap.add_argument("--verbose", action="store_true", help="print every timing")
     a = ap.parse_args()
     for tool, pkg in (("nbdcopy", "libnbd-bin"), ("qemu-nbd", "qemu-utils"), ("nbdkit", "nbdkit")):
@@ -204,9 +208,10 @@ def main():
         keep = a.only.split(",")
         names = [n for n in names if n.split()[0] in keep]
     binaries = {"vdisk-nbd": a.vdisk_nbd}
-    if a.baseline:
-        names.insert(1, "vdisk-nbd baseline")
-        binaries["vdisk-nbd baseline"] = a.baseline
+    for i, b in enumerate(a.baseline):
+        name = f"vdisk-nbd {os.path.basename(b)}"
+        names.insert(1 + i, name)
+        binaries[name] = b
     with tempfile.TemporaryDirectory() as tmp:
         for transport in a.transports.split(","):
             for conns in [int(c) for c in a.connections.split(",")]:
@@ -240,12 +245,13 @@ def main():
                 v = med.get("vdisk-nbd")
                 if v and "qemu-nbd" in med:
                     rows.append((case, "ratio qemu-nbd/vdisk (goal >= 1.5)", med["qemu-nbd"] / v, None, None))
-                if v and "vdisk-nbd baseline" in med:
-                    rows.append((case, "ratio baseline/vdisk", med["vdisk-nbd baseline"] / v, None, None))
+                for b in a.baseline:
+                    name = f"vdisk-nbd {os.path.basename(b)}"
+                    rows.append((case, f"ratio {os.path.basename(b)}/vdisk", med[name] / v, None, None))
                 if v and "nbdkit file" in med:
                     rows.append((case, "ratio vdisk/nbdkit (goal <= 1.2)", v / med["nbdkit file"], None, None))
     cache = "cold (caches dropped before each copy)" if a.cold else "warm (page cache)"
-    print(f"nbdcopy URI null: of a {mib} MiB disk, {a.rounds} rounds, medians, {cache}")
+    print(f"nbdcopy -C N -T N URI null: of a {mib} MiB disk, {a.rounds} rounds, medians, {cache}")
     print(f"{'case':12} {'server':36} {'MiB/s':>8} {'CPU s':>7} {'peak RSS MiB':>13}")
     for case, name, value, cpu, rss in rows:
         if cpu is None:
