@@ -241,9 +241,9 @@ pub fn serve(
     };
     std::thread::scope(|scope| {
         let others: Vec<_> = (1..WORKERS_PER_CONNECTION)
-            .map(|_| scope.spawn(|| work(&conn)))
+            .map(|_| scope.spawn(|| guarded_work(&conn)))
             .collect();
-        let mut result = work(&conn);
+        let mut result = guarded_work(&conn);
         for w in others {
             let r = w.join().unwrap_or(Ok(()));
             if result.is_ok() {
@@ -251,6 +251,15 @@ pub fn serve(
             }
         }
         result
+    })
+}
+
+/// [`work`]; if it panics (a bug), the server goes on and the connection is marked
+/// broken: no further request is read, and it ends with its other workers.
+fn guarded_work(conn: &Conn) -> Result<(), ConnError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn))).unwrap_or_else(|_| {
+        conn.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        Err(ConnError::Protocol("a request could not be served (panic)".into()))
     })
 }
 
