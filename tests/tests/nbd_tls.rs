@@ -277,9 +277,9 @@ fn start_tls(mut s: UnixStream, certs: &Path) -> Tls {
 
 /// A plain client gets `ERR_TLS_REQD` for everything but `STARTTLS` and `ABORT` on a
 /// server that requires TLS (the default with a certificate), and is cut off at an
-/// early `EXPORT_NAME`; `nbdinfo` without TLS fails. A handshake of garbage, or
-/// one abandoned half-way, ends only its own connection: TLS clients are served
-/// afterwards.
+/// early `EXPORT_NAME`; `nbdinfo` without TLS fails. A handshake of garbage, one
+/// abandoned half-way, and a forged record after `GO` end only their own
+/// connection: TLS clients are served afterwards.
 #[test]
 fn a_tls_required_server_refuses_plaintext_and_survives_broken_handshakes() {
     tools();
@@ -337,6 +337,26 @@ fn a_tls_required_server_refuses_plaintext_and_survives_broken_handshakes() {
     let mut some = [0u8; 100];
     s.read_exact(&mut some).unwrap();
     drop(s);
+
+    // A broken record in the middle of transmission ends that connection.
+    let mut s = start_tls(
+        {
+            let mut p = connect(&server);
+            greet(&mut p);
+            p
+        },
+        &pki.dir,
+    );
+    let go = ask_all(&mut s, OPT_GO, &go_data("d.vmdk"));
+    assert_eq!(go.last().unwrap().0, REP_ACK);
+    s.sock.write_all(&[23, 3, 3, 0, 40]).unwrap();
+    s.sock.write_all(&[0x55; 40]).unwrap();
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest);
+    assert!(
+        end.is_err() && rest.is_empty(),
+        "a forged record was accepted: {end:?}"
+    );
 
     let tls = run("nbdinfo", &[&tls_uri(&server, "d.vmdk", &pki.dir)]);
     assert!(
