@@ -10,6 +10,8 @@
 //! * [`negotiate`]: fixed newstyle negotiation; [`transmission`]: requests served by
 //!   a few workers per connection, replies matched by cookie; [`context`]: block
 //!   status contexts; [`server`]: listeners, limits, orderly stop.
+//! * [`transport`]: the sockets, plain or under TLS ([`tls`]: `STARTTLS` with
+//!   rustls, X.509 certificates, optional client certificates).
 //!
 //! Std threads, no `unsafe`, no async runtime: a connection costs
 //! [`limits::WORKERS_PER_CONNECTION`] threads (its own among them), which take turns
@@ -21,6 +23,7 @@ pub mod export;
 pub mod limits;
 pub mod negotiate;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 pub mod transport;
 pub mod wire;
