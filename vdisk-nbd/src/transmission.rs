@@ -259,7 +259,9 @@ pub fn serve(
 fn guarded_work(conn: &Conn) -> Result<(), ConnError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn))).unwrap_or_else(|_| {
         conn.broken.store(true, std::sync::atomic::Ordering::SeqCst);
-        Err(ConnError::Protocol("a request could not be served (panic)".into()))
+        Err(ConnError::Protocol(
+            "a request could not be served (panic)".into(),
+        ))
     })
 }
 
