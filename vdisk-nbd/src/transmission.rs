@@ -259,9 +259,9 @@ pub fn serve(
 fn guarded_work(conn: &Conn) -> Result<(), ConnError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn))).unwrap_or_else(|_| {
         conn.broken.store(true, std::sync::atomic::Ordering::SeqCst);
-        Err(ConnError::Protocol(
-            "a request could not be served (panic)".into(),
-        ))
+        Err(ConnError::Io(std::io::Error::other(
+            "a worker panicked while serving a request",
+        )))
     })
 }
 
@@ -584,4 +584,54 @@ fn block_status(conn: &Conn, req: &Request, in_range: bool) {
         b.extend_from_slice(&payload);
     }
     conn.send(&b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_reply_buffer_holds_exactly_the_new_reply() {
+        let mut r = ReplyBuf::default();
+        r.push(b"header");
+        r.extend(10).fill(0xaa);
+        assert_eq!(r.as_slice().len(), 16);
+        r.clear();
+        r.push(b"hd");
+        r.extend(3).copy_from_slice(b"xyz");
+        assert_eq!(r.as_slice(), b"hdxyz");
+        // A large reply's memory is given back; a small one's is kept.
+        r.extend(KEPT_REPLY_BYTES);
+        r.shrink();
+        assert_eq!(r.bytes.len(), 0);
+        r.push(b"small");
+        r.shrink();
+        assert_eq!(r.bytes.len(), 5);
+        assert!(r.as_slice().is_empty());
+    }
+
+    #[test]
+    fn the_budget_holds_a_taker_back_until_bytes_are_given() {
+        let budget = Budget::new();
+        budget.take(MAX_INFLIGHT_BYTES - 10);
+        // Over the limit, but alone in flight: never refused (a request larger than
+        // the budget would otherwise wait forever).
+        let lone = Budget::new();
+        lone.take(MAX_INFLIGHT_BYTES + 1);
+        let taken = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                budget.take(100);
+                taken.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            while budget.state.lock().unwrap().waiting == 0 {
+                std::thread::yield_now();
+            }
+            assert!(!taken.load(std::sync::atomic::Ordering::SeqCst));
+            budget.give(MAX_INFLIGHT_BYTES - 10);
+        });
+        assert!(taken.load(std::sync::atomic::Ordering::SeqCst));
+        let st = budget.state.lock().unwrap();
+        assert_eq!((st.used, st.waiting), (100, 0));
+    }
 }
