@@ -9,7 +9,9 @@
 //!   per export.
 //! * [`negotiate`]: fixed newstyle negotiation; [`transmission`]: requests served by
 //!   a few workers per connection, replies matched by cookie; [`context`]: block
-//!   status contexts; [`server`]: listeners, limits, orderly stop.
+//!   status contexts; [`server`]: listeners, limits ([`limits::Limits`]), orderly
+//!   stop.
+//! * [`testing`]: a strict hand-made client for tests.
 //!
 //! Std threads, no `unsafe`, no async runtime: a connection costs a reader and
 //! [`limits::WORKERS_PER_CONNECTION`] workers, and its bytes in flight are bounded.
@@ -19,6 +21,7 @@ pub mod export;
 pub mod limits;
 pub mod negotiate;
 pub mod server;
+pub mod testing;
 pub mod transmission;
 pub mod transport;
 pub mod wire;

@@ -12,7 +12,9 @@ use std::io::{Read, Write};
 
 use crate::context::{self, Context};
 use crate::export::{ExportUse, Refusal};
-use crate::limits::{MAX_OPTIONS, MAX_OPTION_BYTES, MAX_SKIPPED_OPTION_BYTES};
+use crate::limits::{
+    MAX_OPTIONS, MAX_OPTION_BYTES, MAX_SELECTED_CONTEXTS, MAX_SKIPPED_OPTION_BYTES,
+};
 use crate::server::{ConnError, Shared, TlsMode};
 use crate::transport::Transport;
 use crate::wire::{self, info, opt, rep, tflag};
@@ -63,11 +65,7 @@ fn reply(t: &mut Transport, option: u32, kind: u32, payload: &[u8]) -> Result<()
 }
 
 fn error(t: &mut Transport, option: u32, kind: u32, message: &str) -> Result<(), ConnError> {
-    let mut m = message.as_bytes();
-    if m.len() > crate::limits::MAX_STRING_BYTES as usize {
-        m = &m[..crate::limits::MAX_STRING_BYTES as usize];
-    }
-    reply(t, option, kind, m)
+    reply(t, option, kind, wire::cut_string(message).as_bytes())
 }
 
 /// Skips `len` bytes of option data.
@@ -235,7 +233,7 @@ pub fn negotiate(mut t: Transport, shared: &Shared) -> Result<Outcome, ConnError
                         continue;
                     }
                 };
-                let export = match shared.exports.acquire(&req.name) {
+                let export = match shared.acquire(&req.name) {
                     Ok(e) => e,
                     Err(r) => {
                         refuse(&mut t, h.option, r)?;
@@ -294,7 +292,7 @@ pub fn negotiate(mut t: Transport, shared: &Shared) -> Result<Outcome, ConnError
                 }
                 let name = String::from_utf8(data)
                     .map_err(|_| ConnError::Protocol("export name is not UTF-8".into()))?;
-                let export = match shared.exports.acquire(&name) {
+                let export = match shared.acquire(&name) {
                     Ok(e) => e,
                     // EXPORT_NAME cannot report an error: the connection is closed.
                     Err(r) => {
@@ -362,12 +360,23 @@ fn meta_context(
         Ok(r) => r,
         Err(e) => return error(t, option, rep::ERR_INVALID, &e.to_string()),
     };
-    let export = match shared.exports.acquire(&req.export) {
+    let export = match shared.acquire(&req.export) {
         Ok(e) => e,
         Err(r) => return refuse(t, option, r),
     };
     if set {
         match context::select(&export, &req.queries) {
+            Ok(selected) if selected.len() > MAX_SELECTED_CONTEXTS => {
+                return error(
+                    t,
+                    option,
+                    rep::ERR_TOO_BIG,
+                    &format!(
+                        "{} contexts selected (at most {MAX_SELECTED_CONTEXTS})",
+                        selected.len()
+                    ),
+                );
+            }
             Ok(selected) => {
                 for (i, c) in selected.iter().enumerate() {
                     reply(

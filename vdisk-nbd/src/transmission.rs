@@ -2,12 +2,17 @@
 //! socket (the data of writes included) and hands them to a few workers, which run
 //! them against the export's disk and send the replies - in whatever order they
 //! finish, matched by cookie. The bytes of requests in flight are bounded
-//! ([`MAX_INFLIGHT_BYTES`]): beyond it the reader stops reading, which is the
+//! ([`Limits::max_inflight_bytes`]: write data taken in, read data and block status
+//! replies being made or sent): beyond it the reader stops reading, which is the
 //! backpressure a client sees. A request the server cannot accept gets its error
 //! reply; only a broken framing (bad magic, a payload beyond what can be held)
-//! ends the connection, and never the server.
+//! ends the connection, and never the server. So do a client silent for
+//! [`Limits::idle_timeout`] with nothing in flight, one that takes no reply bytes
+//! for [`Limits::reply_timeout`], and a request whose worker panicked (a bug: it is
+//! answered `EIO` and reported as [`ConnError::Panicked`]).
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -15,7 +20,8 @@ use vdisk::{ErrorKind, RangeKind};
 
 use crate::context::{self, Context};
 use crate::limits::{
-    MAX_COMPACT_EXTENT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD, MAX_STATUS_EXTENTS, WORKERS_PER_CONNECTION,
+    Limits, MAX_COMPACT_EXTENT, MAX_PAYLOAD, MAX_STATUS_EXTENTS, QUEUED_REQUESTS,
+    WORKERS_PER_CONNECTION,
 };
 use crate::negotiate::Session;
 use crate::server::ConnError;
@@ -33,26 +39,33 @@ struct Job {
 struct Budget {
     used: Mutex<u64>,
     freed: Condvar,
+    max: u64,
+    /// The server's count of bytes in flight, all connections together.
+    total: Arc<AtomicU64>,
 }
 
 impl Budget {
+    /// Takes `n` bytes, waiting while others hold too much (one request alone
+    /// always gets through).
     fn take(&self, n: u64) {
         let Ok(mut used) = self.used.lock() else {
             return;
         };
-        while *used > 0 && *used + n > MAX_INFLIGHT_BYTES {
+        while *used > 0 && used.saturating_add(n) > self.max {
             used = match self.freed.wait(used) {
                 Ok(g) => g,
                 Err(_) => return,
             };
         }
-        *used += n;
+        *used = used.saturating_add(n);
+        self.total.fetch_add(n, Ordering::SeqCst);
     }
 
     fn give(&self, n: u64) {
         if let Ok(mut used) = self.used.lock() {
             *used = used.saturating_sub(n);
         }
+        self.total.fetch_sub(n, Ordering::SeqCst);
         self.freed.notify_all();
     }
 }
@@ -62,8 +75,12 @@ struct Conn {
     session: Session,
     out: Mutex<Box<dyn Write + Send>>,
     budget: Budget,
+    /// Requests taken and not yet answered.
+    in_flight: AtomicUsize,
     /// A reply could not be sent: the connection is finished.
-    broken: std::sync::atomic::AtomicBool,
+    broken: AtomicBool,
+    /// The message of the first worker panic.
+    panicked: Mutex<Option<String>>,
 }
 
 impl Conn {
@@ -73,8 +90,12 @@ impl Conn {
             Err(_) => false,
         };
         if !ok {
-            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.broken.store(true, Ordering::SeqCst);
         }
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
     }
 
     fn structured(&self) -> bool {
@@ -118,6 +139,35 @@ impl Conn {
             len,
         )
     }
+
+    /// Runs a job; a panic (a bug) answers the request `EIO` and ends the
+    /// connection.
+    fn work(&self, job: Job) {
+        let req = job.req;
+        if !self.broken() {
+            let ran =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self, req, job.data)));
+            if let Err(p) = ran {
+                let msg = panic_message(p.as_ref());
+                tracing::error!("request {req:?} panicked: {msg}");
+                self.fail(&req, errno::EIO, &format!("internal error: {msg}"));
+                if let Ok(mut first) = self.panicked.lock() {
+                    first.get_or_insert(msg);
+                }
+                self.broken.store(true, Ordering::SeqCst);
+            }
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.budget.give(job.cost);
+    }
+}
+
+/// The text of a panic's payload.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".to_string())
 }
 
 /// The NBD error for a library error of a request that reads (`write` false) or
@@ -134,12 +184,15 @@ fn errno_of(e: &vdisk::Error, write: bool) -> u32 {
     }
 }
 
-/// Serves requests until the client disconnects, the connection breaks, or
-/// `stop` says the server is stopping (then in-flight requests finish).
+/// Serves requests until the client disconnects, the connection breaks or idles
+/// out, or the server stops reading it (then in-flight requests finish). The bytes
+/// it holds in flight are also counted in `inflight`.
 pub fn serve(
     session: Session,
     mut input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
+    limits: &Limits,
+    inflight: Arc<AtomicU64>,
 ) -> Result<(), ConnError> {
     let conn = Arc::new(Conn {
         session,
@@ -147,35 +200,101 @@ pub fn serve(
         budget: Budget {
             used: Mutex::new(0),
             freed: Condvar::new(),
+            max: limits.max_inflight_bytes,
+            total: inflight,
         },
-        broken: std::sync::atomic::AtomicBool::new(false),
+        in_flight: AtomicUsize::new(0),
+        broken: AtomicBool::new(false),
+        panicked: Mutex::new(None),
     });
-    let (tx, rx) = mpsc::sync_channel::<Job>(WORKERS_PER_CONNECTION * 4);
+    let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED_REQUESTS);
     let rx = Arc::new(Mutex::new(rx));
-    let workers: Vec<_> = (0..WORKERS_PER_CONNECTION)
-        .map(|_| {
-            let conn = Arc::clone(&conn);
-            let rx = Arc::clone(&rx);
-            std::thread::spawn(move || loop {
+    let mut workers = Vec::with_capacity(WORKERS_PER_CONNECTION);
+    for i in 0..WORKERS_PER_CONNECTION {
+        let conn = Arc::clone(&conn);
+        let rx = Arc::clone(&rx);
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-worker-{i}"))
+            .spawn(move || loop {
                 let job = match rx.lock() {
                     Ok(r) => r.recv(),
                     Err(_) => return,
                 };
                 let Ok(job) = job else { return };
-                let cost = job.cost;
-                if !conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
-                    run(&conn, job.req, job.data);
-                }
-                conn.budget.give(cost);
-            })
-        })
-        .collect();
-    let result = read_requests(&conn, &mut *input, &tx);
+                conn.work(job);
+            });
+        match spawned {
+            Ok(w) => workers.push(w),
+            // Fewer workers serve as well, only slower.
+            Err(e) if !workers.is_empty() => tracing::warn!("worker {i} not started: {e}"),
+            Err(e) => return Err(ConnError::Io(e)),
+        }
+    }
+    let result = read_requests(&conn, &mut *input, &tx, limits);
     drop(tx);
     for w in workers {
         let _ = w.join();
     }
+    if let Some(msg) = conn.panicked.lock().ok().and_then(|mut p| p.take()) {
+        return Err(ConnError::Panicked(msg));
+    }
     result
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads a request header into `buf`: false when the client went away between
+/// requests (a normal end). The socket's read timeout is the idle timeout: at a
+/// message boundary with requests in flight the reader waits on; with none, or in
+/// the middle of a header, the connection ends.
+fn read_header(
+    conn: &Conn,
+    input: &mut dyn Read,
+    buf: &mut [u8],
+    limits: &Limits,
+) -> Result<bool, ConnError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(ConnError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the client went away {got} bytes into a request header"),
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) && got == 0 && conn.in_flight.load(Ordering::SeqCst) > 0 => {}
+            Err(e) if is_timeout(&e) => {
+                let what = if got == 0 {
+                    "idle".to_string()
+                } else {
+                    format!("silent {got} bytes into a request header")
+                };
+                return Err(ConnError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{what} for {:?}", limits.idle_timeout),
+                )));
+            }
+            Err(e) => return Err(ConnError::Io(e)),
+        }
+    }
+    Ok(true)
+}
+
+/// Most bytes a block status reply can take: a chunk of at most
+/// [`MAX_STATUS_EXTENTS`] extents per selected context.
+fn status_reply_bound(contexts: usize, extended: bool) -> u64 {
+    let per_extent = if extended { 16 } else { 8 };
+    (contexts as u64).saturating_mul(
+        (wire::EXT_REQUEST_BYTES as u64 + 8).saturating_add(per_extent * MAX_STATUS_EXTENTS as u64),
+    )
 }
 
 /// The reader loop.
@@ -183,6 +302,7 @@ fn read_requests(
     conn: &Conn,
     input: &mut dyn Read,
     tx: &mpsc::SyncSender<Job>,
+    limits: &Limits,
 ) -> Result<(), ConnError> {
     let extended = conn.session.extended;
     let header_len = if extended {
@@ -190,16 +310,16 @@ fn read_requests(
     } else {
         wire::REQUEST_BYTES
     };
+    let status_cost = status_reply_bound(conn.session.contexts.len(), extended);
     let mut hb = [0u8; wire::EXT_REQUEST_BYTES];
     loop {
-        if conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(ConnError::Protocol("a reply could not be sent".into()));
+        if conn.broken() {
+            return Err(ConnError::Protocol(
+                "a reply could not be sent (the client stopped reading)".into(),
+            ));
         }
-        match input.read_exact(&mut hb[..header_len]) {
-            Ok(()) => {}
-            // The client went away between requests: a normal end.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(ConnError::Io(e)),
+        if !read_header(conn, input, &mut hb[..header_len], limits)? {
+            return Ok(());
         }
         let req = wire::parse_request(&hb[..header_len], extended)
             .map_err(|e| ConnError::Protocol(e.to_string()))?;
@@ -207,46 +327,44 @@ fn read_requests(
             return Ok(());
         }
         let mut data = Vec::new();
-        if req.command == cmd::WRITE {
-            // The length of a WRITE is its payload's, with or without PAYLOAD_LEN
-            // (qemu leaves the flag out under extended headers).
-            if req.len > MAX_PAYLOAD {
-                // Its data cannot be taken in, so the stream cannot be followed.
+        let cost = match req.command {
+            cmd::WRITE => {
+                // The length of a WRITE is its payload's, with or without
+                // PAYLOAD_LEN (qemu leaves the flag out under extended headers).
+                if req.len > MAX_PAYLOAD {
+                    // Its data cannot be taken in, so the stream cannot be followed.
+                    return Err(ConnError::Protocol(format!(
+                        "a WRITE of {} bytes (the maximum is {MAX_PAYLOAD})",
+                        req.len
+                    )));
+                }
+                conn.budget.take(req.len);
+                data = vec![0u8; req.len as usize];
+                if let Err(e) = input.read_exact(&mut data) {
+                    conn.budget.give(req.len);
+                    return Err(ConnError::Io(e));
+                }
+                req.len
+            }
+            _ if extended && req.flags & cflag::PAYLOAD_LEN != 0 => {
+                // No other command carries data here (BLOCK_STATUS_PAYLOAD is not
+                // offered): the stream cannot be followed.
                 return Err(ConnError::Protocol(format!(
-                    "a WRITE of {} bytes (the maximum is {MAX_PAYLOAD})",
-                    req.len
+                    "command {} with PAYLOAD_LEN",
+                    req.command
                 )));
             }
-            conn.budget.take(req.len);
-            data = vec![0u8; req.len as usize];
-            input.read_exact(&mut data).map_err(ConnError::Io)?;
-            if tx
-                .send(Job {
-                    req,
-                    data,
-                    cost: req.len,
-                })
-                .is_err()
-            {
-                return Ok(());
-            }
-            continue;
-        }
-        if extended && req.flags & cflag::PAYLOAD_LEN != 0 {
-            // No other command carries data here (BLOCK_STATUS_PAYLOAD is not
-            // offered): the stream cannot be followed.
-            return Err(ConnError::Protocol(format!(
-                "command {} with PAYLOAD_LEN",
-                req.command
-            )));
-        }
-        let cost = if req.command == cmd::READ {
-            req.len.min(MAX_PAYLOAD)
-        } else {
-            0
+            cmd::READ => req.len.min(MAX_PAYLOAD),
+            cmd::BLOCK_STATUS => status_cost,
+            _ => 0,
         };
-        conn.budget.take(cost);
-        if tx.send(Job { req, data, cost }).is_err() {
+        if req.command != cmd::WRITE {
+            conn.budget.take(cost);
+        }
+        conn.in_flight.fetch_add(1, Ordering::SeqCst);
+        if let Err(mpsc::SendError(job)) = tx.send(Job { req, data, cost }) {
+            conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+            conn.budget.give(job.cost);
             return Ok(());
         }
     }
@@ -304,15 +422,16 @@ fn run(conn: &Conn, req: Request, data: Vec<u8>) {
     };
     match req.command {
         cmd::READ => {
-            if !in_range {
-                return range_error("a read");
-            }
+            // The length first: an absurd one is that, wherever it points.
             if req.len > MAX_PAYLOAD {
                 return conn.fail(
                     &req,
-                    errno::EINVAL,
+                    errno::EOVERFLOW,
                     &format!("a read of {} bytes (the maximum is {MAX_PAYLOAD})", req.len),
                 );
+            }
+            if !in_range {
+                return range_error("a read");
             }
             read(conn, &req);
         }
@@ -362,19 +481,16 @@ fn run(conn: &Conn, req: Request, data: Vec<u8>) {
 
 /// A read: with structured replies, data chunks for the ranges holding data and
 /// hole chunks for those that read as zeros (one data chunk with `DF`); else a
-/// simple reply with the data.
+/// simple reply with the data. The reply is built in one buffer, the data read
+/// into its place (`req.len` is at most [`MAX_PAYLOAD`], checked by the caller).
 fn read(conn: &Conn, req: &Request) {
     let disk = &conn.session.export.disk;
     let len = req.len as usize;
-    let mut buf = vec![0u8; len];
     if !conn.structured() {
-        match disk.read_at(&mut buf, req.offset) {
-            Ok(()) => {
-                let mut b = Vec::with_capacity(16 + len);
-                b.extend_from_slice(&wire::simple_reply(0, req.cookie));
-                b.extend_from_slice(&buf);
-                conn.send(&b);
-            }
+        let mut b = vec![0u8; 16 + len];
+        b[..16].copy_from_slice(&wire::simple_reply(0, req.cookie));
+        match disk.read_at(&mut b[16..], req.offset) {
+            Ok(()) => conn.send(&b),
             Err(e) => conn.fail(req, errno_of(&e, false), &e.to_string()),
         }
         return;
@@ -382,38 +498,56 @@ fn read(conn: &Conn, req: &Request) {
     if req.len == 0 {
         return conn.done(req);
     }
-    // The pieces: (offset, length, holds data).
+    // The pieces: (offset, length, holds data), one after the other from the
+    // request's offset.
     let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
-    let df = req.flags & cflag::DF != 0;
-    if df {
+    let end = req.offset + req.len;
+    if req.flags & cflag::DF != 0 {
         pieces.push((req.offset, req.len, true));
-    } else if let Err(e) = disk.for_each_range(req.offset, req.len, |r| {
-        let data = r.kind == RangeKind::Data;
-        match pieces.last_mut() {
-            Some(p) if p.2 == data => p.1 += r.length,
-            _ => pieces.push((r.offset, r.length, data)),
-        }
-        Ok(())
-    }) {
-        return conn.fail(req, errno_of(&e, false), &e.to_string());
-    }
-    for &(o, l, data) in &pieces {
-        if data {
-            let at = (o - req.offset) as usize;
-            if let Err(e) = disk.read_at(&mut buf[at..at + l as usize], o) {
-                return conn.fail(req, errno_of(&e, false), &e.to_string());
+    } else {
+        let mut at = req.offset;
+        let walked = disk.for_each_range(req.offset, req.len, |r| {
+            if r.offset != at || r.length == 0 || r.length > end - at {
+                return Err(vdisk::Error::new(
+                    ErrorKind::InvalidDisk,
+                    format!(
+                        "the allocation map gave {} bytes at {} where {at}..{end} was asked",
+                        r.length, r.offset
+                    ),
+                ));
             }
+            at += r.length;
+            let data = r.kind == RangeKind::Data;
+            match pieces.last_mut() {
+                Some(p) if p.2 == data => p.1 += r.length,
+                _ => pieces.push((r.offset, r.length, data)),
+            }
+            Ok(())
+        });
+        if let Err(e) = walked {
+            return conn.fail(req, errno_of(&e, false), &e.to_string());
+        }
+        if at != end {
+            return conn.fail(
+                req,
+                errno::EIO,
+                &format!("the allocation map ends at {at}, the read at {end}"),
+            );
         }
     }
-    let mut b = Vec::with_capacity(len + 32 * pieces.len() + 32);
+    let data_bytes: u64 = pieces.iter().filter(|p| p.2).map(|p| p.1).sum();
+    let mut b = Vec::with_capacity(data_bytes as usize + 48 * pieces.len());
     let last = pieces.len() - 1;
     for (i, &(o, l, data)) in pieces.iter().enumerate() {
         let flags = if i == last { chunk::FLAG_DONE } else { 0 };
         if data {
             b.extend_from_slice(&conn.header(req, flags, chunk::OFFSET_DATA, 8 + l));
             b.extend_from_slice(&o.to_be_bytes());
-            let at = (o - req.offset) as usize;
-            b.extend_from_slice(&buf[at..at + l as usize]);
+            let at = b.len();
+            b.resize(at + l as usize, 0);
+            if let Err(e) = disk.read_at(&mut b[at..], o) {
+                return conn.fail(req, errno_of(&e, false), &e.to_string());
+            }
         } else {
             b.extend_from_slice(&conn.header(req, flags, chunk::OFFSET_HOLE, 12));
             b.extend_from_slice(&o.to_be_bytes());

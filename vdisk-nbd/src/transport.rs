@@ -52,6 +52,14 @@ impl Transport {
         }
     }
 
+    /// Sets how long a write may wait without progress (None: forever).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Transport::Tcp(s) => s.set_write_timeout(t),
+            Transport::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// A handle to end the connection from elsewhere.
     pub fn closer(&self) -> io::Result<Closer> {
         Ok(match self {
