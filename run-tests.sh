@@ -28,6 +28,8 @@ command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
 # NBD peers for vdisk-nbd (tests/tests/nbd_interop.rs).
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
+# Test certificates for NBD over TLS (tests/tests/nbd_tls.rs).
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # FUSE mounts (vdisk-mount) and FAT file access without a vfat kernel module.
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v mcopy >/dev/null 2>&1 || need+=(mtools)

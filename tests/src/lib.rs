@@ -258,6 +258,122 @@ impl Drop for NbdServer {
     }
 }
 
+/// Certificates for NBD over TLS, made by `openssl` at test time (the recipe of
+/// shared/docs/nbd.md §3). [`TlsPki::dir`] is laid out as libnbd
+/// (`tls-certificates=DIR`) and qemu (`tls-creds-x509,dir=DIR`) read it: `ca-cert.pem`,
+/// `server-cert.pem` (CN localhost, SAN `DNS:localhost`, `IP:127.0.0.1`),
+/// `server-key.pem`, `client-cert.pem` (CN vdisk-client), `client-key.pem`.
+pub struct TlsPki {
+    /// The certificate folder.
+    pub dir: PathBuf,
+    /// Trusts the server, but its client certificate comes from another CA.
+    pub rogue_client_dir: PathBuf,
+    /// Trusts the server and has no client certificate.
+    pub anonymous_dir: PathBuf,
+}
+
+impl TlsPki {
+    /// Makes the certificates in `dir` (panics naming the package if `openssl` is
+    /// missing: tests never skip).
+    pub fn new(dir: &Path) -> TlsPki {
+        require_tool_from("openssl", "openssl");
+        let pki = TlsPki {
+            dir: dir.join("pki"),
+            rogue_client_dir: dir.join("pki-rogue"),
+            anonymous_dir: dir.join("pki-anonymous"),
+        };
+        for d in [&pki.dir, &pki.rogue_client_dir, &pki.anonymous_dir] {
+            std::fs::create_dir_all(d).expect("create a certificate folder");
+        }
+        // `args` split at spaces (no argument here holds one).
+        let openssl = |args: &str| {
+            let out = Command::new("openssl")
+                .args(args.split(' '))
+                .current_dir(dir)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ca = |name: &str, cn: &str| {
+            openssl(&format!(
+                "req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout {name}-key.pem \
+                 -out {name}-cert.pem -subj /CN={cn} -addext basicConstraints=critical,CA:TRUE \
+                 -addext keyUsage=critical,keyCertSign,cRLSign"
+            ));
+        };
+        // A certificate `name` signed by CA `ca` with the extensions `ext`.
+        let leaf = |name: &str, cn: &str, ca: &str, ext: &str| {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).expect("write extensions");
+            openssl(&format!(
+                "req -newkey rsa:2048 -nodes -keyout {name}-key.pem -out {name}.csr -subj /CN={cn}"
+            ));
+            openssl(&format!(
+                "x509 -req -in {name}.csr -days 3650 -CA {ca}-cert.pem -CAkey {ca}-key.pem \
+                 -CAcreateserial -extfile {name}.ext -out {name}-cert.pem"
+            ));
+        };
+        let client_ext = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n";
+        ca("ca", "vdisk-test-CA");
+        ca("rogue-ca", "another-CA");
+        leaf(
+            "server",
+            "localhost",
+            "ca",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        );
+        leaf("client", "vdisk-client", "ca", client_ext);
+        leaf("rogue-client", "vdisk-client", "rogue-ca", client_ext);
+        let copy = |from: &str, to: &Path| {
+            std::fs::copy(dir.join(from), to).expect("copy a certificate");
+        };
+        for f in [
+            "ca-cert.pem",
+            "server-cert.pem",
+            "server-key.pem",
+            "client-cert.pem",
+            "client-key.pem",
+        ] {
+            copy(f, &pki.dir.join(f));
+        }
+        copy("ca-cert.pem", &pki.rogue_client_dir.join("ca-cert.pem"));
+        copy(
+            "rogue-client-cert.pem",
+            &pki.rogue_client_dir.join("client-cert.pem"),
+        );
+        copy(
+            "rogue-client-key.pem",
+            &pki.rogue_client_dir.join("client-key.pem"),
+        );
+        copy("ca-cert.pem", &pki.anonymous_dir.join("ca-cert.pem"));
+        pki
+    }
+
+    /// `dir/name`.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The server's arguments: `--tls-cert`, `--tls-key`, and with `verify_clients`
+    /// `--tls-ca` (client certificates required).
+    pub fn server_args(&self, verify_clients: bool) -> Vec<String> {
+        let mut a = vec![
+            "--tls-cert".to_string(),
+            path_str(&self.file("server-cert.pem")).to_string(),
+            "--tls-key".to_string(),
+            path_str(&self.file("server-key.pem")).to_string(),
+        ];
+        if verify_clients {
+            a.push("--tls-ca".into());
+            a.push(path_str(&self.file("ca-cert.pem")).into());
+        }
+        a
+    }
+}
+
 /// Percent-encodes what an NBD URI path cannot hold as it is.
 pub fn uri_escape(s: &str) -> String {
     let mut out = String::new();

@@ -11,6 +11,8 @@
 //!   a few workers per connection, replies matched by cookie; [`context`]: block
 //!   status contexts; [`server`]: listeners, limits ([`limits::Limits`]), orderly
 //!   stop.
+//! * [`transport`]: the sockets, plain or under TLS ([`tls`]: `STARTTLS` with
+//!   rustls, X.509 certificates, optional client certificates).
 //! * [`testing`]: a strict hand-made client for tests.
 //!
 //! Std threads, no `unsafe`, no async runtime: a connection costs a reader and
@@ -22,6 +24,7 @@ pub mod limits;
 pub mod negotiate;
 pub mod server;
 pub mod testing;
+pub mod tls;
 pub mod transmission;
 pub mod transport;
 pub mod wire;

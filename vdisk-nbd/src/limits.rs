@@ -19,6 +19,14 @@ pub const MAX_CONTEXT_QUERIES: u64 = 256;
 pub const MAX_SELECTED_CONTEXTS: usize = 16;
 /// Most options in one negotiation (a client that never starts is cut off).
 pub const MAX_OPTIONS: u32 = 1024;
+/// How long a TLS handshake (after the `STARTTLS` ACK) may take in all.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the TLS `close_notify` at the end of a connection may wait for the
+/// client to take it.
+pub const TLS_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Ciphertext bytes the TLS reader takes off the socket at once (what rustls
+/// decrypts per round; it holds at most one record of plaintext more).
+pub const TLS_READ_BYTES: usize = 16 << 10;
 
 /// The largest data a `READ` or `WRITE` may carry (the advertised maximum block).
 pub const MAX_PAYLOAD: u64 = 32 << 20;

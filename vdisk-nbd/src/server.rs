@@ -46,14 +46,18 @@ pub enum ConnError {
     Panicked(String),
 }
 
-/// Whether the server offers or requires TLS.
+/// Whether the server offers or requires TLS (fixed for the server's lifetime).
+/// The `vdisk-nbd` program requires TLS once it is given a certificate, as
+/// `qemu-nbd --tls-creds` does; `On` is nbdkit's `--tls=on`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlsMode {
-    /// No TLS: `STARTTLS` is refused.
+    /// No TLS: `STARTTLS` is refused with `ERR_UNSUP`.
     Off,
     /// TLS is offered; plaintext is allowed too.
     On,
-    /// Every client must start TLS before anything else.
+    /// Every client must start TLS before anything else: other options than
+    /// `STARTTLS` and `ABORT` get `ERR_TLS_REQD`, an `EXPORT_NAME` closes the
+    /// connection.
     Require,
 }
 
@@ -224,7 +228,7 @@ impl Server {
                 return;
             }
             match s {
-                Ok(s) => self.spawn(Transport::Tcp(s)),
+                Ok(s) => self.spawn(Transport::from(s)),
                 Err(e) => tracing::warn!("accept failed: {e}"),
             }
         }
@@ -237,7 +241,7 @@ impl Server {
                 return;
             }
             match s {
-                Ok(s) => self.spawn(Transport::Unix(s)),
+                Ok(s) => self.spawn(Transport::from(s)),
                 Err(e) => tracing::warn!("accept failed: {e}"),
             }
         }

@@ -3,6 +3,11 @@
 //! throwaway redo log; the disk files never change), `-r` read-only, `--persistent`
 //! write through. SIGTERM or SIGINT stop it in order: requests in flight finish,
 //! disks are flushed and closed.
+//!
+//! TLS: `--tls-cert FILE --tls-key FILE` make TLS (`STARTTLS`) required, as
+//! `qemu-nbd --tls-creds` does; `--tls=on` also lets plaintext clients in (nbdkit's
+//! `--tls=on`), `--tls=off` turns it off. `--tls-ca FILE` requires client
+//! certificates issued by that CA.
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,7 +18,7 @@ use std::time::Duration;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use vdisk_nbd::limits::{self, Limits};
-use vdisk_nbd::{Datastore, DiskExport, Exports, Mode, Server};
+use vdisk_nbd::{Datastore, DiskExport, Exports, Mode, Server, TlsMode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,8 +29,12 @@ use vdisk_nbd::{Datastore, DiskExport, Exports, Mode, Server};
 the folder of --datastore NAME=DIR as \"[NAME] folder/disk.vmdk\" (as VDDK names them).\n\
 Metadata contexts: base:allocation, x-vdisk:allocation-depth, x-vdisk:changed:<change ID> (the areas \
 written since that change ID, from the disk's change tracking; list x-vdisk:changed: for the current ID).\n\
+TLS: --tls-cert and --tls-key make TLS required (as qemu-nbd --tls-creds); --tls=on also admits \
+plaintext clients; --tls-ca requires client certificates issued by that CA (qemu clients send one).\n\
 Examples:\n  vdisk-nbd --socket /tmp/nbd.sock disk.vmdk && nbdinfo --map 'nbd+unix:///disk.vmdk?socket=/tmp/nbd.sock'\n  \
-vdisk-nbd -r --port 10809 --datastore datastore1=/vmfs/volumes/ds1"
+vdisk-nbd -r --port 10809 --datastore datastore1=/vmfs/volumes/ds1\n  \
+vdisk-nbd -r --tls-cert pki/server-cert.pem --tls-key pki/server-key.pem disk.vmdk && \
+nbdinfo 'nbds://localhost/disk.vmdk?tls-certificates=pki'"
 )]
 struct Args {
     /// Read-only exports (writes are refused).
@@ -49,6 +58,20 @@ struct Args {
     /// Export every disk below DIR as "[NAME] relative/path.vmdk" (repeatable).
     #[arg(long = "datastore", value_name = "NAME=DIR")]
     datastores: Vec<String>,
+    /// Server certificate for TLS (PEM; the chain, leaf first). With --tls-key,
+    /// TLS is required unless --tls=on.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM: PKCS#8, RSA or EC).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require a client certificate issued by a CA of this PEM file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// off: no TLS; on: TLS offered, plaintext allowed; require: TLS only (the
+    /// default when --tls-cert is given, else off).
+    #[arg(long, value_enum, value_name = "MODE")]
+    tls: Option<TlsArg>,
     /// Most connections served at once (one more is closed before the greeting).
     #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
@@ -95,6 +118,35 @@ fn limits_of(a: &Args) -> Limits {
         max_connections_per_export: a.max_connections_per_export,
         ..Limits::default()
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TlsArg {
+    Off,
+    On,
+    Require,
+}
+
+/// The TLS mode and acceptor the arguments ask for; certificate and key files are
+/// read and checked here, so a bad one fails at startup.
+fn tls(a: &Args) -> Result<(TlsMode, Option<vdisk_nbd::tls::Acceptor>), String> {
+    let mode = match (a.tls, &a.tls_cert) {
+        (Some(TlsArg::Off), _) | (None, None) => return Ok((TlsMode::Off, None)),
+        (Some(TlsArg::On), Some(_)) => TlsMode::On,
+        (Some(TlsArg::Require), Some(_)) | (None, Some(_)) => TlsMode::Require,
+        (Some(m), None) => {
+            return Err(format!(
+                "--tls={} needs a certificate: --tls-cert FILE --tls-key FILE",
+                if m == TlsArg::On { "on" } else { "require" }
+            ))
+        }
+    };
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+        return Err("--tls-cert and --tls-key go together".into());
+    };
+    let acceptor = vdisk_nbd::tls::Acceptor::from_files(cert, key, a.tls_ca.as_deref())
+        .map_err(|e| format!("TLS: {e}"))?;
+    Ok((mode, Some(acceptor)))
 }
 
 fn split_pair(s: &str, what: &str) -> Result<(String, String), String> {
@@ -172,8 +224,25 @@ fn run(a: Args) -> Result<(), String> {
             .with_env_filter(tracing_subscriber::EnvFilter::new(level))
             .init();
     }
+    let (tls_mode, acceptor) = tls(&a)?;
     let exports = exports(&a)?;
     let mode = exports.mode();
+    let tls_note = match tls_mode {
+        TlsMode::Off => String::new(),
+        m => format!(
+            ", TLS {}{}",
+            if m == TlsMode::On {
+                "offered (plaintext allowed)"
+            } else {
+                "required"
+            },
+            if a.tls_ca.is_some() {
+                " with client certificates"
+            } else {
+                ""
+            }
+        ),
+    };
     let count = exports.list().len();
     let listener = match &a.socket {
         Some(p) => Listener::Unix(
@@ -194,13 +263,17 @@ fn run(a: Args) -> Result<(), String> {
     signals
         .thread_block()
         .map_err(|e| format!("cannot block signals: {e}"))?;
-    let server = Server::new(exports);
+    let server = Server::with_tls(
+        exports,
+        tls_mode,
+        acceptor.map(|a| Box::new(a) as Box<dyn vdisk_nbd::server::TlsAcceptor>),
+    );
     server.set_limits(limits_of(&a));
     let wake: Box<dyn Fn() + Send> = match &listener {
         Listener::Tcp(l) => {
             let addr = l.local_addr().map_err(|e| e.to_string())?;
             eprintln!(
-                "vdisk-nbd: serving {count} export(s), {}, on {addr}",
+                "vdisk-nbd: serving {count} export(s), {}, on {addr}{tls_note}",
                 mode.as_str()
             );
             Box::new(move || {
@@ -209,7 +282,7 @@ fn run(a: Args) -> Result<(), String> {
         }
         Listener::Unix(_, p) => {
             eprintln!(
-                "vdisk-nbd: serving {count} export(s), {}, on {}",
+                "vdisk-nbd: serving {count} export(s), {}, on {}{tls_note}",
                 mode.as_str(),
                 p.display()
             );
