@@ -232,6 +232,11 @@ impl NbdServer {
         )
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the server wrote to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("server.log")).unwrap_or_default()
@@ -240,6 +245,26 @@ impl NbdServer {
     /// Stops it with SIGTERM and returns its exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.terminate()
+    }
+
+    /// Kills it with SIGKILL (no chance to flush or close anything) and waits.
+    pub fn kill(mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait for vdisk-nbd")
+    }
+
+    /// Sends SIGTERM without waiting (see [`NbdServer::wait`]).
+    pub fn terminate_now(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for vdisk-nbd")
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {

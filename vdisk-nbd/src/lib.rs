@@ -13,13 +13,16 @@
 //!   stop.
 //! * [`transport`]: the sockets, plain or under TLS ([`tls`]: `STARTTLS` with
 //!   rustls, X.509 certificates, optional client certificates).
-//! * [`testing`]: a strict hand-made client for tests.
+//! * [`testing`]: a strict hand-made client for tests; [`fuzzing`]: the bodies of
+//!   the fuzz targets (a whole connection over a socket pair), replayed by
+//!   `tests/fuzz_replay.rs`.
 //!
 //! Std threads, no `unsafe`, no async runtime: a connection costs a reader and
 //! [`limits::WORKERS_PER_CONNECTION`] workers, and its bytes in flight are bounded.
 
 pub mod context;
 pub mod export;
+pub mod fuzzing;
 pub mod limits;
 pub mod negotiate;
 pub mod server;

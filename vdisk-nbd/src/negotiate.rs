@@ -174,6 +174,14 @@ pub fn negotiate(mut t: Transport, shared: &Shared) -> Result<Outcome, ConnError
                     error(&mut t, h.option, rep::ERR_INVALID, "STARTTLS takes no data")?;
                 } else if st.tls {
                     error(&mut t, h.option, rep::ERR_INVALID, "TLS is already on")?;
+                } else if !shared.tls_offered() {
+                    // Refused: what was negotiated before stays as it is.
+                    error(
+                        &mut t,
+                        h.option,
+                        rep::ERR_UNSUP,
+                        "TLS is not configured on this server",
+                    )?;
                 } else {
                     match shared.start_tls(t, h.option)? {
                         Some(tls) => {

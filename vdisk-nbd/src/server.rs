@@ -86,6 +86,8 @@ pub struct Shared {
     drained: Condvar,
     /// Wakes the watchdog (a new deadline, or stopping).
     watch: Condvar,
+    /// The watchdog thread last started (joined by `stop`).
+    watchdog: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The live connections, and whether the handshake watchdog runs.
@@ -132,22 +134,24 @@ impl Shared {
         self.live.lock().ok()
     }
 
-    /// Answers `STARTTLS` (the option's data already checked): ACK and run the TLS
-    /// handshake, or refuse when TLS is off. Returns the new transport, the old one
-    /// when refused, or None when the handshake failed (the connection is over).
+    /// Whether `STARTTLS` is accepted.
+    pub(crate) fn tls_offered(&self) -> bool {
+        self.tls.is_some() && self.tls_mode != TlsMode::Off
+    }
+
+    /// Answers `STARTTLS` (the option's data already checked, TLS offered): ACK and
+    /// run the TLS handshake. Returns the new transport, or None when the handshake
+    /// failed (the connection is over).
     pub(crate) fn start_tls(
         &self,
         mut t: Transport,
         option: u32,
     ) -> Result<Option<Transport>, ConnError> {
         use std::io::Write;
-        let Some(tls) = self.tls.as_ref().filter(|_| self.tls_mode != TlsMode::Off) else {
-            t.write_all(&crate::wire::option_reply(
-                option,
-                crate::wire::rep::ERR_UNSUP,
-                b"TLS is not configured on this server",
-            ))?;
-            return Ok(Some(t));
+        let Some(tls) = self.tls.as_ref().filter(|_| self.tls_offered()) else {
+            return Err(ConnError::Protocol(
+                "STARTTLS on a server without TLS".into(),
+            ));
         };
         t.write_all(&crate::wire::option_reply(
             option,
@@ -198,6 +202,7 @@ impl Server {
                 live: Mutex::new(Registry::default()),
                 drained: Condvar::new(),
                 watch: Condvar::new(),
+                watchdog: Mutex::new(None),
             }),
         }
     }
@@ -320,7 +325,14 @@ impl Server {
                 .name("nbd-handshake-watchdog".into())
                 .spawn(move || watchdog(&watched));
             match started {
-                Ok(_) => reg.watchdog_running = true,
+                Ok(h) => {
+                    reg.watchdog_running = true;
+                    // The one before has ended (it cleared `watchdog_running`).
+                    let old = shared.watchdog.lock().ok().and_then(|mut w| w.replace(h));
+                    if let Some(old) = old {
+                        let _ = old.join();
+                    }
+                }
                 // The handshake's read timeout still applies.
                 Err(e) => tracing::warn!("no handshake watchdog: {e}"),
             }
@@ -367,6 +379,11 @@ impl Server {
             };
         }
         drop(live);
+        self.shared.watch.notify_all();
+        let watchdog = self.shared.watchdog.lock().ok().and_then(|mut w| w.take());
+        if let Some(w) = watchdog {
+            let _ = w.join();
+        }
         self.shared.exports.close_all();
     }
 }

@@ -163,6 +163,8 @@ pub struct Handshake<S> {
     pub extended: bool,
     /// The contexts the last `SET_META_CONTEXT` selected: (id, name).
     pub contexts: Vec<(u32, String)>,
+    /// The export they were selected for (`GO` to another gets none).
+    pub selected_for: Option<String>,
 }
 
 impl<S: Read + Write> Handshake<S> {
@@ -271,6 +273,7 @@ impl<S: Read> Handshake<S> {
             structured: false,
             extended: false,
             contexts: Vec::new(),
+            selected_for: None,
         })
     }
 
@@ -313,6 +316,7 @@ impl<S: Read> Handshake<S> {
         if option == opt::SET_META_CONTEXT {
             // Replaced even when the option fails.
             self.contexts.clear();
+            self.selected_for = None;
         }
         let mut replies: Vec<OptionReply> = Vec::new();
         loop {
@@ -342,7 +346,7 @@ impl<S: Read> Handshake<S> {
                 break;
             }
         }
-        self.follow(option, &replies);
+        self.follow(option, data, &replies);
         Ok(replies)
     }
 
@@ -371,9 +375,10 @@ impl<S: Read> Handshake<S> {
                 "{o} is unknown here and was not refused with ERR_UNSUP"
             ));
         }
+        // (ABORT with data is still an ABORT: acknowledged.)
         let no_data = matches!(
             option,
-            opt::LIST | opt::STARTTLS | opt::STRUCTURED_REPLY | opt::EXTENDED_HEADERS | opt::ABORT
+            opt::LIST | opt::STARTTLS | opt::STRUCTURED_REPLY | opt::EXTENDED_HEADERS
         );
         if no_data && !data.is_empty() {
             return violation(format!("{o} with data was not refused"));
@@ -463,7 +468,7 @@ impl<S: Read> Handshake<S> {
     }
 
     /// What a finished option changed.
-    fn follow(&mut self, option: u32, replies: &[OptionReply]) {
+    fn follow(&mut self, option: u32, data: &[u8], replies: &[OptionReply]) {
         let acked = replies.last().is_some_and(|r| r.kind == rep::ACK);
         match option {
             opt::STRUCTURED_REPLY if acked => self.structured = true,
@@ -472,6 +477,7 @@ impl<S: Read> Handshake<S> {
                 self.structured = true;
             }
             opt::SET_META_CONTEXT if acked => {
+                self.selected_for = wire::parse_meta_request(data).ok().map(|r| r.export);
                 self.contexts = replies
                     .iter()
                     .filter(|r| r.kind == rep::META_CONTEXT)

@@ -162,6 +162,31 @@ impl Conn {
     }
 }
 
+/// Capacity given to large buffers (request and reply data): above the C
+/// allocator's largest mmap threshold (glibc: 32 MiB), so each is mapped on its own
+/// and unmapped when freed, its untouched capacity never resident. Smaller, they
+/// come from per-thread arenas that keep freed memory: a few connections' worth of
+/// 16 MiB reads raised the server's resident memory to twice its bytes in flight.
+const LARGE_BUFFER_CAPACITY: usize = (MAX_PAYLOAD as usize) + (64 << 10);
+/// Buffers from this size on are given [`LARGE_BUFFER_CAPACITY`].
+const LARGE_BUFFER: usize = 1 << 20;
+
+/// An empty buffer for `len` bytes (see [`LARGE_BUFFER_CAPACITY`]).
+fn buffer(len: usize) -> Vec<u8> {
+    if (LARGE_BUFFER..=LARGE_BUFFER_CAPACITY).contains(&len) {
+        Vec::with_capacity(LARGE_BUFFER_CAPACITY)
+    } else {
+        Vec::with_capacity(len)
+    }
+}
+
+/// A zeroed buffer of `len` bytes (see [`LARGE_BUFFER_CAPACITY`]).
+fn zeroed(len: usize) -> Vec<u8> {
+    let mut b = buffer(len);
+    b.resize(len, 0);
+    b
+}
+
 /// The text of a panic's payload.
 pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<String>()
@@ -339,7 +364,7 @@ fn read_requests(
                     )));
                 }
                 conn.budget.take(req.len);
-                data = vec![0u8; req.len as usize];
+                data = zeroed(req.len as usize);
                 if let Err(e) = input.read_exact(&mut data) {
                     conn.budget.give(req.len);
                     return Err(ConnError::Io(e));
@@ -487,7 +512,7 @@ fn read(conn: &Conn, req: &Request) {
     let disk = &conn.session.export.disk;
     let len = req.len as usize;
     if !conn.structured() {
-        let mut b = vec![0u8; 16 + len];
+        let mut b = zeroed(16 + len);
         b[..16].copy_from_slice(&wire::simple_reply(0, req.cookie));
         match disk.read_at(&mut b[16..], req.offset) {
             Ok(()) => conn.send(&b),
@@ -536,7 +561,7 @@ fn read(conn: &Conn, req: &Request) {
         }
     }
     let data_bytes: u64 = pieces.iter().filter(|p| p.2).map(|p| p.1).sum();
-    let mut b = Vec::with_capacity(data_bytes as usize + 48 * pieces.len());
+    let mut b = buffer(data_bytes as usize + 48 * pieces.len());
     let last = pieces.len() - 1;
     for (i, &(o, l, data)) in pieces.iter().enumerate() {
         let flags = if i == last { chunk::FLAG_DONE } else { 0 };
