@@ -1,5 +1,6 @@
 #!/bin/sh
-# Coverage-guided fuzzing of the vdisk format readers with cargo-fuzz (libFuzzer).
+# Coverage-guided fuzzing of the vdisk format readers and NBD server with cargo-fuzz
+# (libFuzzer).
 #
 #   fuzz/run.sh TARGET SECONDS [LIBFUZZER FLAGS...]   fuzz TARGET for SECONDS on one core
 #   fuzz/run.sh --cmin TARGET                          fold new inputs into the committed
@@ -7,9 +8,10 @@
 #   fuzz/run.sh --list                                 list the targets
 #
 # Targets: descriptor, sparse_header, stream, cowd, sesparse, partitions,
-# open_and_read. Their bodies are vdisk::fuzzing::* and vdisk_mount::fuzzing::*;
-# vdisk/tests/fuzz_replay.rs and vdisk-mount/tests/fuzz_replay.rs replay the corpus
-# and the regression inputs with `cargo test`.
+# open_and_read, nbd_handshake, nbd_requests. Their bodies are vdisk::fuzzing::*,
+# vdisk_mount::fuzzing::* and vdisk_nbd::fuzzing::*; vdisk/tests/fuzz_replay.rs,
+# vdisk-mount/tests/fuzz_replay.rs and vdisk-nbd/tests/fuzz_replay.rs replay the
+# corpus and the regression inputs with `cargo test`.
 #
 # Needs `cargo install cargo-fuzz`. cargo-fuzz passes nightly-only flags to rustc;
 # RUSTC_BOOTSTRAP=1 lets a stable toolchain accept them. Builds are release with
@@ -20,7 +22,8 @@
 # that reach code the small inputs do not; the fuzzer sees them truncated, the replay
 # tests whole), fuzz/work/seeds/TARGET (made by
 # `cargo test -p vdisk --test fuzz_replay -- --ignored make_seeds` and
-# `cargo test -p vdisk-mount --test fuzz_replay -- --ignored make_partition_seeds`),
+# `cargo test -p vdisk-mount --test fuzz_replay -- --ignored make_partition_seeds` and
+# `cargo test -p vdisk-nbd --test fuzz_replay -- --ignored make_nbd_seeds`),
 # new inputs go to fuzz/work/corpus/TARGET (not committed). A crash, timeout or
 # out-of-memory input is written to fuzz/artifacts/TARGET/; once fixed, keep it as
 # fuzz/regressions/TARGET/<what-it-was> and list its answer in the replay test.
@@ -31,13 +34,13 @@
 set -eu
 cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
-TARGETS="descriptor sparse_header stream cowd sesparse partitions open_and_read"
+TARGETS="descriptor sparse_header stream cowd sesparse partitions open_and_read nbd_handshake nbd_requests"
 
 # Largest input per target. Small, so the committed corpus stays small: seeds above
 # it are truncated when loaded (their mutants still reach the same code).
 max_len() {
     case "$1" in
-        descriptor) echo 16384 ;;
+        descriptor | nbd_handshake | nbd_requests) echo 16384 ;;
         sesparse | open_and_read) echo 65536 ;;
         *) echo 32768 ;;
     esac
@@ -46,6 +49,7 @@ max_len() {
 dict() {
     case "$1" in
         descriptor | open_and_read) echo "-dict=dict/descriptor.dict" ;;
+        nbd_handshake | nbd_requests) echo "-dict=dict/nbd.dict" ;;
         *) echo "" ;;
     esac
 }

@@ -237,17 +237,9 @@ impl NbdServer {
         self.child.id()
     }
 
-    /// The server's peak resident memory so far (`VmHWM` of /proc/PID/status).
+    /// The server's peak resident memory so far (see [`peak_rss_bytes`]).
     pub fn peak_rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read the server's /proc status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmHWM in /proc/PID/status");
-        kib * 1024
+        peak_rss_bytes(self.child.id())
     }
 
     /// What the server wrote to stderr so far.
@@ -258,6 +250,26 @@ impl NbdServer {
     /// Stops it with SIGTERM and returns its exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.terminate()
+    }
+
+    /// Kills it with SIGKILL (no chance to flush or close anything) and waits.
+    pub fn kill(mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait for vdisk-nbd")
+    }
+
+    /// Sends SIGTERM without waiting (see [`NbdServer::wait`]).
+    pub fn terminate_now(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for vdisk-nbd")
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
@@ -839,6 +851,20 @@ pub fn sparse_with_a_grain_past_the_end(dir: &Path) -> PathBuf {
         .unwrap();
     f.sync_all().unwrap();
     path
+}
+
+/// The peak resident memory of process `pid` so far, in bytes (`VmHWM` of
+/// /proc/PID/status).
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("read the process's /proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib * 1024
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vdisk::{Disk, Error, ErrorKind, OpenOptions};
 
-use crate::limits::{MAX_CONNECTIONS_PER_EXPORT, MAX_DATASTORE_DISKS, MAX_PAYLOAD};
+use crate::limits::{MAX_DATASTORE_DISKS, MAX_PAYLOAD};
 
 /// How an export's disk is opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,8 +284,9 @@ impl Exports {
             .collect()
     }
 
-    /// The export `name`, opened if no connection has it open yet.
-    pub fn acquire(&self, name: &str) -> Result<ExportUse, Refusal> {
+    /// The export `name`, opened if no connection has it open yet; refused when
+    /// `max_connections` connections hold it already.
+    pub fn acquire(&self, name: &str, max_connections: usize) -> Result<ExportUse, Refusal> {
         let Some((name, path)) = self.resolve(name) else {
             return Err(Refusal::Unknown(format!("no export is named {name:?}")));
         };
@@ -319,9 +320,9 @@ impl Exports {
         };
         let n = export.connections.fetch_add(1, Ordering::SeqCst);
         let hold = ExportUse { export };
-        if n >= MAX_CONNECTIONS_PER_EXPORT {
+        if n >= max_connections {
             return Err(Refusal::Unavailable(format!(
-                "{name} already has {MAX_CONNECTIONS_PER_EXPORT} connections"
+                "{name} already has {n} connections (the limit)"
             )));
         }
         Ok(hold)

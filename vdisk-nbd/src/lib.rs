@@ -9,9 +9,13 @@
 //!   per export.
 //! * [`negotiate`]: fixed newstyle negotiation; [`transmission`]: requests served by
 //!   a few workers per connection, replies matched by cookie; [`context`]: block
-//!   status contexts; [`server`]: listeners, limits, orderly stop.
+//!   status contexts; [`server`]: listeners, limits ([`limits::Limits`]), orderly
+//!   stop.
 //! * [`transport`]: the sockets, plain or under TLS ([`tls`]: `STARTTLS` with
 //!   rustls, X.509 certificates, optional client certificates).
+//! * [`testing`]: a strict hand-made client for tests; [`fuzzing`]: the bodies of
+//!   the fuzz targets (a whole connection over a socket pair), replayed by
+//!   `tests/fuzz_replay.rs`.
 //!
 //! Std threads, no `unsafe`, no async runtime: a connection costs
 //! [`limits::WORKERS_PER_CONNECTION`] threads (its own among them), which take turns
@@ -20,9 +24,11 @@
 
 pub mod context;
 pub mod export;
+pub mod fuzzing;
 pub mod limits;
 pub mod negotiate;
 pub mod server;
+pub mod testing;
 pub mod tls;
 pub mod transmission;
 pub mod transport;

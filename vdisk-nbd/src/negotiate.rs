@@ -12,7 +12,9 @@ use std::io::{Read, Write};
 
 use crate::context::{self, Context};
 use crate::export::{ExportUse, Refusal};
-use crate::limits::{MAX_OPTIONS, MAX_OPTION_BYTES, MAX_SKIPPED_OPTION_BYTES};
+use crate::limits::{
+    MAX_OPTIONS, MAX_OPTION_BYTES, MAX_SELECTED_CONTEXTS, MAX_SKIPPED_OPTION_BYTES,
+};
 use crate::server::{ConnError, Shared, TlsMode};
 use crate::transport::Transport;
 use crate::wire::{self, info, opt, rep, tflag};
@@ -63,11 +65,7 @@ fn reply(t: &mut Transport, option: u32, kind: u32, payload: &[u8]) -> Result<()
 }
 
 fn error(t: &mut Transport, option: u32, kind: u32, message: &str) -> Result<(), ConnError> {
-    let mut m = message.as_bytes();
-    if m.len() > crate::limits::MAX_STRING_BYTES as usize {
-        m = &m[..crate::limits::MAX_STRING_BYTES as usize];
-    }
-    reply(t, option, kind, m)
+    reply(t, option, kind, wire::cut_string(message).as_bytes())
 }
 
 /// Skips `len` bytes of option data.
@@ -176,6 +174,14 @@ pub fn negotiate(mut t: Transport, shared: &Shared) -> Result<Outcome, ConnError
                     error(&mut t, h.option, rep::ERR_INVALID, "STARTTLS takes no data")?;
                 } else if st.tls {
                     error(&mut t, h.option, rep::ERR_INVALID, "TLS is already on")?;
+                } else if !shared.tls_offered() {
+                    // Refused: what was negotiated before stays as it is.
+                    error(
+                        &mut t,
+                        h.option,
+                        rep::ERR_UNSUP,
+                        "TLS is not configured on this server",
+                    )?;
                 } else {
                     match shared.start_tls(t, h.option)? {
                         Some(tls) => {
@@ -235,7 +241,7 @@ pub fn negotiate(mut t: Transport, shared: &Shared) -> Result<Outcome, ConnError
                         continue;
                     }
                 };
-                let export = match shared.exports.acquire(&req.name) {
+                let export = match shared.acquire(&req.name) {
                     Ok(e) => e,
                     Err(r) => {
                         refuse(&mut t, h.option, r)?;
@@ -294,7 +300,7 @@ pub fn negotiate(mut t: Transport, shared: &Shared) -> Result<Outcome, ConnError
                 }
                 let name = String::from_utf8(data)
                     .map_err(|_| ConnError::Protocol("export name is not UTF-8".into()))?;
-                let export = match shared.exports.acquire(&name) {
+                let export = match shared.acquire(&name) {
                     Ok(e) => e,
                     // EXPORT_NAME cannot report an error: the connection is closed.
                     Err(r) => {
@@ -362,12 +368,23 @@ fn meta_context(
         Ok(r) => r,
         Err(e) => return error(t, option, rep::ERR_INVALID, &e.to_string()),
     };
-    let export = match shared.exports.acquire(&req.export) {
+    let export = match shared.acquire(&req.export) {
         Ok(e) => e,
         Err(r) => return refuse(t, option, r),
     };
     if set {
         match context::select(&export, &req.queries) {
+            Ok(selected) if selected.len() > MAX_SELECTED_CONTEXTS => {
+                return error(
+                    t,
+                    option,
+                    rep::ERR_TOO_BIG,
+                    &format!(
+                        "{} contexts selected (at most {MAX_SELECTED_CONTEXTS})",
+                        selected.len()
+                    ),
+                );
+            }
             Ok(selected) => {
                 for (i, c) in selected.iter().enumerate() {
                     reply(

@@ -5,19 +5,24 @@
 //! against the export's disk and sends the reply with one write, in whatever order
 //! requests finish, matched by cookie. No request is handed from thread to thread:
 //! the worker that read it serves it. The bytes of requests in flight are bounded
-//! ([`MAX_INFLIGHT_BYTES`]): beyond it no worker reads, which is the backpressure a
-//! client sees. A request the server cannot accept gets its error reply; only a
-//! broken framing (bad magic, a payload beyond what can be held) ends the
-//! connection, and never the server.
+//! ([`Limits::max_inflight_bytes`]: write data taken in, read data and block status
+//! replies being made or sent): beyond it no worker reads, which is the
+//! backpressure a client sees. A request the server cannot accept gets its error
+//! reply; only a broken framing (bad magic, a payload beyond what can be held) ends
+//! the connection, and never the server. So do a client silent for
+//! [`Limits::idle_timeout`] with nothing in flight, one that takes no reply bytes
+//! for [`Limits::reply_timeout`], and a request whose worker panicked (a bug: it is
+//! answered `EIO` and reported as [`ConnError::Panicked`]).
 
 use std::io::{BufReader, Read, Write};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use vdisk::{ErrorKind, RangeKind};
 
 use crate::context::{self, Context};
 use crate::limits::{
-    KEPT_REPLY_BYTES, MAX_COMPACT_EXTENT, MAX_INFLIGHT_BYTES, MAX_PAYLOAD, MAX_STATUS_EXTENTS,
+    Limits, KEPT_REPLY_BYTES, MAX_COMPACT_EXTENT, MAX_PAYLOAD, MAX_STATUS_EXTENTS,
     WORKERS_PER_CONNECTION,
 };
 use crate::negotiate::Session;
@@ -57,6 +62,10 @@ impl ReplyBuf {
     fn extend(&mut self, n: usize) -> &mut [u8] {
         let end = self.len + n;
         if self.bytes.len() < end {
+            if end > self.bytes.capacity() && end >= LARGE_BUFFER {
+                self.bytes
+                    .reserve_exact(end.max(LARGE_BUFFER_CAPACITY) - self.bytes.len());
+            }
             self.bytes.resize(end, 0);
         }
         let start = std::mem::replace(&mut self.len, end);
@@ -81,6 +90,9 @@ impl ReplyBuf {
 struct Budget {
     state: Mutex<BudgetState>,
     freed: Condvar,
+    max: u64,
+    /// The server's count of bytes in flight, all connections together.
+    total: Arc<AtomicU64>,
 }
 
 struct BudgetState {
@@ -90,21 +102,25 @@ struct BudgetState {
 }
 
 impl Budget {
-    fn new() -> Budget {
+    fn new(max: u64, total: Arc<AtomicU64>) -> Budget {
         Budget {
             state: Mutex::new(BudgetState {
                 used: 0,
                 waiting: 0,
             }),
             freed: Condvar::new(),
+            max,
+            total,
         }
     }
 
+    /// Takes `n` bytes, waiting while others hold too much (one request alone
+    /// always gets through).
     fn take(&self, n: u64) {
         let Ok(mut st) = self.state.lock() else {
             return;
         };
-        while st.used > 0 && st.used + n > MAX_INFLIGHT_BYTES {
+        while st.used > 0 && st.used.saturating_add(n) > self.max {
             st.waiting += 1;
             st = match self.freed.wait(st) {
                 Ok(g) => g,
@@ -112,13 +128,15 @@ impl Budget {
             };
             st.waiting -= 1;
         }
-        st.used += n;
+        st.used = st.used.saturating_add(n);
+        self.total.fetch_add(n, Ordering::SeqCst);
     }
 
     fn give(&self, n: u64) {
         if n == 0 {
             return;
         }
+        self.total.fetch_sub(n, Ordering::SeqCst);
         let wake = match self.state.lock() {
             Ok(mut st) => {
                 st.used = st.used.saturating_sub(n);
@@ -146,8 +164,14 @@ struct Conn {
     input: Mutex<Input>,
     out: Mutex<Box<dyn Write + Send>>,
     budget: Budget,
+    /// Requests read and not yet answered.
+    in_flight: AtomicUsize,
     /// A reply could not be sent: the connection is finished.
-    broken: std::sync::atomic::AtomicBool,
+    broken: AtomicBool,
+    /// The message of the first worker panic.
+    panicked: Mutex<Option<String>>,
+    /// The socket's read timeout (for the message when it ends the connection).
+    idle_timeout: std::time::Duration,
 }
 
 impl Conn {
@@ -157,8 +181,12 @@ impl Conn {
             Err(_) => false,
         };
         if !ok {
-            self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.broken.store(true, Ordering::SeqCst);
         }
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
     }
 
     fn structured(&self) -> bool {
@@ -202,6 +230,61 @@ impl Conn {
             len,
         )
     }
+
+    /// Runs a request; a panic (a bug) answers it `EIO` and ends the connection.
+    fn run_guarded(&self, job: Job, reply: &mut ReplyBuf) {
+        let req = job.req;
+        if !self.broken() {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(self, req, job.data, reply)
+            }));
+            if let Err(p) = ran {
+                let msg = panic_message(p.as_ref());
+                tracing::error!("request {req:?} panicked: {msg}");
+                self.fail(&req, errno::EIO, &format!("internal error: {msg}"));
+                self.note_panic(msg);
+            }
+        }
+        reply.shrink();
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.budget.give(job.cost);
+    }
+
+    /// Records a panic: the connection is finished, and reports the first.
+    fn note_panic(&self, msg: String) {
+        if let Ok(mut first) = self.panicked.lock() {
+            first.get_or_insert(msg);
+        }
+        self.broken.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Capacity given to large buffers (request and reply data): above the C
+/// allocator's largest mmap threshold (glibc: 32 MiB), so each is mapped on its own
+/// and unmapped when freed, its untouched capacity never resident. Smaller, they
+/// come from per-thread arenas that keep freed memory: a few connections' worth of
+/// 16 MiB reads raised the server's resident memory to twice its bytes in flight.
+const LARGE_BUFFER_CAPACITY: usize = (MAX_PAYLOAD as usize) + (64 << 10);
+/// Buffers from this size on are given [`LARGE_BUFFER_CAPACITY`].
+const LARGE_BUFFER: usize = 1 << 20;
+
+/// A zeroed buffer of `len` bytes (see [`LARGE_BUFFER_CAPACITY`]).
+fn zeroed(len: usize) -> Vec<u8> {
+    let mut b = if (LARGE_BUFFER..=LARGE_BUFFER_CAPACITY).contains(&len) {
+        Vec::with_capacity(LARGE_BUFFER_CAPACITY)
+    } else {
+        Vec::with_capacity(len)
+    };
+    b.resize(len, 0);
+    b
+}
+
+/// The text of a panic's payload.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".to_string())
 }
 
 /// The NBD error for a library error of a request that reads (`write` false) or
@@ -222,12 +305,15 @@ fn errno_of(e: &vdisk::Error, write: bool) -> u32 {
 /// in one read; the large data of a write goes straight to its buffer).
 const INPUT_BUFFER_BYTES: usize = 64 << 10;
 
-/// Serves requests until the client disconnects, the connection breaks, or
-/// `stop` says the server is stopping (then in-flight requests finish).
+/// Serves requests until the client disconnects, the connection breaks or idles
+/// out, or the server stops reading it (then in-flight requests finish). The bytes
+/// it holds in flight are also counted in `inflight`.
 pub fn serve(
     session: Session,
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
+    limits: &Limits,
+    inflight: Arc<AtomicU64>,
 ) -> Result<(), ConnError> {
     let conn = Conn {
         session,
@@ -236,13 +322,24 @@ pub fn serve(
             ended: false,
         }),
         out: Mutex::new(output),
-        budget: Budget::new(),
-        broken: std::sync::atomic::AtomicBool::new(false),
+        budget: Budget::new(limits.max_inflight_bytes, inflight),
+        in_flight: AtomicUsize::new(0),
+        broken: AtomicBool::new(false),
+        panicked: Mutex::new(None),
+        idle_timeout: limits.idle_timeout,
     };
-    std::thread::scope(|scope| {
-        let others: Vec<_> = (1..WORKERS_PER_CONNECTION)
-            .map(|_| scope.spawn(|| guarded_work(&conn)))
-            .collect();
+    let result = std::thread::scope(|scope| {
+        let mut others = Vec::with_capacity(WORKERS_PER_CONNECTION);
+        for i in 1..WORKERS_PER_CONNECTION {
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn_scoped(scope, || guarded_work(&conn));
+            match spawned {
+                Ok(w) => others.push(w),
+                // Fewer workers serve as well, only slower.
+                Err(e) => tracing::warn!("worker {i} not started: {e}"),
+            }
+        }
         let mut result = guarded_work(&conn);
         for w in others {
             let r = w.join().unwrap_or(Ok(()));
@@ -251,17 +348,24 @@ pub fn serve(
             }
         }
         result
-    })
+    });
+    if let Some(msg) = conn.panicked.lock().ok().and_then(|mut p| p.take()) {
+        return Err(ConnError::Panicked(msg));
+    }
+    result
 }
 
-/// [`work`]; if it panics (a bug), the server goes on and the connection is marked
-/// broken: no further request is read, and it ends with its other workers.
+/// [`work`]; a panic outside a request (a bug) ends the connection, not the
+/// server: no further request is read, and it ends with its other workers.
 fn guarded_work(conn: &Conn) -> Result<(), ConnError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn))).unwrap_or_else(|_| {
-        conn.broken.store(true, std::sync::atomic::Ordering::SeqCst);
-        Err(ConnError::Io(std::io::Error::other(
-            "a worker panicked while serving a request",
-        )))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(conn))).unwrap_or_else(|p| {
+        let msg = panic_message(p.as_ref());
+        tracing::error!("a worker panicked: {msg}");
+        conn.note_panic(msg);
+        if let Ok(mut input) = conn.input.lock() {
+            input.ended = true;
+        }
+        Ok(())
     })
 }
 
@@ -285,19 +389,68 @@ fn work(conn: &Conn) -> Result<(), ConnError> {
                 }
             }
         };
-        if !conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
-            run(conn, job.req, job.data, &mut reply);
-            reply.shrink();
-        }
-        conn.budget.give(job.cost);
+        conn.run_guarded(job, &mut reply);
     }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads a request header into `buf`: false when the client went away between
+/// requests (a normal end). The socket's read timeout is the idle timeout: at a
+/// message boundary with requests in flight the reader waits on; with none, or in
+/// the middle of a header, the connection ends.
+fn read_header(conn: &Conn, input: &mut dyn Read, buf: &mut [u8]) -> Result<bool, ConnError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(ConnError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the client went away {got} bytes into a request header"),
+                )))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) && got == 0 && conn.in_flight.load(Ordering::SeqCst) > 0 => {}
+            Err(e) if is_timeout(&e) => {
+                let what = if got == 0 {
+                    "idle".to_string()
+                } else {
+                    format!("silent {got} bytes into a request header")
+                };
+                return Err(ConnError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{what} for {:?}", conn.idle_timeout),
+                )));
+            }
+            Err(e) => return Err(ConnError::Io(e)),
+        }
+    }
+    Ok(true)
+}
+
+/// Most bytes a block status reply can take: a chunk of at most
+/// [`MAX_STATUS_EXTENTS`] extents per selected context.
+fn status_reply_bound(contexts: usize, extended: bool) -> u64 {
+    let per_extent = if extended { 16 } else { 8 };
+    (contexts as u64).saturating_mul(
+        (wire::EXT_REQUEST_BYTES as u64 + 8).saturating_add(per_extent * MAX_STATUS_EXTENTS as u64),
+    )
 }
 
 /// Reads the next request, taking its bytes from the in-flight budget (waiting
 /// until they fit). None: the client disconnected.
 fn next_request(conn: &Conn, input: &mut dyn Read) -> Result<Option<Job>, ConnError> {
-    if conn.broken.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(ConnError::Protocol("a reply could not be sent".into()));
+    if conn.broken() {
+        return Err(ConnError::Protocol(
+            "a reply could not be sent (the client stopped reading)".into(),
+        ));
     }
     let extended = conn.session.extended;
     let header_len = if extended {
@@ -306,58 +459,51 @@ fn next_request(conn: &Conn, input: &mut dyn Read) -> Result<Option<Job>, ConnEr
         wire::REQUEST_BYTES
     };
     let mut hb = [0u8; wire::EXT_REQUEST_BYTES];
-    match input.read_exact(&mut hb[..header_len]) {
-        Ok(()) => {}
-        // The client went away between requests: a normal end.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(ConnError::Io(e)),
+    if !read_header(conn, input, &mut hb[..header_len])? {
+        return Ok(None);
     }
     let req = wire::parse_request(&hb[..header_len], extended)
         .map_err(|e| ConnError::Protocol(e.to_string()))?;
     if req.command == cmd::DISC {
         return Ok(None);
     }
-    if req.command == cmd::WRITE {
-        // The length of a WRITE is its payload's, with or without PAYLOAD_LEN
-        // (qemu leaves the flag out under extended headers).
-        if req.len > MAX_PAYLOAD {
-            // Its data cannot be taken in, so the stream cannot be followed.
+    let mut data = Vec::new();
+    let cost = match req.command {
+        cmd::WRITE => {
+            // The length of a WRITE is its payload's, with or without
+            // PAYLOAD_LEN (qemu leaves the flag out under extended headers).
+            if req.len > MAX_PAYLOAD {
+                // Its data cannot be taken in, so the stream cannot be followed.
+                return Err(ConnError::Protocol(format!(
+                    "a WRITE of {} bytes (the maximum is {MAX_PAYLOAD})",
+                    req.len
+                )));
+            }
+            conn.budget.take(req.len);
+            data = zeroed(req.len as usize);
+            if let Err(e) = input.read_exact(&mut data) {
+                conn.budget.give(req.len);
+                return Err(ConnError::Io(e));
+            }
+            req.len
+        }
+        _ if extended && req.flags & cflag::PAYLOAD_LEN != 0 => {
+            // No other command carries data here (BLOCK_STATUS_PAYLOAD is not
+            // offered): the stream cannot be followed.
             return Err(ConnError::Protocol(format!(
-                "a WRITE of {} bytes (the maximum is {MAX_PAYLOAD})",
-                req.len
+                "command {} with PAYLOAD_LEN",
+                req.command
             )));
         }
-        conn.budget.take(req.len);
-        let mut data = vec![0u8; req.len as usize];
-        if let Err(e) = input.read_exact(&mut data) {
-            conn.budget.give(req.len);
-            return Err(ConnError::Io(e));
-        }
-        return Ok(Some(Job {
-            req,
-            data,
-            cost: req.len,
-        }));
-    }
-    if extended && req.flags & cflag::PAYLOAD_LEN != 0 {
-        // No other command carries data here (BLOCK_STATUS_PAYLOAD is not
-        // offered): the stream cannot be followed.
-        return Err(ConnError::Protocol(format!(
-            "command {} with PAYLOAD_LEN",
-            req.command
-        )));
-    }
-    let cost = if req.command == cmd::READ {
-        req.len.min(MAX_PAYLOAD)
-    } else {
-        0
+        cmd::READ => req.len.min(MAX_PAYLOAD),
+        cmd::BLOCK_STATUS => status_reply_bound(conn.session.contexts.len(), extended),
+        _ => 0,
     };
-    conn.budget.take(cost);
-    Ok(Some(Job {
-        req,
-        data: Vec::new(),
-        cost,
-    }))
+    if req.command != cmd::WRITE {
+        conn.budget.take(cost);
+    }
+    conn.in_flight.fetch_add(1, Ordering::SeqCst);
+    Ok(Some(Job { req, data, cost }))
 }
 
 /// Runs one request and sends its reply.
@@ -412,15 +558,16 @@ fn run(conn: &Conn, req: Request, data: Vec<u8>, reply: &mut ReplyBuf) {
     };
     match req.command {
         cmd::READ => {
-            if !in_range {
-                return range_error("a read");
-            }
+            // The length first: an absurd one is that, wherever it points.
             if req.len > MAX_PAYLOAD {
                 return conn.fail(
                     &req,
-                    errno::EINVAL,
+                    errno::EOVERFLOW,
                     &format!("a read of {} bytes (the maximum is {MAX_PAYLOAD})", req.len),
                 );
+            }
+            if !in_range {
+                return range_error("a read");
             }
             read(conn, &req, reply);
         }
@@ -503,11 +650,24 @@ fn read(conn: &Conn, req: &Request, reply: &mut ReplyBuf) {
             Ok(())
         }
     };
+    let end = req.offset + req.len;
+    let mut at = req.offset;
     let walked = if df {
         pending = Some((req.offset, req.len, true));
+        at = end;
         Ok(())
     } else {
         disk.for_each_range(req.offset, req.len, |r| {
+            if r.offset != at || r.length == 0 || r.length > end - at {
+                return Err(vdisk::Error::new(
+                    ErrorKind::InvalidDisk,
+                    format!(
+                        "the allocation map gave {} bytes at {} where {at}..{end} was asked",
+                        r.length, r.offset
+                    ),
+                ));
+            }
+            at += r.length;
             let data = r.kind == RangeKind::Data;
             match &mut pending {
                 Some(p) if p.2 == data => p.1 += r.length,
@@ -522,8 +682,11 @@ fn read(conn: &Conn, req: &Request, reply: &mut ReplyBuf) {
         })
     };
     let result = walked.and_then(|()| match pending {
-        Some(p) => put(reply, p, true),
-        None => Ok(()),
+        Some(p) if at == end => put(reply, p, true),
+        _ => Err(vdisk::Error::new(
+            ErrorKind::InvalidDisk,
+            format!("the allocation map ends at {at}, the read at {end}"),
+        )),
     });
     match result {
         Ok(()) => conn.send(reply.as_slice()),
@@ -612,26 +775,29 @@ mod tests {
 
     #[test]
     fn the_budget_holds_a_taker_back_until_bytes_are_given() {
-        let budget = Budget::new();
-        budget.take(MAX_INFLIGHT_BYTES - 10);
+        const MAX: u64 = 64 << 20;
+        let total = Arc::new(AtomicU64::new(0));
+        let budget = Budget::new(MAX, Arc::clone(&total));
+        budget.take(MAX - 10);
         // Over the limit, but alone in flight: never refused (a request larger than
         // the budget would otherwise wait forever).
-        let lone = Budget::new();
-        lone.take(MAX_INFLIGHT_BYTES + 1);
+        let lone = Budget::new(MAX, Arc::new(AtomicU64::new(0)));
+        lone.take(MAX + 1);
         let taken = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
                 budget.take(100);
-                taken.store(true, std::sync::atomic::Ordering::SeqCst);
+                taken.store(true, Ordering::SeqCst);
             });
             while budget.state.lock().unwrap().waiting == 0 {
                 std::thread::yield_now();
             }
-            assert!(!taken.load(std::sync::atomic::Ordering::SeqCst));
-            budget.give(MAX_INFLIGHT_BYTES - 10);
+            assert!(!taken.load(Ordering::SeqCst));
+            budget.give(MAX - 10);
         });
-        assert!(taken.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(taken.load(Ordering::SeqCst));
         let st = budget.state.lock().unwrap();
         assert_eq!((st.used, st.waiting), (100, 0));
+        assert_eq!(total.load(Ordering::SeqCst), 100);
     }
 }

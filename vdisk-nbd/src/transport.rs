@@ -156,6 +156,11 @@ impl Transport {
         self.socket().set_read_timeout(t)
     }
 
+    /// Sets how long a write may wait without progress (None: forever).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.socket().set_write_timeout(t)
+    }
+
     /// A handle to end the connection from elsewhere.
     pub fn closer(&self) -> io::Result<Closer> {
         Ok(Closer(self.socket().try_clone()?))

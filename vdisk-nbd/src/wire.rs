@@ -467,7 +467,7 @@ pub fn export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
 }
 
 /// A request of the transmission phase.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Request {
     /// Command flags.
     pub flags: u16,
@@ -575,16 +575,19 @@ pub fn chunk_header(
     b
 }
 
+/// `text` cut to at most [`MAX_STRING_BYTES`] bytes, at a character boundary (what
+/// the protocol allows in a string).
+pub fn cut_string(text: &str) -> &str {
+    let mut end = text.len().min(MAX_STRING_BYTES as usize);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Payload of an error chunk: the error, and a message (cut to fit the limit).
 pub fn error_payload(error: u32, message: &str) -> Vec<u8> {
-    let mut msg = message.as_bytes();
-    if msg.len() > MAX_STRING_BYTES as usize {
-        let mut end = MAX_STRING_BYTES as usize;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        msg = &message.as_bytes()[..end];
-    }
+    let msg = cut_string(message).as_bytes();
     let mut b = Vec::with_capacity(6 + msg.len());
     b.extend_from_slice(&error.to_be_bytes());
     b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
@@ -619,6 +622,185 @@ pub fn block_status_payload(id: u32, extents: &[Extent], extended: bool) -> Vec<
         }
     }
     b
+}
+
+// ---------------------------------------------------------------------------------
+// What a client reads (the test client and the fuzzing oracle).
+
+/// Parses the server's greeting: its handshake flags.
+pub fn parse_greeting(b: &[u8; 18]) -> Result<u16, WireError> {
+    for (at, expected) in [(0, NBD_MAGIC), (8, IHAVEOPT)] {
+        let found = u64_at(b, at);
+        if found != expected {
+            return Err(WireError::BadMagic { found, expected });
+        }
+    }
+    Ok(u16_at(b, 16))
+}
+
+/// An option header as the client sends it (for clients and tests).
+pub fn option_header(option: u32, len: u32) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    b[8..12].copy_from_slice(&option.to_be_bytes());
+    b[12..16].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// The header of an option reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    /// The option it answers.
+    pub option: u32,
+    /// The reply type ([`rep`]).
+    pub kind: u32,
+    /// Bytes of data that follow.
+    pub len: u32,
+}
+
+/// Parses the 20 bytes that start an option reply.
+pub fn parse_option_reply_header(b: &[u8; 20]) -> Result<OptionReplyHeader, WireError> {
+    let magic = u64_at(b, 0);
+    if magic != OPTION_REPLY_MAGIC {
+        return Err(WireError::BadMagic {
+            found: magic,
+            expected: OPTION_REPLY_MAGIC,
+        });
+    }
+    Ok(OptionReplyHeader {
+        option: u32_at(b, 8),
+        kind: u32_at(b, 12),
+        len: u32_at(b, 16),
+    })
+}
+
+/// Bytes of a simple reply header.
+pub const SIMPLE_REPLY_BYTES: usize = 16;
+/// Bytes of a structured reply chunk header.
+pub const CHUNK_BYTES: usize = 20;
+/// Bytes of an extended reply chunk header.
+pub const EXT_CHUNK_BYTES: usize = 32;
+
+/// A reply header of the transmission phase, as a client reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyHeader {
+    /// A simple reply (the data of a successful `READ` follows).
+    Simple {
+        /// The error (0: success).
+        error: u32,
+        /// The request's cookie.
+        cookie: u64,
+    },
+    /// A structured or extended reply chunk.
+    Chunk {
+        /// Chunk flags ([`chunk::FLAG_DONE`]).
+        flags: u16,
+        /// The chunk type.
+        kind: u16,
+        /// The request's cookie.
+        cookie: u64,
+        /// Extended chunks: the offset field.
+        offset: u64,
+        /// Bytes of payload that follow.
+        len: u64,
+        /// Whether it was an extended chunk.
+        extended: bool,
+    },
+}
+
+/// The length of the reply header that starts with `magic`.
+pub fn reply_header_len(magic: &[u8; 4]) -> Result<usize, WireError> {
+    match u32_at(magic, 0) {
+        SIMPLE_REPLY_MAGIC => Ok(SIMPLE_REPLY_BYTES),
+        STRUCTURED_REPLY_MAGIC => Ok(CHUNK_BYTES),
+        EXT_REPLY_MAGIC => Ok(EXT_CHUNK_BYTES),
+        found => Err(WireError::BadMagic {
+            found: u64::from(found),
+            expected: u64::from(SIMPLE_REPLY_MAGIC),
+        }),
+    }
+}
+
+/// Parses a whole reply header (of the length [`reply_header_len`] gave).
+pub fn parse_reply_header(b: &[u8]) -> Result<ReplyHeader, WireError> {
+    let magic: [u8; 4] = b
+        .get(..4)
+        .and_then(|m| m.try_into().ok())
+        .ok_or(WireError::Malformed("reply header"))?;
+    let want = reply_header_len(&magic)?;
+    if b.len() != want {
+        return Err(WireError::Malformed("reply header"));
+    }
+    Ok(match want {
+        SIMPLE_REPLY_BYTES => ReplyHeader::Simple {
+            error: u32_at(b, 4),
+            cookie: u64_at(b, 8),
+        },
+        CHUNK_BYTES => ReplyHeader::Chunk {
+            flags: u16_at(b, 4),
+            kind: u16_at(b, 6),
+            cookie: u64_at(b, 8),
+            offset: 0,
+            len: u64::from(u32_at(b, 16)),
+            extended: false,
+        },
+        _ => ReplyHeader::Chunk {
+            flags: u16_at(b, 4),
+            kind: u16_at(b, 6),
+            cookie: u64_at(b, 8),
+            offset: u64_at(b, 16),
+            len: u64_at(b, 24),
+            extended: true,
+        },
+    })
+}
+
+/// Parses the payload of an error chunk: the error and its message (exactly).
+pub fn parse_error_payload(p: &[u8]) -> Result<(u32, String), WireError> {
+    if p.len() < 6 {
+        return Err(WireError::Malformed("error chunk"));
+    }
+    let n = usize::from(u16_at(p, 4));
+    let msg = p
+        .get(6..6 + n)
+        .ok_or(WireError::Malformed("error message"))?;
+    if p.len() != 6 + n {
+        return Err(WireError::Malformed("error chunk (bytes left over)"));
+    }
+    let msg = String::from_utf8(msg.to_vec()).map_err(|_| WireError::NotUtf8("error message"))?;
+    Ok((u32_at(p, 0), msg))
+}
+
+/// Parses a block status chunk's payload: the context id and its extents.
+pub fn parse_block_status_payload(
+    p: &[u8],
+    extended: bool,
+) -> Result<(u32, Vec<Extent>), WireError> {
+    let (head, each) = if extended { (8, 16) } else { (4, 8) };
+    if p.len() < head || !(p.len() - head).is_multiple_of(each) {
+        return Err(WireError::Malformed("block status chunk"));
+    }
+    let n = (p.len() - head) / each;
+    if extended && u32_at(p, 4) as usize != n {
+        return Err(WireError::Malformed("block status chunk (extent count)"));
+    }
+    let extents = p[head..]
+        .chunks_exact(each)
+        .map(|c| {
+            if extended {
+                Extent {
+                    len: u64_at(c, 0),
+                    flags: u64_at(c, 8),
+                }
+            } else {
+                Extent {
+                    len: u64::from(u32_at(c, 0)),
+                    flags: u64::from(u32_at(c, 4)),
+                }
+            }
+        })
+        .collect();
+    Ok((u32_at(p, 0), extents))
 }
 
 /// How an option's data length is to be handled: read it, or skip it and refuse.

@@ -13,9 +13,11 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
+use vdisk_nbd::limits::{self, Limits};
 use vdisk_nbd::{Datastore, DiskExport, Exports, Mode, Server, TlsMode};
 
 #[derive(Parser, Debug)]
@@ -70,11 +72,52 @@ struct Args {
     /// default when --tls-cert is given, else off).
     #[arg(long, value_enum, value_name = "MODE")]
     tls: Option<TlsArg>,
+    /// Most connections served at once (one more is closed before the greeting).
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Most connections to one export at once (one more is refused the export).
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_MAX_CONNECTIONS_PER_EXPORT)]
+    max_connections_per_export: usize,
+    /// Seconds a client may take to negotiate before it is disconnected.
+    #[arg(long, value_name = "SECS", value_parser = seconds,
+          default_value_t = limits::DEFAULT_HANDSHAKE_TIMEOUT.as_secs_f64())]
+    handshake_timeout: f64,
+    /// Seconds a connection may stay silent, with no request in flight, before it
+    /// is closed.
+    #[arg(long, value_name = "SECS", value_parser = seconds,
+          default_value_t = limits::DEFAULT_IDLE_TIMEOUT.as_secs_f64())]
+    idle_timeout: f64,
+    /// Seconds a reply may wait for a client that does not read before the
+    /// connection is closed.
+    #[arg(long, value_name = "SECS", value_parser = seconds,
+          default_value_t = limits::DEFAULT_REPLY_TIMEOUT.as_secs_f64())]
+    reply_timeout: f64,
     /// Log connections and refused requests to stderr (twice: every request).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     verbose: u8,
     /// Disks to export under their file names.
     disks: Vec<PathBuf>,
+}
+
+/// A positive number of seconds (fractions allowed).
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && Duration::try_from_secs_f64(v).is_ok() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+/// The server limits the arguments set.
+fn limits_of(a: &Args) -> Limits {
+    let secs = |v: f64| Duration::try_from_secs_f64(v).unwrap_or(Duration::MAX);
+    Limits {
+        handshake_timeout: secs(a.handshake_timeout),
+        idle_timeout: secs(a.idle_timeout),
+        reply_timeout: secs(a.reply_timeout),
+        max_connections: a.max_connections,
+        max_connections_per_export: a.max_connections_per_export,
+        ..Limits::default()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -225,6 +268,7 @@ fn run(a: Args) -> Result<(), String> {
         tls_mode,
         acceptor.map(|a| Box::new(a) as Box<dyn vdisk_nbd::server::TlsAcceptor>),
     );
+    server.set_limits(limits_of(&a));
     let wake: Box<dyn Fn() + Send> = match &listener {
         Listener::Tcp(l) => {
             let addr = l.local_addr().map_err(|e| e.to_string())?;
