@@ -39,6 +39,7 @@ pub mod ops;
 pub mod paths;
 pub mod replace;
 pub mod storage;
+pub mod virtual_disk;
 
 pub use disk::{Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, RangeKind};
 pub use disk_type::DiskType;
@@ -46,3 +47,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use geometry::{AdapterType, Geometry};
 pub use ops::convert::{convert, ConvertOptions, ConvertStats, ImageFormat};
 pub use ops::create::{create, CreateOptions};
+pub use virtual_disk::VirtualDisk;
