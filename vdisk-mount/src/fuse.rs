@@ -21,7 +21,7 @@ use fuser::{
     WriteFlags,
 };
 use rayon::prelude::*;
-use vdisk::{Disk, ErrorKind, RangeKind};
+use vdisk::{ErrorKind, RangeKind, VirtualDisk};
 
 use crate::prefetch::Prefetcher;
 
@@ -66,7 +66,7 @@ fn read_pool() -> Option<rayon::ThreadPool> {
 /// flight, and inflating a streamOptimized disk's grains is CPU work that would
 /// otherwise use one core).
 fn read_parallel(
-    disk: &Disk,
+    disk: &dyn VirtualDisk,
     pool: Option<&rayon::ThreadPool>,
     buf: &mut [u8],
     offset: u64,
@@ -110,7 +110,7 @@ pub(crate) struct DiskFs {
     /// Reads ahead for sequential readers (dropped first: it joins its thread,
     /// which shares the disk).
     prefetch: Option<Prefetcher>,
-    disk: Arc<Disk>,
+    disk: Arc<dyn VirtualDisk>,
     files: Vec<MountedFile>,
     writable: bool,
     uid: u32,
@@ -125,17 +125,19 @@ pub(crate) struct DiskFs {
 }
 
 impl DiskFs {
-    pub(crate) fn new(disk: Disk, files: Vec<MountedFile>, mtime: SystemTime) -> DiskFs {
+    /// A file system over `disk`; `compressed`: the disk holds compressed grains
+    /// (streamOptimized), whose reads are CPU work worth sharing out.
+    pub(crate) fn new(
+        disk: Box<dyn VirtualDisk>,
+        compressed: bool,
+        files: Vec<MountedFile>,
+        mtime: SystemTime,
+    ) -> DiskFs {
         // Only inflating compressed grains needs more than one thread per request:
         // other disks are bound by the host's reads, which the read-ahead overlaps
         // with serving, and idle pool threads would spin against the serving thread
         // for the CPU.
-        let compressed = disk.info().map_or(true, |i| {
-            i.chain
-                .iter()
-                .any(|l| l.create_type.eq_ignore_ascii_case("streamOptimized"))
-        });
-        let disk = Arc::new(disk);
+        let disk: Arc<dyn VirtualDisk> = Arc::from(disk);
         let read_pool = if compressed {
             read_pool().map(Arc::new)
         } else {
@@ -149,7 +151,7 @@ impl DiskFs {
         } else {
             let (disk, pool) = (Arc::clone(&disk), read_pool.clone());
             Prefetcher::start(Arc::new(move |buf: &mut [u8], offset: u64| {
-                read_parallel(&disk, pool.as_deref(), buf, offset)
+                read_parallel(&*disk, pool.as_deref(), buf, offset)
             }))
         };
         DiskFs {
@@ -163,6 +165,19 @@ impl DiskFs {
             mtime: Mutex::new(mtime),
             read_pool,
         }
+    }
+
+    /// Whether the map says `[at, at+len)` holds no data (false if it cannot tell).
+    fn holds_no_data(&self, at: u64, len: u64) -> bool {
+        let mut covered = 0u64;
+        let walked = self.disk.for_each_range(at, len, &mut |r| {
+            if r.kind == RangeKind::Data {
+                return Err(vdisk::Error::new(ErrorKind::Fail, "data"));
+            }
+            covered += r.length;
+            Ok(())
+        });
+        walked.is_ok() && covered == len
     }
 
     fn file(&self, ino: INodeNo) -> Option<&MountedFile> {
@@ -379,12 +394,7 @@ impl Filesystem for DiskFs {
         }
         // A range holding no data (half of a typical disk) is answered from a
         // static page of zeros: no read, no memset.
-        if len <= ZEROS.len()
-            && self.disk.allocation_map(at, len as u64).is_ok_and(|m| {
-                m.iter().all(|r| r.kind != RangeKind::Data)
-                    && m.iter().map(|r| r.length).sum::<u64>() == len as u64
-            })
-        {
+        if len <= ZEROS.len() && self.holds_no_data(at, len as u64) {
             return reply.data(&ZEROS[..len]);
         }
         // One buffer per serving thread, kept between requests: a fresh 1 MiB
@@ -394,7 +404,7 @@ impl Filesystem for DiskFs {
                 buf.resize(len, 0);
             }
             let buf = &mut buf[..len];
-            match read_parallel(&self.disk, self.read_pool.as_deref(), buf, at) {
+            match read_parallel(&*self.disk, self.read_pool.as_deref(), buf, at) {
                 Ok(()) => reply.data(buf),
                 Err(e) => reply.error(errno(&e)),
             }

@@ -44,9 +44,11 @@ pub mod volume;
 pub use error::{GptHeaderError, PartError, PartWarning};
 pub use filesystem::{detect_filesystem, Filesystem, FsKind};
 pub use fuse::{MountedFile, MAX_REQUEST};
-pub use mount::{fusermount3, mount, Mode, MountError, MountOptions, Mounted};
-pub use source::BlockSource;
-pub use volume::{mount_volume, MountedVolume, VolumeOptions};
+pub use mount::{
+    fusermount3, mount, mount_opened, Mode, MountError, MountOptions, Mounted, OpenedDisk,
+};
+pub use source::{BlockSource, DiskSource};
+pub use volume::{mount_volume, mount_volume_opened, MountedVolume, VolumeOptions};
 
 /// The bounds every parser keeps to, whatever the disk says.
 pub mod limits {

@@ -8,10 +8,11 @@ use std::time::SystemTime;
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use thiserror::Error;
-use vdisk::OpenOptions;
+use vdisk::{OpenOptions, VirtualDisk};
 
 use crate::fuse::{DiskFs, MountedFile};
 use crate::mountinfo::FS_SUBTYPE;
+use crate::source::DiskSource;
 use crate::{read_partitions, PartitionTable};
 
 /// How the disk is opened, which decides where writes go.
@@ -316,7 +317,7 @@ pub(crate) fn check_mountpoint(dir: &Path) -> Result<PathBuf, MountError> {
 /// The mount appears in `/proc/self/mountinfo` with the type `fuse.vdisk` and the
 /// disk's canonical path as its source.
 pub fn mount(disk: &Path, dir: &Path, opts: &MountOptions) -> Result<Mounted, MountError> {
-    let dir = check_mountpoint(dir)?;
+    check_mountpoint(dir)?;
     let disk_path = disk.canonicalize().unwrap_or_else(|_| disk.to_path_buf());
     let open = match opts.mode {
         // The redo log is thrown away: syncing it would only cost time.
@@ -328,8 +329,57 @@ pub fn mount(disk: &Path, dir: &Path, opts: &MountOptions) -> Result<Mounted, Mo
         path: disk.to_path_buf(),
         source,
     })?;
+    let compressed = handle.info().map_or(true, |i| {
+        i.chain
+            .iter()
+            .any(|l| l.create_type.eq_ignore_ascii_case("streamOptimized"))
+    });
+    let mtime = std::fs::metadata(&disk_path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| SystemTime::now());
+    mount_opened(
+        OpenedDisk {
+            disk: Box::new(handle),
+            name: disk_path,
+            compressed,
+            mtime,
+        },
+        dir,
+        opts,
+    )
+}
+
+/// A disk the caller opened (a remote export, or a disk behind an
+/// [`vdisk::Overlay`]), to be mounted by [`mount_opened`].
+pub struct OpenedDisk {
+    /// The disk, already opened in the mode the mount should have (the caller puts
+    /// a non-persistent overlay in front of it for [`Mode::NonPersistent`]).
+    pub disk: Box<dyn VirtualDisk>,
+    /// What the mount names as its source: a path, or a URI.
+    pub name: PathBuf,
+    /// The disk holds compressed grains (reads are CPU work worth sharing out).
+    pub compressed: bool,
+    /// The files' modification time until the first write.
+    pub mtime: SystemTime,
+}
+
+/// [`mount`] of a disk opened by the caller; `opts.mode` only chooses whether the
+/// mount is read-only (the disk is already open in its mode).
+pub fn mount_opened(
+    opened: OpenedDisk,
+    dir: &Path,
+    opts: &MountOptions,
+) -> Result<Mounted, MountError> {
+    let dir = check_mountpoint(dir)?;
+    let OpenedDisk {
+        disk: handle,
+        name: disk_path,
+        compressed,
+        mtime,
+    } = opened;
+    let disk = disk_path.as_path();
     let mut warnings = Vec::new();
-    let table = match read_partitions(&handle) {
+    let table = match read_partitions(&DiskSource(&*handle)) {
         Ok(t) => {
             warnings.extend(t.warnings.iter().map(|w| w.to_string()));
             Some(t)
@@ -342,10 +392,7 @@ pub fn mount(disk: &Path, dir: &Path, opts: &MountOptions) -> Result<Mounted, Mo
         }
     };
     let files = files_of(handle.capacity(), table.as_ref());
-    let mtime = std::fs::metadata(&disk_path)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| SystemTime::now());
-    let fs = DiskFs::new(handle, files.clone(), mtime);
+    let fs = DiskFs::new(handle, compressed, files.clone(), mtime);
 
     let mut config = Config::default();
     config.mount_options = vec![

@@ -31,18 +31,31 @@ pub(crate) fn read_vec(
     Ok(buf)
 }
 
-impl BlockSource for vdisk::Disk {
+/// Any disk, local or remote, is a block source.
+pub struct DiskSource<'a>(pub &'a dyn vdisk::VirtualDisk);
+
+impl BlockSource for DiskSource<'_> {
     fn size(&self) -> u64 {
-        self.capacity()
+        self.0.capacity()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), PartError> {
-        check_range(offset, buf.len(), self.capacity())?;
-        vdisk::Disk::read_at(self, buf, offset).map_err(|e| PartError::Read {
+        check_range(offset, buf.len(), self.0.capacity())?;
+        self.0.read_at(buf, offset).map_err(|e| PartError::Read {
             offset,
             len: buf.len(),
             source: Box::new(e),
         })
+    }
+}
+
+impl BlockSource for vdisk::Disk {
+    fn size(&self) -> u64 {
+        DiskSource(self).size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), PartError> {
+        DiskSource(self).read_at(buf, offset)
     }
 }
 

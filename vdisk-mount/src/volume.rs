@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::mount::{check_mountpoint, mount, Mode, MountError, MountOptions, Mounted};
+use crate::mount::{
+    check_mountpoint, mount, mount_opened, Mode, MountError, MountOptions, Mounted, OpenedDisk,
+};
 use crate::mountinfo::all_mounts;
 use crate::{FsKind, PartitionTable, Scheme};
 
@@ -279,6 +281,33 @@ pub fn mount_volume(
     target: &Path,
     opts: &VolumeOptions,
 ) -> Result<MountedVolume, MountError> {
+    let disk_path = disk.canonicalize().unwrap_or_else(|_| disk.to_path_buf());
+    mount_volume_with(disk_path, partition, target, opts, |dir, o| {
+        mount(disk, dir, o)
+    })
+}
+
+/// [`mount_volume`] of a disk the caller opened (a remote export; see
+/// [`crate::mount::OpenedDisk`]): its name stands for the disk in the record.
+pub fn mount_volume_opened(
+    opened: OpenedDisk,
+    partition: Option<u32>,
+    target: &Path,
+    opts: &VolumeOptions,
+) -> Result<MountedVolume, MountError> {
+    let name = opened.name.clone();
+    mount_volume_with(name, partition, target, opts, |dir, o| {
+        mount_opened(opened, dir, o)
+    })
+}
+
+fn mount_volume_with(
+    disk_path: PathBuf,
+    partition: Option<u32>,
+    target: &Path,
+    opts: &VolumeOptions,
+    mount_disk: impl FnOnce(&Path, &MountOptions) -> Result<Mounted, MountError>,
+) -> Result<MountedVolume, MountError> {
     let target = check_mountpoint(target)?;
     let refuse = |reason: String| MountError::Volume {
         target: target.clone(),
@@ -292,7 +321,6 @@ pub fn mount_volume(
                 .into(),
         ));
     }
-    let disk_path = disk.canonicalize().unwrap_or_else(|_| disk.to_path_buf());
     for p in [&disk_path, &target] {
         if p.to_string_lossy().contains('\n') {
             return Err(refuse(format!(
@@ -317,8 +345,7 @@ pub fn mount_volume(
         pid: std::process::id(),
         loop_device: None,
     };
-    let fuse = match mount(
-        disk,
+    let fuse = match mount_disk(
         &fuse_dir,
         &MountOptions {
             mode: opts.mode,

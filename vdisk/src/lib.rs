@@ -36,6 +36,7 @@ pub mod ids;
 pub mod limits;
 pub mod link;
 pub mod ops;
+pub mod overlay;
 pub mod paths;
 pub mod replace;
 pub mod storage;
@@ -45,6 +46,7 @@ pub use disk::{Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, Rang
 pub use disk_type::DiskType;
 pub use error::{Error, ErrorKind, Result};
 pub use geometry::{AdapterType, Geometry};
-pub use ops::convert::{convert, ConvertOptions, ConvertStats, ImageFormat};
+pub use ops::convert::{convert, convert_from, ConvertOptions, ConvertStats, ImageFormat};
 pub use ops::create::{create, CreateOptions};
+pub use overlay::Overlay;
 pub use virtual_disk::VirtualDisk;

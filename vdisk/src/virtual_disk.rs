@@ -43,6 +43,17 @@ pub trait VirtualDisk: Send + Sync {
         f: &mut dyn FnMut(MapRange) -> Result<()>,
     ) -> Result<()>;
 
+    /// [`VirtualDisk::for_each_range`] collected (for bounded windows: a hostile
+    /// disk can describe millions of runs).
+    fn allocation_map(&self, offset: u64, len: u64) -> Result<Vec<MapRange>> {
+        let mut out = Vec::new();
+        self.for_each_range(offset, len, &mut |r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// The change ID of the disk's current state (`NotSupported` without change
     /// tracking).
     fn change_id(&self) -> Result<String>;

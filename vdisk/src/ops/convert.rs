@@ -18,6 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::ops::create::{create, start_stream, CreateOptions};
 use crate::ops::stream_writer::{compress_grain, StreamWriter};
 use crate::storage::{FileStorage, LockMode, Storage};
+use crate::virtual_disk::VirtualDisk;
 use std::collections::BTreeMap;
 
 /// Bytes read per chunk.
@@ -76,16 +77,18 @@ impl ConvertOptions {
 /// Progress callback: `(bytes done, bytes total)`; return `false` to cancel.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> bool;
 
-enum Source {
+enum Source<'a> {
     Raw(FileStorage, u64),
     Disk(Disk),
+    Virtual(&'a dyn VirtualDisk),
 }
 
-impl Source {
+impl Source<'_> {
     fn capacity(&self) -> u64 {
         match self {
             Source::Raw(_, len) => *len,
             Source::Disk(d) => d.capacity(),
+            Source::Virtual(d) => d.capacity(),
         }
     }
 
@@ -103,6 +106,12 @@ impl Source {
                 Ok(())
             }
             Source::Disk(d) => d.for_each_range(offset, len, |r| {
+                if r.kind == RangeKind::Data {
+                    f(r.offset, r.length);
+                }
+                Ok(())
+            }),
+            Source::Virtual(d) => d.for_each_range(offset, len, &mut |r| {
                 if r.kind == RangeKind::Data {
                     f(r.offset, r.length);
                 }
@@ -129,6 +138,7 @@ impl Source {
                 Ok(())
             }
             Source::Disk(d) => d.read_at(buf, offset),
+            Source::Virtual(d) => d.read_at(buf, offset),
         }
     }
 }
@@ -226,6 +236,27 @@ pub fn convert(
         }
         ImageFormat::Vmdk => Source::Disk(Disk::open(src)?),
     };
+    convert_source(&source, dst, dst_format, opts, progress)
+}
+
+/// Converts an open disk - local or remote - into a new `dst`, as [`convert`] does.
+pub fn convert_from(
+    src: &dyn VirtualDisk,
+    dst: &Path,
+    dst_format: ImageFormat,
+    opts: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<ConvertStats> {
+    convert_source(&Source::Virtual(src), dst, dst_format, opts, progress)
+}
+
+fn convert_source(
+    source: &Source<'_>,
+    dst: &Path,
+    dst_format: ImageFormat,
+    opts: &ConvertOptions,
+    progress: Progress<'_>,
+) -> Result<ConvertStats> {
     let capacity = source.capacity();
     if dst.symlink_metadata().is_ok() {
         return Err(Error::new(
@@ -283,7 +314,7 @@ pub fn convert(
     // Every file the destination will have exists now: one already taken refuses
     // the conversion before any data is copied.
     staging.check_free()?;
-    let stats = copy(&source, &sink, capacity, opts.compression_level, progress)?;
+    let stats = copy(source, &sink, capacity, opts.compression_level, progress)?;
     sink.finish()?;
     staging.publish(opts.sync)?;
     Ok(stats)
@@ -430,7 +461,7 @@ fn move_new(from: &Path, to: &Path) -> Result<()> {
 /// Hands out chunks of the source's data ranges to the workers, a window of the
 /// allocation map at a time.
 struct ChunkCursor<'a> {
-    source: &'a Source,
+    source: &'a Source<'a>,
     capacity: u64,
     window: u64,
     ranges: std::collections::VecDeque<(u64, u64)>,
@@ -482,7 +513,7 @@ impl ChunkCursor<'_> {
 }
 
 fn copy(
-    source: &Source,
+    source: &Source<'_>,
     sink: &Sink,
     capacity: u64,
     level: u32,
