@@ -13,6 +13,8 @@
 //!   stop.
 //! * [`transport`]: the sockets, plain or under TLS ([`tls`]: `STARTTLS` with
 //!   rustls, X.509 certificates, optional client certificates).
+//! * [`replies`]: the transmission replies read and checked against the requests
+//!   in flight (shared by [`testing`] and clients).
 //! * [`testing`]: a strict hand-made client for tests; [`fuzzing`]: the bodies of
 //!   the fuzz targets (a whole connection over a socket pair), replayed by
 //!   `tests/fuzz_replay.rs`.
@@ -27,6 +29,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod limits;
 pub mod negotiate;
+pub mod replies;
 pub mod server;
 pub mod testing;
 pub mod tls;
