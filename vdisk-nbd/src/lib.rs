@@ -13,8 +13,9 @@
 //!   stop.
 //! * [`transport`]: the sockets, plain or under TLS ([`tls`]: `STARTTLS` with
 //!   rustls, X.509 certificates, optional client certificates).
-//! * [`replies`]: the transmission replies read and checked against the requests
-//!   in flight (shared by [`testing`] and clients).
+//! * [`client`]: the production client - [`client::RemoteDisk`], an export as a
+//!   [`vdisk::VirtualDisk`] (pipelined, multi-conn, TLS, reconnecting reads);
+//!   [`replies`]: the reply reader and checker it shares with [`testing`].
 //! * [`testing`]: a strict hand-made client for tests; [`fuzzing`]: the bodies of
 //!   the fuzz targets (a whole connection over a socket pair), replayed by
 //!   `tests/fuzz_replay.rs`.
@@ -24,6 +25,7 @@
 //! reading requests and each serve what they read, and its bytes in flight are
 //! bounded.
 
+pub mod client;
 pub mod context;
 pub mod export;
 pub mod fuzzing;
