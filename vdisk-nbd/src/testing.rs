@@ -382,10 +382,9 @@ impl<S: Read> Handshake<S> {
                                 u32::from_be_bytes([e.data[0], e.data[1], e.data[2], e.data[3]])
                             })
                     };
-                    if id == 0 || ids().any(|i| i == id) {
-                        return violation(format!(
-                            "SET_META_CONTEXT gave context id {id} twice or 0"
-                        ));
+                    // Unique, any value: qemu-nbd gives base:allocation id 0.
+                    if ids().any(|i| i == id) {
+                        return violation(format!("SET_META_CONTEXT gave context id {id} twice"));
                     }
                     if ids().count() >= MAX_SELECTED_CONTEXTS {
                         return violation("more contexts selected than the server allows");
