@@ -386,6 +386,7 @@ pub fn negotiate(t: &Target<'_>, export: &str, contexts: Contexts<'_>) -> Result
         if let Contexts::Required(c) = contexts {
             let refused = r.last().filter(|r| r.is_error()).map(|r| r.text());
             if refused.is_some() || !h.contexts.iter().any(|(_, n)| n == c) {
+                abort(h);
                 return Err(err(
                     ErrorKind::ChangeIdRefused,
                     t,
