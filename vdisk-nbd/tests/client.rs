@@ -776,3 +776,50 @@ fn a_stalled_server_times_out_and_a_read_is_retried_once() {
     proxy.stalled.store(false, Ordering::SeqCst);
     drop(d);
 }
+
+/// Not a check: MiB/s of a 1 GiB disk (half data) read in 1 MiB pieces through
+/// `RemoteDisk::read_at` (Unix socket, in-process server) and through the local
+/// `Disk::read_at`. `cargo test --release -p vdisk-nbd --test client -- --ignored
+/// --nocapture throughput`.
+#[test]
+#[ignore]
+fn throughput_of_remote_and_local_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big.vmdk");
+    create(&p, &CreateOptions::new(DiskType::MonolithicSparse, 1 << 30)).unwrap();
+    let w = OpenOptions::new().write(true).open(&p).unwrap();
+    let chunk = pattern(0, 4 << 20);
+    for i in (0..(1u64 << 30)).step_by(8 << 20) {
+        w.write_at(&chunk, i).unwrap();
+    }
+    w.close().unwrap();
+    let server = Server::new(Exports::new(
+        vec![DiskExport {
+            name: "big".into(),
+            path: p.clone(),
+        }],
+        Vec::new(),
+        Mode::ReadOnly,
+    ));
+    let sock = dir.path().join("s");
+    let l = UnixListener::bind(&sock).unwrap();
+    let s = server.clone();
+    let t = std::thread::spawn(move || s.serve_unix(&l));
+    let local = local(&p);
+    let remote = RemoteDisk::open(&Endpoint::Unix(sock.clone()), "big", &opts()).unwrap();
+    for (name, d) in [("local", &local as &dyn VirtualDisk), ("remote", &remote)] {
+        let mut buf = vec![0u8; MIB as usize];
+        for round in 0..2 {
+            let t0 = Instant::now();
+            for i in 0..1024u64 {
+                d.read_at(&mut buf, i * MIB).unwrap();
+            }
+            let s = t0.elapsed().as_secs_f64();
+            println!("{name} round {round}: {:.0} MiB/s", 1024.0 / s);
+        }
+    }
+    drop(remote);
+    server.stop();
+    let _ = UnixStream::connect(&sock);
+    let _ = t.join();
+}
