@@ -110,10 +110,14 @@ pub fn select(
     Ok(out)
 }
 
-/// The disk's current change ID, if its changes are tracked and trusted.
+/// The disk's current change ID, if its changes are tracked and trusted. Taken
+/// with [`vdisk::Disk::change_id`], which on a disk open for writing starts a new
+/// session: writes made after the ID was listed are changes since it (the
+/// tracker's status alone would name the running session, whose later writes a
+/// backup based on that ID would miss).
 fn current_change_id(export: &OpenExport) -> Option<String> {
-    let s = export.disk.tracker()?.status().ok()?;
-    s.invalid.is_none().then_some(s.change_id)
+    export.disk.tracker()?;
+    export.disk.change_id().ok()
 }
 
 /// Whether the tracking can say what changed since `id`.

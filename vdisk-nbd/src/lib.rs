@@ -13,6 +13,9 @@
 //!   stop.
 //! * [`transport`]: the sockets, plain or under TLS ([`tls`]: `STARTTLS` with
 //!   rustls, X.509 certificates, optional client certificates).
+//! * [`client`]: the production client - [`client::RemoteDisk`], an export as a
+//!   [`vdisk::VirtualDisk`] (pipelined, multi-conn, TLS, reconnecting reads);
+//!   [`replies`]: the reply reader and checker it shares with [`testing`].
 //! * [`testing`]: a strict hand-made client for tests; [`fuzzing`]: the bodies of
 //!   the fuzz targets (a whole connection over a socket pair), replayed by
 //!   `tests/fuzz_replay.rs`.
@@ -22,11 +25,13 @@
 //! reading requests and each serve what they read, and its bytes in flight are
 //! bounded.
 
+pub mod client;
 pub mod context;
 pub mod export;
 pub mod fuzzing;
 pub mod limits;
 pub mod negotiate;
+pub mod replies;
 pub mod server;
 pub mod testing;
 pub mod tls;

@@ -13,71 +13,19 @@
 //!   status extents, errors).
 //! * [`Client`]: the two together, with requests built by [`crate::wire::request`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
-use crate::limits::{MAX_PAYLOAD, MAX_SELECTED_CONTEXTS, MAX_STRING_BYTES};
+use crate::limits::{MAX_SELECTED_CONTEXTS, MAX_STRING_BYTES};
+use crate::replies::{read_or_end, violation, wire_violation, Pending, ReplyChecker};
+pub use crate::replies::{ClientError, Reply};
 use crate::wire::{
-    self, cflag, chunk, cmd, errno, info, opt, rep, Extent, ReplyHeader, Request, CLIENT_NO_ZEROES,
-    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
+    self, cflag, cmd, info, opt, rep, Request, CLIENT_NO_ZEROES, FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
 };
-
-/// Why a client operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The stream failed or ended (`UnexpectedEof`: the server closed it).
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    /// The server broke a rule of the protocol.
-    #[error("the server broke the protocol: {0}")]
-    Violation(String),
-    /// The server refused an option with an error reply (or closed the connection
-    /// after `EXPORT_NAME`, kind 0).
-    #[error("refused with reply type {kind:#x}: {message}")]
-    Refused {
-        /// The error reply type ([`rep`]).
-        kind: u32,
-        /// Its message.
-        message: String,
-    },
-}
-
-impl ClientError {
-    /// Whether the server closed the connection (or reset it).
-    pub fn is_closed(&self) -> bool {
-        matches!(self, ClientError::Io(e) if matches!(
-            e.kind(),
-            io::ErrorKind::UnexpectedEof
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionAborted
-        ))
-    }
-}
-
-fn violation<T>(m: impl Into<String>) -> Result<T, ClientError> {
-    Err(ClientError::Violation(m.into()))
-}
-
-fn wire_violation(e: wire::WireError) -> ClientError {
-    ClientError::Violation(e.to_string())
-}
 
 /// Largest option reply data accepted.
 const MAX_OPTION_REPLY: u32 = 1 << 20;
-/// Largest chunk payload accepted: a full read's data and its offset.
-const MAX_CHUNK: u64 = MAX_PAYLOAD + 8;
-/// The error values a server may send.
-const ERRORS: [u32; 8] = [
-    errno::EPERM,
-    errno::EIO,
-    errno::ENOMEM,
-    errno::EINVAL,
-    errno::ENOSPC,
-    errno::EOVERFLOW,
-    errno::ENOTSUP,
-    errno::ESHUTDOWN,
-];
 /// The options a server may know.
 const KNOWN_OPTIONS: [u32; 10] = [
     opt::EXPORT_NAME,
@@ -91,24 +39,6 @@ const KNOWN_OPTIONS: [u32; 10] = [
     opt::SET_META_CONTEXT,
     opt::EXTENDED_HEADERS,
 ];
-
-/// Reads exactly `buf`, or returns false if the stream ended before its first byte
-/// (a reset there is an end too: a peer that closes with bytes of ours unread
-/// resets the connection, after its last message).
-fn read_or_end(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<bool> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) if got == 0 => return Ok(false),
-            Err(e) if got == 0 && e.kind() == io::ErrorKind::ConnectionReset => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
 
 /// One option reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -452,10 +382,9 @@ impl<S: Read> Handshake<S> {
                                 u32::from_be_bytes([e.data[0], e.data[1], e.data[2], e.data[3]])
                             })
                     };
-                    if id == 0 || ids().any(|i| i == id) {
-                        return violation(format!(
-                            "SET_META_CONTEXT gave context id {id} twice or 0"
-                        ));
+                    // Unique, any value: qemu-nbd gives base:allocation id 0.
+                    if ids().any(|i| i == id) {
+                        return violation(format!("SET_META_CONTEXT gave context id {id} twice"));
                     }
                     if ids().count() >= MAX_SELECTED_CONTEXTS {
                         return violation("more contexts selected than the server allows");
@@ -560,47 +489,19 @@ fn refusal(replies: &[OptionReply]) -> Result<(), ClientError> {
     }
 }
 
-/// A request's complete reply.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reply {
-    /// The request.
-    pub request: Request,
-    /// The error (0: success).
-    pub error: u32,
-    /// The error's message (structured replies).
-    pub message: String,
-    /// A read's data (holes filled with zeros).
-    pub data: Vec<u8>,
-    /// Block status: each context's extents, in the order received.
-    pub status: Vec<(u32, Vec<Extent>)>,
-}
-
-/// A request whose reply is not complete yet.
-struct Pending {
-    req: Request,
-    error: Option<(u32, String)>,
-    data: Vec<u8>,
-    /// Ranges of a read answered so far: start -> end.
-    covered: BTreeMap<u64, u64>,
-    covered_bytes: u64,
-    status: Vec<(u32, Vec<Extent>)>,
-}
-
 /// Reads the replies of the transmission phase and checks them against the
-/// requests in flight.
+/// requests in flight (the checking is [`ReplyChecker`]'s; this keeps the table).
 #[derive(Default)]
 pub struct ReplyReader {
-    structured: bool,
-    extended: bool,
-    contexts: Vec<u32>,
-    pending: HashMap<u64, Pending>,
+    checker: ReplyChecker,
+    pending: HashMap<u64, Pending<()>>,
 }
 
 impl std::fmt::Debug for ReplyReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplyReader")
-            .field("structured", &self.structured)
-            .field("extended", &self.extended)
+            .field("structured", &self.checker.structured)
+            .field("extended", &self.checker.extended)
             .field("in_flight", &self.pending.len())
             .finish()
     }
@@ -611,9 +512,7 @@ impl ReplyReader {
     /// context ids.
     pub fn new(structured: bool, extended: bool, contexts: Vec<u32>) -> ReplyReader {
         ReplyReader {
-            structured: structured || extended,
-            extended,
-            contexts,
+            checker: ReplyChecker::new(structured, extended, contexts),
             pending: HashMap::new(),
         }
     }
@@ -624,17 +523,7 @@ impl ReplyReader {
         if self.pending.contains_key(&req.cookie) {
             return Err(format!("cookie {} is already in flight", req.cookie));
         }
-        self.pending.insert(
-            req.cookie,
-            Pending {
-                req,
-                error: None,
-                data: Vec::new(),
-                covered: BTreeMap::new(),
-                covered_bytes: 0,
-                status: Vec::new(),
-            },
-        );
+        self.pending.insert(req.cookie, Pending::new(req, ()));
         Ok(())
     }
 
@@ -653,250 +542,7 @@ impl ReplyReader {
     /// Reads messages until one request's reply is complete; None when the stream
     /// ends between messages.
     pub fn next(&mut self, r: &mut dyn Read) -> Result<Option<Reply>, ClientError> {
-        loop {
-            let mut magic = [0u8; 4];
-            if !read_or_end(r, &mut magic)? {
-                return Ok(None);
-            }
-            let n = wire::reply_header_len(&magic).map_err(wire_violation)?;
-            let mut hb = [0u8; wire::EXT_CHUNK_BYTES];
-            hb[..4].copy_from_slice(&magic);
-            r.read_exact(&mut hb[4..n])?;
-            match wire::parse_reply_header(&hb[..n]).map_err(wire_violation)? {
-                ReplyHeader::Simple { error, cookie } => {
-                    return self.simple(r, error, cookie).map(Some)
-                }
-                ReplyHeader::Chunk {
-                    flags,
-                    kind,
-                    cookie,
-                    len,
-                    extended,
-                    ..
-                } => {
-                    if let Some(done) = self.chunk(r, flags, kind, cookie, len, extended)? {
-                        return Ok(Some(done));
-                    }
-                }
-            }
-        }
-    }
-
-    fn take(&mut self, cookie: u64) -> Result<Pending, ClientError> {
-        match self.pending.remove(&cookie) {
-            Some(p) => Ok(p),
-            None => violation(format!(
-                "a reply for cookie {cookie}, which is not in flight"
-            )),
-        }
-    }
-
-    fn simple(&mut self, r: &mut dyn Read, error: u32, cookie: u64) -> Result<Reply, ClientError> {
-        if self.extended {
-            return violation("a simple reply under extended headers");
-        }
-        let p = self.take(cookie)?;
-        let req = p.req;
-        if self.structured && req.command == cmd::READ {
-            return violation("a simple reply to a READ under structured replies");
-        }
-        if error != 0 {
-            check_errno(error)?;
-            return Ok(Reply {
-                request: req,
-                error,
-                ..Reply::default()
-            });
-        }
-        let mut data = Vec::new();
-        if req.command == cmd::READ {
-            if req.len > MAX_PAYLOAD {
-                return violation(format!("a read of {} bytes succeeded", req.len));
-            }
-            data = vec![0u8; req.len as usize];
-            r.read_exact(&mut data)?;
-        }
-        Ok(Reply {
-            request: req,
-            data,
-            ..Reply::default()
-        })
-    }
-
-    fn chunk(
-        &mut self,
-        r: &mut dyn Read,
-        flags: u16,
-        kind: u16,
-        cookie: u64,
-        len: u64,
-        extended: bool,
-    ) -> Result<Option<Reply>, ClientError> {
-        if !self.structured {
-            return violation("a structured chunk without structured replies");
-        }
-        if extended != self.extended {
-            return violation(if extended {
-                "an extended chunk without extended headers"
-            } else {
-                "a compact chunk under extended headers"
-            });
-        }
-        if flags & !chunk::FLAG_DONE != 0 {
-            return violation(format!("chunk flags {flags:#x}"));
-        }
-        if len > MAX_CHUNK {
-            return violation(format!("a chunk of {len} bytes"));
-        }
-        let mut p = self.take(cookie)?;
-        let mut payload = vec![0u8; len as usize];
-        r.read_exact(&mut payload)?;
-        let req = p.req;
-        let end = req.offset.saturating_add(req.len);
-        let c = format!(
-            "{kind:#x} chunk for command {} (cookie {cookie})",
-            req.command
-        );
-        let done = flags & chunk::FLAG_DONE != 0;
-        match kind {
-            chunk::NONE => {
-                if len != 0 || !done {
-                    return violation(format!("{c}: a NONE chunk needs DONE and no payload"));
-                }
-            }
-            chunk::OFFSET_DATA | chunk::OFFSET_HOLE => {
-                if req.command != cmd::READ {
-                    return violation(format!("{c}: read data for another command"));
-                }
-                let (o, n) = if kind == chunk::OFFSET_DATA {
-                    if len < 9 {
-                        return violation(format!("{c}: empty data chunk"));
-                    }
-                    (u64_of(&payload[0..8]), len - 8)
-                } else {
-                    if len != 12 {
-                        return violation(format!("{c}: a hole chunk of {len} bytes"));
-                    }
-                    (u64_of(&payload[0..8]), u64::from(u32_of(&payload[8..12])))
-                };
-                if n == 0 || o < req.offset || o.checked_add(n).is_none_or(|e| e > end) {
-                    return violation(format!(
-                        "{c}: {n} bytes at {o} outside the request {}+{}",
-                        req.offset, req.len
-                    ));
-                }
-                let before = p.covered.range(..o + n).next_back();
-                if before.is_some_and(|(_, &e)| e > o) {
-                    return violation(format!("{c}: {n} bytes at {o} overlap an earlier chunk"));
-                }
-                p.covered.insert(o, o + n);
-                p.covered_bytes += n;
-                if p.data.is_empty() {
-                    p.data = vec![0u8; req.len as usize];
-                }
-                if kind == chunk::OFFSET_DATA {
-                    let at = (o - req.offset) as usize;
-                    p.data[at..at + n as usize].copy_from_slice(&payload[8..]);
-                }
-            }
-            chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT => {
-                if req.command != cmd::BLOCK_STATUS {
-                    return violation(format!("{c}: block status for another command"));
-                }
-                if (kind == chunk::BLOCK_STATUS_EXT) != self.extended {
-                    return violation(format!("{c}: the wrong block status chunk type"));
-                }
-                let (id, extents) = wire::parse_block_status_payload(&payload, self.extended)
-                    .map_err(wire_violation)?;
-                if !self.contexts.contains(&id) || p.status.iter().any(|s| s.0 == id) {
-                    return violation(format!("{c}: context {id} not selected or given twice"));
-                }
-                if extents.is_empty() || extents.iter().any(|e| e.len == 0) {
-                    return violation(format!("{c}: no extents, or an empty one"));
-                }
-                let all_but_last: u64 = extents[..extents.len() - 1].iter().map(|e| e.len).sum();
-                if all_but_last >= req.len {
-                    return violation(format!("{c}: extents go on past the request"));
-                }
-                if req.flags & cflag::REQ_ONE != 0
-                    && (extents.len() != 1 || extents[0].len > req.len)
-                {
-                    return violation(format!("{c}: REQ_ONE answered with more than the request"));
-                }
-                p.status.push((id, extents));
-            }
-            chunk::ERROR | chunk::ERROR_OFFSET => {
-                let (body, at) = if kind == chunk::ERROR_OFFSET {
-                    if payload.len() < 14 {
-                        return violation(format!("{c}: a short ERROR_OFFSET chunk"));
-                    }
-                    let split = payload.len() - 8;
-                    (&payload[..split], Some(u64_of(&payload[split..])))
-                } else {
-                    (&payload[..], None)
-                };
-                let (e, msg) = wire::parse_error_payload(body).map_err(wire_violation)?;
-                check_errno(e)?;
-                if at.is_some_and(|o| o < req.offset || o >= end) {
-                    return violation(format!("{c}: an error offset outside the request"));
-                }
-                if p.error.is_some() {
-                    return violation(format!("{c}: a second error chunk"));
-                }
-                p.error = Some((e, msg));
-            }
-            _ => return violation(format!("{c}: unknown chunk type")),
-        }
-        if !done {
-            self.pending.insert(cookie, p);
-            return Ok(None);
-        }
-        let mut reply = Reply {
-            request: req,
-            ..Reply::default()
-        };
-        if let Some((e, m)) = p.error {
-            reply.error = e;
-            reply.message = m;
-            return Ok(Some(reply));
-        }
-        match req.command {
-            cmd::READ if p.covered_bytes != req.len => {
-                return violation(format!(
-                    "a read of {} bytes answered with {} bytes",
-                    req.len, p.covered_bytes
-                ));
-            }
-            cmd::READ => reply.data = p.data,
-            cmd::BLOCK_STATUS if p.status.len() != self.contexts.len() => {
-                return violation(format!(
-                    "block status answered for {} of {} contexts",
-                    p.status.len(),
-                    self.contexts.len()
-                ));
-            }
-            cmd::BLOCK_STATUS => reply.status = p.status,
-            _ => {}
-        }
-        Ok(Some(reply))
-    }
-}
-
-fn u64_of(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-fn u32_of(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn check_errno(e: u32) -> Result<(), ClientError> {
-    if ERRORS.contains(&e) {
-        Ok(())
-    } else {
-        violation(format!("error value {e} is not one the protocol defines"))
+        self.checker.next(r, &mut self.pending)
     }
 }
 
@@ -915,7 +561,7 @@ pub struct Client<S> {
 impl<S: Read + Write> Client<S> {
     /// Whether extended headers are on.
     pub fn extended(&self) -> bool {
-        self.replies.extended
+        self.replies.checker.extended
     }
 
     /// Sends a request (and a `WRITE`'s data) with a fresh cookie; returns it.

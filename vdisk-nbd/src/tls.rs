@@ -29,12 +29,12 @@
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use rustls::{Connection, RootCertStore, ServerConfig, ServerConnection};
 
 use crate::limits::{TLS_CLOSE_TIMEOUT, TLS_HANDSHAKE_TIMEOUT, TLS_READ_BYTES};
 use crate::server::{ConnError, TlsAcceptor};
@@ -77,7 +77,7 @@ pub enum TlsSetupError {
 }
 
 /// Reads every PEM item of type `T` in `path` (at least one).
-fn read_pem<T: PemObject>(
+pub(crate) fn read_pem<T: PemObject>(
     path: &Path,
     what: &'static str,
     pem_what: &'static str,
@@ -187,7 +187,17 @@ impl TlsAcceptor for Acceptor {
             return Err(ConnError::Protocol("TLS is already on".into()));
         };
         let conn = ServerConnection::new(Arc::clone(&self.config)).map_err(|e| tls_error(&e))?;
-        Ok(Transport::Tls(TlsStream::handshake(conn, sock)?))
+        match TlsStream::handshake(conn.into(), sock, TLS_HANDSHAKE_TIMEOUT) {
+            Ok(t) => Ok(Transport::Tls(t)),
+            Err(HandshakeError::Io(e)) => Err(ConnError::Io(e)),
+            Err(HandshakeError::Tls(e)) => Err(tls_error(&e)),
+            Err(HandshakeError::TimedOut) => Err(ConnError::Protocol(format!(
+                "TLS handshake not done within {TLS_HANDSHAKE_TIMEOUT:?}"
+            ))),
+            Err(HandshakeError::Closed) => Err(ConnError::Protocol(
+                "the client left during the TLS handshake".into(),
+            )),
+        }
     }
 }
 
@@ -202,7 +212,7 @@ fn invalid(e: rustls::Error) -> io::Error {
 /// What both halves of a TLS stream share, behind one mutex: the rustls state and
 /// the socket handle records are written to.
 struct Session {
-    conn: ServerConnection,
+    conn: Connection,
     sock: Socket,
     /// Records on their way to the socket (reused; at most rustls' buffer limit).
     out: Vec<u8>,
@@ -210,11 +220,7 @@ struct Session {
 
 /// Sends every record `conn` has queued, through `out`. One `write_all` per
 /// batch: no vectored write, which could raise SIGPIPE (see [`Socket`]).
-fn send_records(
-    conn: &mut ServerConnection,
-    sock: &mut Socket,
-    out: &mut Vec<u8>,
-) -> io::Result<()> {
+fn send_records(conn: &mut Connection, sock: &mut Socket, out: &mut Vec<u8>) -> io::Result<()> {
     while conn.wants_write() {
         out.clear();
         conn.write_tls(out)?;
@@ -243,6 +249,25 @@ impl Drop for Session {
 fn lock(s: &Mutex<Session>) -> io::Result<MutexGuard<'_, Session>> {
     s.lock()
         .map_err(|_| io::Error::other("the TLS session lock is poisoned"))
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug)]
+pub(crate) enum HandshakeError {
+    /// The socket failed.
+    Io(io::Error),
+    /// rustls refused the peer (its error; the alert was sent).
+    Tls(rustls::Error),
+    /// Not done in time.
+    TimedOut,
+    /// The peer closed the connection.
+    Closed,
+}
+
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> HandshakeError {
+        HandshakeError::Io(e)
+    }
 }
 
 /// The read half of a TLS stream (one reader at a time).
@@ -277,18 +302,17 @@ impl std::fmt::Debug for TlsStream {
 }
 
 impl TlsStream {
-    /// Runs the server side of the handshake on `sock` (within
-    /// [`TLS_HANDSHAKE_TIMEOUT`] in all). On failure the alert rustls chose goes to
-    /// the client before the error returns.
-    fn handshake(mut conn: ServerConnection, mut sock: Socket) -> Result<TlsStream, ConnError> {
-        let deadline = Instant::now() + TLS_HANDSHAKE_TIMEOUT;
+    /// Runs the handshake of `conn` (server or client side) on `sock`, within
+    /// `timeout` in all. On failure the alert rustls chose goes to the peer before
+    /// the error returns.
+    pub(crate) fn handshake(
+        mut conn: Connection,
+        mut sock: Socket,
+        timeout: Duration,
+    ) -> Result<TlsStream, HandshakeError> {
+        let deadline = Instant::now() + timeout;
         let saved_timeout = sock.read_timeout()?;
         let mut out = Vec::new();
-        let too_slow = || {
-            ConnError::Protocol(format!(
-                "TLS handshake not done within {TLS_HANDSHAKE_TIMEOUT:?}"
-            ))
-        };
         loop {
             // Our flight (or the session tickets that follow the client's Finished).
             send_records(&mut conn, &mut sock, &mut out)?;
@@ -297,16 +321,12 @@ impl TlsStream {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(too_slow());
+                return Err(HandshakeError::TimedOut);
             }
             sock.set_read_timeout(Some(left))?;
             // rustls takes what is there, records beyond the handshake included.
             match conn.read_tls(&mut sock) {
-                Ok(0) => {
-                    return Err(ConnError::Protocol(
-                        "the client left during the TLS handshake".into(),
-                    ))
-                }
+                Ok(0) => return Err(HandshakeError::Closed),
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -314,13 +334,13 @@ impl TlsStream {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(too_slow())
+                    return Err(HandshakeError::TimedOut)
                 }
                 Err(e) => return Err(e.into()),
             }
             if let Err(e) = conn.process_new_packets() {
                 let _ = send_records(&mut conn, &mut sock, &mut out);
-                return Err(tls_error(&e));
+                return Err(HandshakeError::Tls(e));
             }
         }
         sock.set_read_timeout(saved_timeout)?;
@@ -398,6 +418,16 @@ impl Read for TlsReader {
                 lock(&self.session)?.conn.read_tls(&mut io::empty())?;
             }
         }
+    }
+}
+
+impl TlsWriter {
+    /// Sends `close_notify` now (the peer reads the end of the stream); nothing
+    /// can be written afterwards.
+    pub fn send_close_notify(&mut self) -> io::Result<()> {
+        let mut s = lock(&self.session)?;
+        s.conn.send_close_notify();
+        s.flush()
     }
 }
 

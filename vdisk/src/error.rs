@@ -69,6 +69,20 @@ pub enum ErrorKind {
     /// take a full backup. No VDDK code: the extension code `VDISK_E_CHANGE_ID_REFUSED`
     /// (0x56440001).
     ChangeIdRefused,
+    /// The server refused the connection: nothing listens there
+    /// (`VIX_E_HOST_NETWORK_CONN_REFUSED`, 14009).
+    ConnectionRefused,
+    /// The host name could not be resolved, or a Unix socket does not exist
+    /// (`VIX_E_HOST_SERVER_NOT_FOUND`, 14008).
+    HostNotFound,
+    /// Connecting or negotiating took too long (`VIX_E_CANNOT_CONNECT_TO_HOST`, 18000).
+    TimedOut,
+    /// The peer does not speak NBD, or broke the negotiation
+    /// (`VIX_E_HOST_NETBLKDEV_HANDSHAKE`, 14006).
+    Handshake,
+    /// The connection to the server was lost (closed, reset, or no reply in time)
+    /// during I/O (`VIX_E_HOST_TCP_CONN_LOST`, 14011).
+    ConnectionLost,
 }
 
 impl ErrorKind {
@@ -103,6 +117,11 @@ impl ErrorKind {
             ErrorKind::InvalidDisk => 16063,
             ErrorKind::CapacityMismatch => 16067,
             ErrorKind::ChangeIdRefused => 0x5644_0001,
+            ErrorKind::ConnectionRefused => 14009,
+            ErrorKind::HostNotFound => 14008,
+            ErrorKind::TimedOut => 18000,
+            ErrorKind::Handshake => 14006,
+            ErrorKind::ConnectionLost => 14011,
         }
     }
 
@@ -137,6 +156,11 @@ impl ErrorKind {
             ErrorKind::InvalidDisk => "invalid disk",
             ErrorKind::CapacityMismatch => "capacity mismatch",
             ErrorKind::ChangeIdRefused => "change ID refused: take a full backup",
+            ErrorKind::ConnectionRefused => "the server refused the connection",
+            ErrorKind::HostNotFound => "the server could not be found",
+            ErrorKind::TimedOut => "timed out connecting to the server",
+            ErrorKind::Handshake => "NBD handshake failed",
+            ErrorKind::ConnectionLost => "the connection to the server was lost",
         }
     }
 }
