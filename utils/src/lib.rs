@@ -1,6 +1,9 @@
 //! Shared pieces of the command-line tools: size parsing, human formatting, progress,
 //! streamed JSON output.
 
+pub mod remote;
+pub use remote::{is_nbd_uri, nbd_client_options, open_for_reading};
+
 use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 

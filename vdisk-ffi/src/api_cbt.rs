@@ -75,7 +75,7 @@ pub unsafe extern "C" fn VdiskExt_GetChangeId(
         // SAFETY: non-NULL out pointer given by the caller: NULL until success.
         unsafe { *changeId = std::ptr::null_mut() };
         let h = state::disk(diskHandle as usize)?;
-        let id = h.with_disk(|d| Ok(d.change_id()?))?;
+        let id = h.with_virtual(|d| Ok(d.change_id()?))?;
         let p = malloc_str(&id)?;
         // SAFETY: non-NULL out pointer given by the caller.
         unsafe { *changeId = p };
@@ -113,11 +113,11 @@ pub unsafe extern "C" fn VdiskExt_QueryChangedAreas(
             .map_err(|_| FfiError::new(VIX_E_INVALID_ARG, "changeId is not UTF-8"))?
             .to_string();
         let h = state::disk(diskHandle as usize)?;
-        let blocks = h.with_disk(|d| {
+        let blocks = h.with_virtual(|d| {
             let start = startSector.saturating_mul(SECTOR);
             let len = numSectors.saturating_mul(SECTOR);
             let mut out: Vec<VixDiskLibBlock> = Vec::new();
-            d.for_each_changed_area(&id, start, len, |off, l| {
+            d.for_each_changed_area(&id, start, len, &mut |off, l| {
                 let s = off / SECTOR;
                 let e = (off + l).div_ceil(SECTOR);
                 match out.last_mut() {

@@ -5,7 +5,7 @@
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
-use vdisk::{Disk, OpenOptions, RangeKind};
+use vdisk::{OpenOptions, RangeKind, VirtualDisk};
 
 use crate::errors::{
     VIX_ASYNC, VIX_E_BUFFER_TOOSMALL, VIX_E_DISK_OUTOFRANGE, VIX_E_INVALID_ARG,
@@ -39,6 +39,13 @@ pub unsafe extern "C" fn VixDiskLib_Open(
         // SAFETY: per the contract.
         let path = unsafe { c_path(path, "path") }?;
         let read_only = flags & VIXDISKLIB_FLAG_OPEN_READ_ONLY != 0 || conn.read_only;
+        if let Some(server) = &conn.remote {
+            let h = crate::remote::open(server, &path, flags, read_only, conn_id)?;
+            let handle = state::add_disk(h);
+            // SAFETY: non-NULL out pointer given by the caller.
+            unsafe { *diskHandle = handle as VixDiskLibHandle };
+            return ok();
+        }
         let options = OpenOptions::new()
             .write(!read_only)
             .single_link(flags & VIXDISKLIB_FLAG_OPEN_SINGLE_LINK != 0)
@@ -108,7 +115,13 @@ pub unsafe extern "C" fn VixDiskLib_GetInfo(
         // SAFETY: non-NULL out pointer given by the caller: NULL until success.
         unsafe { *info = std::ptr::null_mut() };
         let h = state::disk(diskHandle as usize)?;
-        let i = h.with_disk(|d| Ok(d.info()?))?;
+        let (i, sectors) = match &h.remote {
+            Some(r) => (
+                crate::remote::info(&r.disk),
+                crate::remote::sector_sizes(&r.disk),
+            ),
+            None => (h.with_disk(|d| Ok(d.info()?))?, (512, 512)),
+        };
         for w in &i.warnings {
             crate::log::warn(&format!("VixDiskLib_GetInfo: {w}"));
         }
@@ -148,8 +161,8 @@ pub unsafe extern "C" fn VixDiskLib_GetInfo(
             numLinks: c_int::try_from(i.chain.len()).unwrap_or(c_int::MAX),
             parentFileNameHint: parent,
             uuid,
-            logicalSectorSize: 512,
-            physicalSectorSize: 512,
+            logicalSectorSize: sectors.0,
+            physicalSectorSize: sectors.1,
         };
         // SAFETY: `p` is a fresh allocation of the struct's size and alignment
         // (malloc aligns for any type); `info` is a valid out pointer.
@@ -179,7 +192,7 @@ pub unsafe extern "C" fn VixDiskLib_FreeInfo(info: *mut VixDiskLibInfo) {
 }
 
 /// Checks a sector range and returns it in bytes.
-fn byte_range(d: &Disk, start: u64, count: u64) -> Result<(u64, usize), FfiError> {
+fn byte_range(d: &dyn VirtualDisk, start: u64, count: u64) -> Result<(u64, usize), FfiError> {
     let off = start.checked_mul(SECTOR);
     let len = count.checked_mul(SECTOR);
     match (off, len) {
@@ -200,7 +213,7 @@ fn byte_range(d: &Disk, start: u64, count: u64) -> Result<(u64, usize), FfiError
 }
 
 fn do_read(h: &DiskHandle, start: u64, count: u64, buf: usize) -> Result<(), FfiError> {
-    h.with_disk(|d| {
+    h.with_virtual(|d| {
         let (off, len) = byte_range(d, start, count)?;
         if len == 0 {
             return Ok(());
@@ -213,7 +226,7 @@ fn do_read(h: &DiskHandle, start: u64, count: u64, buf: usize) -> Result<(), Ffi
 }
 
 fn do_write(h: &DiskHandle, start: u64, count: u64, buf: usize) -> Result<(), FfiError> {
-    h.with_disk(|d| {
+    h.with_virtual(|d| {
         let (off, len) = byte_range(d, start, count)?;
         if len == 0 {
             return Ok(());
@@ -276,12 +289,7 @@ struct Request {
     data: usize,
 }
 
-fn submit(
-    name: &'static str,
-    diskHandle: VixDiskLibHandle,
-    req: Request,
-    op: fn(&DiskHandle, u64, u64, usize) -> Result<(), FfiError>,
-) -> VixError {
+fn submit(name: &'static str, diskHandle: VixDiskLibHandle, req: Request, write: bool) -> VixError {
     guard(name, || {
         let h: Arc<DiskHandle> = state::disk(diskHandle as usize)?;
         if req.buffer == 0 && req.count > 0 {
@@ -289,7 +297,21 @@ fn submit(
         }
         // Range errors are reported now: the operation is then not queued and the
         // callback never runs (clients rely on that).
-        h.with_disk(|d| byte_range(d, req.start, req.count).map(drop))?;
+        h.with_virtual(|d| byte_range(d, req.start, req.count).map(drop))?;
+        if h.remote.is_some() {
+            crate::remote::submit(
+                &h,
+                name,
+                req.start,
+                req.count,
+                req.buffer,
+                req.callback,
+                req.data,
+                write,
+            )?;
+            return Ok(VIX_ASYNC);
+        }
+        let op = if write { do_write } else { do_read };
         let data = SendPtr(req.data);
         let buf = SendPtr(req.buffer);
         let (start, count, callback) = (req.start, req.count, req.callback);
@@ -328,7 +350,7 @@ pub unsafe extern "C" fn VixDiskLib_ReadAsync(
         callback,
         data: cbData as usize,
     };
-    submit("VixDiskLib_ReadAsync", diskHandle, req, do_read)
+    submit("VixDiskLib_ReadAsync", diskHandle, req, false)
 }
 
 /// Queues a write; returns `VIX_ASYNC` when queued. The callback runs once, on the
@@ -352,7 +374,7 @@ pub unsafe extern "C" fn VixDiskLib_WriteAsync(
         callback,
         data: cbData as usize,
     };
-    submit("VixDiskLib_WriteAsync", diskHandle, req, do_write)
+    submit("VixDiskLib_WriteAsync", diskHandle, req, true)
 }
 
 /// Waits until every queued operation on the handle has completed.
@@ -369,7 +391,11 @@ pub extern "C" fn VixDiskLib_Wait(diskHandle: VixDiskLibHandle) -> VixError {
 pub extern "C" fn VixDiskLib_Flush(diskHandle: VixDiskLibHandle) -> VixError {
     guard("VixDiskLib_Flush", || {
         let h = state::disk(diskHandle as usize)?;
-        h.with_disk(|d| Ok(d.flush()?))?;
+        if h.remote.is_some() {
+            // Acknowledged means written: wait for what is in flight first.
+            h.wait();
+        }
+        h.with_virtual(|d| Ok(d.flush()?))?;
         ok()
     })
 }
@@ -514,12 +540,12 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
             ));
         }
         let h = state::disk(diskHandle as usize)?;
-        let blocks = h.with_disk(|d| {
+        let blocks = h.with_virtual(|d| {
             let cap = d.capacity() / SECTOR;
             let start = startSector.min(cap);
             let end = startSector.saturating_add(numSectors).min(cap);
             let mut out: Vec<VixDiskLibBlock> = Vec::new();
-            d.for_each_range(start * SECTOR, (end - start) * SECTOR, |r| {
+            d.for_each_range(start * SECTOR, (end - start) * SECTOR, &mut |r| {
                 if r.kind != RangeKind::Data {
                     return Ok(());
                 }

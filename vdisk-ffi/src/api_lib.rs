@@ -4,7 +4,7 @@
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::errors::{error_text, VIX_E_INVALID_ARG, VIX_E_NOT_SUPPORTED};
+use crate::errors::{error_text, VIX_E_INVALID_ARG};
 use crate::state::{self, Connection};
 use crate::types::{
     uint32, Bool, VixDiskLibConnectParams, VixDiskLibConnection, VixDiskLibGenericLogFunc, VixError,
@@ -14,8 +14,15 @@ use crate::{guard, guard_value, log, ok, FfiError};
 /// Whether InitEx ran (and Exit has not).
 static INITIALISED: AtomicBool = AtomicBool::new(false);
 
-/// The transports this library offers (local files only).
-const TRANSPORT_MODES: &[u8] = b"file\0";
+/// The transports this library offers: local files, and standard NBD plain
+/// (`nbd`) and under TLS (`nbdssl`).
+const TRANSPORT_MODES: &[u8] = b"file:nbd:nbdssl\0";
+/// The transport of a local disk.
+const FILE_MODE: &[u8] = b"file\0";
+/// The transport of a remote disk reached in plaintext.
+const NBD_MODE: &[u8] = b"nbd\0";
+/// The transport of a remote disk reached under TLS.
+const NBDSSL_MODE: &[u8] = b"nbdssl\0";
 
 /// Initialises the library. Any version is accepted; `libDir` and `configFile` are
 /// not needed for local files (a config file, if given, must be readable).
@@ -94,7 +101,7 @@ pub extern "C" fn VixDiskLib_Exit() {
     })
 }
 
-/// The transports known to the library: `"file"`. Static; do not free.
+/// The transports known to the library: `"file:nbd:nbdssl"`. Static; do not free.
 #[no_mangle]
 pub extern "C" fn VixDiskLib_ListTransportModes() -> *const c_char {
     TRANSPORT_MODES.as_ptr() as *const c_char
@@ -112,11 +119,57 @@ unsafe fn is_local(params: *const VixDiskLibConnectParams) -> bool {
     unsafe { (*params).serverName.is_null() }
 }
 
-fn remote_refused() -> FfiError {
-    FfiError::new(
-        VIX_E_NOT_SUPPORTED,
-        "remote connections (serverName set) are not supported by this library; only local files",
-    )
+/// A C string argument as UTF-8 text (None for NULL).
+///
+/// # Safety
+/// `p` must be NULL or NUL-terminated.
+unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, FfiError> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: non-NULL and NUL-terminated per the contract.
+    let s = unsafe { std::ffi::CStr::from_ptr(p) };
+    s.to_str()
+        .map(Some)
+        .map_err(|_| FfiError::new(VIX_E_INVALID_ARG, format!("{what} is not UTF-8")))
+}
+
+/// Connects to the NBD server the parameters name (see [`crate::remote`]).
+///
+/// # Safety
+/// `params` must point to at least the 72-byte prefix of the struct, its strings
+/// NULL or NUL-terminated; `modes` NULL or NUL-terminated.
+unsafe fn connect_remote(
+    params: *const VixDiskLibConnectParams,
+    read_only: bool,
+    modes: *const c_char,
+) -> Result<state::RemoteServer, FfiError> {
+    // SAFETY: every field read lies in the 72-byte prefix (up to `vimApiVer`).
+    let p = unsafe { &*params };
+    // SAFETY: the strings are NULL or NUL-terminated per the contract.
+    let (server, thumbprint, vmx, modes) = unsafe {
+        (
+            text(p.serverName, "serverName")?.unwrap_or_default(),
+            text(p.thumbPrint, "thumbPrint")?,
+            text(p.vmxSpec, "vmxSpec")?,
+            text(modes, "transportModes")?,
+        )
+    };
+    if p.credType != 0 || vmx.is_some() {
+        log::log(&format!(
+            "VixDiskLib: {server}: credentials and vmxSpec ({}) have no NBD equivalent and \
+             are not sent (the export is named by the Open path)",
+            vmx.unwrap_or("none")
+        ));
+    }
+    crate::remote::connect(&crate::remote::ConnectRequest {
+        server,
+        port: p.port,
+        nfc_port: p.nfcHostPort,
+        thumbprint,
+        modes,
+        read_only,
+    })
 }
 
 /// Connects (local files: `connectParams` NULL or with a NULL `serverName`).
@@ -160,12 +213,18 @@ pub unsafe extern "C" fn VixDiskLib_ConnectEx(
         // SAFETY: non-NULL out pointer given by the caller: NULL until success.
         unsafe { *connection = std::ptr::null_mut() };
         // SAFETY: per the contract.
-        if !unsafe { is_local(connectParams) } {
-            return Err(remote_refused());
+        let remote = if unsafe { is_local(connectParams) } {
+            None
+        } else {
+            // SAFETY: per the contract (a non-NULL struct of any layout).
+            Some(unsafe { connect_remote(connectParams, readOnly != 0, transportModes) }?)
+        };
+        if !snapshotRef.is_null() {
+            log::log("VixDiskLib_ConnectEx: the snapshot reference is not used (the Open path names the disk, snapshot disks included)");
         }
-        let _ = (snapshotRef, transportModes);
         let handle = state::add_connection(Connection {
             read_only: readOnly != 0,
+            remote,
         });
         // SAFETY: `connection` is non-NULL and valid for a write per the contract.
         unsafe { *connection = handle as VixDiskLibConnection };
@@ -182,7 +241,7 @@ pub extern "C" fn VixDiskLib_Disconnect(connection: VixDiskLibConnection) -> Vix
     })
 }
 
-/// Tells vCenter a backup starts (remote only): nothing to do for local files.
+/// Tells vCenter a backup starts: nothing to do for local files or NBD servers.
 ///
 /// # Safety
 /// As [`VixDiskLib_Connect`]; `identity` NULL or NUL-terminated.
@@ -194,15 +253,14 @@ pub unsafe extern "C" fn VixDiskLib_PrepareForAccess(
     guard("VixDiskLib_PrepareForAccess", || {
         let _ = identity;
         // SAFETY: per the contract.
-        if unsafe { is_local(connectParams) } {
-            ok()
-        } else {
-            Err(remote_refused())
+        if !unsafe { is_local(connectParams) } {
+            log::log("VixDiskLib: an NBD server has no vCenter tasks to hold: nothing to do");
         }
+        ok()
     })
 }
 
-/// Ends what PrepareForAccess started: nothing to do for local files.
+/// Ends what PrepareForAccess started: nothing to do here either.
 ///
 /// # Safety
 /// As [`VixDiskLib_PrepareForAccess`].
@@ -214,11 +272,10 @@ pub unsafe extern "C" fn VixDiskLib_EndAccess(
     guard("VixDiskLib_EndAccess", || {
         let _ = identity;
         // SAFETY: per the contract.
-        if unsafe { is_local(connectParams) } {
-            ok()
-        } else {
-            Err(remote_refused())
+        if !unsafe { is_local(connectParams) } {
+            log::log("VixDiskLib: an NBD server has no vCenter tasks to hold: nothing to do");
         }
+        ok()
     })
 }
 
@@ -300,13 +357,21 @@ pub unsafe extern "C" fn VixDiskLib_GetConnectParams(
     })
 }
 
-/// The transport a disk was opened with: `"file"`. Static; do not free.
+/// The transport a disk was opened with: `"file"`, `"nbd"` or `"nbdssl"` (NULL for
+/// an invalid handle). Static; do not free.
 #[no_mangle]
 pub extern "C" fn VixDiskLib_GetTransportMode(
     diskHandle: crate::types::VixDiskLibHandle,
 ) -> *const c_char {
-    let _ = diskHandle;
-    TRANSPORT_MODES.as_ptr() as *const c_char
+    let mode = match state::disk(diskHandle as usize) {
+        Err(_) => return std::ptr::null(),
+        Ok(h) => match h.remote.as_ref().map(|r| r.mode) {
+            None => FILE_MODE,
+            Some("nbdssl") => NBDSSL_MODE,
+            Some(_) => NBD_MODE,
+        },
+    };
+    mode.as_ptr() as *const c_char
 }
 
 /// The English text of an error code, from `malloc`; free it with FreeErrorText.

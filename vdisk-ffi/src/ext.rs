@@ -60,7 +60,7 @@ pub unsafe extern "C" fn VdiskExt_GetDiskHandleInfo(
         unsafe { *path = std::ptr::null_mut() };
         let h = state::disk(diskHandle as usize)?;
         // A handle that Attach made invalid has no disk any more.
-        h.with_disk(|_| Ok(()))?;
+        h.with_virtual(|_| Ok(()))?;
         let copy = malloc_bytes(h.path.as_os_str().as_bytes())?;
         if !openFlags.is_null() {
             // SAFETY: non-NULL out pointer given by the caller.

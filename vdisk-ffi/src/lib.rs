@@ -18,6 +18,7 @@ pub mod api_ops;
 pub mod errors;
 pub mod ext;
 pub mod log;
+pub mod remote;
 pub mod state;
 pub mod types;
 

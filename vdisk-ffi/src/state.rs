@@ -11,9 +11,12 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 
-use vdisk::{Disk, OpenOptions};
+use vdisk::{Disk, OpenOptions, VirtualDisk};
+use vdisk_nbd::client::{ClientOptions, Endpoint, RemoteDisk};
 
-use crate::errors::{VIX_E_DISK_INVALID_CONNECTION, VIX_E_FAIL, VIX_E_INVALID_ARG};
+use crate::errors::{
+    VIX_E_DISK_INVALID_CONNECTION, VIX_E_FAIL, VIX_E_INVALID_ARG, VIX_E_NOT_SUPPORTED,
+};
 use crate::types::VixError;
 use crate::FfiError;
 
@@ -46,11 +49,25 @@ fn decode(p: usize) -> Option<u64> {
     (p != 0 && p & 0xf == 0).then_some((p >> 4) as u64)
 }
 
-/// A connection (local files only).
-#[derive(Debug, Default)]
+/// A connection: local files, or an NBD server (`serverName` given).
+#[derive(Default)]
 pub struct Connection {
     /// `readOnly` of ConnectEx.
     pub read_only: bool,
+    /// The server, for remote connections.
+    pub remote: Option<RemoteServer>,
+}
+
+/// Where a remote connection's disks are, and how to reach them.
+pub struct RemoteServer {
+    /// The server's address.
+    pub endpoint: Endpoint,
+    /// How to connect (TLS or not, pinned thumbprint, read-only).
+    pub options: ClientOptions,
+    /// The transport mode chosen at ConnectEx: `"nbdssl"` or `"nbd"`.
+    pub mode: &'static str,
+    /// The server as the client named it (for messages).
+    pub name: String,
 }
 
 /// Work queued on a handle's I/O thread.
@@ -75,12 +92,22 @@ pub struct DiskHandle {
     /// How it was opened (to reopen it after shrink, defragment, attach).
     pub options: OpenOptions,
     /// The disk; None while a whole-file operation has it closed, or after Attach
-    /// made this handle invalid.
+    /// made this handle invalid (and always for remote disks).
     pub disk: RwLock<Option<Disk>>,
+    /// The remote disk of a handle opened through a remote connection.
+    pub remote: Option<RemoteHandle>,
     worker: Mutex<Worker>,
     /// Asynchronous operations queued and not yet completed.
     pending: Mutex<u64>,
     drained: Condvar,
+}
+
+/// A disk opened over the network.
+pub struct RemoteHandle {
+    /// The export.
+    pub disk: RemoteDisk,
+    /// Its transport mode: `"nbdssl"` or `"nbd"`.
+    pub mode: &'static str,
 }
 
 /// A raw pointer moved to the I/O thread (the client keeps the buffer valid until
@@ -102,10 +129,43 @@ impl DiskHandle {
             flags,
             options,
             disk: RwLock::new(Some(disk)),
+            remote: None,
             worker: Mutex::new(Worker::default()),
             pending: Mutex::new(0),
             drained: Condvar::new(),
         }
+    }
+
+    /// A handle for a remote disk, opened with VDDK open `flags`.
+    pub fn new_remote(
+        path: PathBuf,
+        connection: u64,
+        flags: u32,
+        remote: RemoteHandle,
+    ) -> DiskHandle {
+        DiskHandle {
+            path,
+            connection,
+            flags,
+            options: OpenOptions::new(),
+            disk: RwLock::new(None),
+            remote: Some(remote),
+            worker: Mutex::new(Worker::default()),
+            pending: Mutex::new(0),
+            drained: Condvar::new(),
+        }
+    }
+
+    /// Runs `f` with the disk, local or remote, for what both can do (I/O, maps,
+    /// changed areas).
+    pub fn with_virtual<R>(
+        &self,
+        f: impl FnOnce(&dyn VirtualDisk) -> Result<R, FfiError>,
+    ) -> Result<R, FfiError> {
+        if let Some(r) = &self.remote {
+            return f(&r.disk);
+        }
+        self.with_disk(|d| f(d))
     }
 
     /// Runs `f` with the open disk.
@@ -113,6 +173,17 @@ impl DiskHandle {
         &self,
         f: impl FnOnce(&Disk) -> Result<R, FfiError>,
     ) -> Result<R, FfiError> {
+        if let Some(r) = &self.remote {
+            return Err(FfiError::new(
+                VIX_E_NOT_SUPPORTED,
+                format!(
+                    "{} is a remote disk (transport {}): this operation needs the disk's \
+                     files and works only on local disks",
+                    self.path.display(),
+                    r.mode
+                ),
+            ));
+        }
         let guard = self.disk.read().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
             Some(d) => f(d),
@@ -148,6 +219,11 @@ impl DiskHandle {
             return Err(FfiError::new(VIX_E_FAIL, "the I/O thread is gone"));
         }
         Ok(())
+    }
+
+    /// Counts one operation queued elsewhere (a remote request in flight).
+    pub fn begin_one(&self) {
+        *lock(&self.pending) += 1;
     }
 
     /// Marks one queued operation complete.
@@ -266,12 +342,19 @@ pub fn remove_disk(p: usize) -> Result<Arc<DiskHandle>, FfiError> {
 pub fn close_handle(h: &DiskHandle) -> VixError {
     h.stop_worker();
     let disk = h.disk.write().unwrap_or_else(|p| p.into_inner()).take();
-    match disk.map(Disk::close) {
-        Some(Err(e)) => {
+    let closed = match (disk, &h.remote) {
+        (Some(d), _) => d.close(),
+        // The connections end when the handle's last reference goes; waiting for
+        // in-flight requests and flushing happened above and here.
+        (None, Some(r)) if r.disk.is_writable() => r.disk.flush(),
+        (None, _) => Ok(()),
+    };
+    match closed {
+        Err(e) => {
             crate::log::warn(&format!("VixDiskLib: closing {}: {e}", h.path.display()));
             e.kind().vix_code()
         }
-        _ => crate::errors::VIX_OK,
+        Ok(()) => crate::errors::VIX_OK,
     }
 }
 

@@ -353,10 +353,9 @@ fn print_table(rows: &[Vec<String>]) {
 }
 
 fn list_partitions(disk: &Path) -> CliResult {
-    let handle = vdisk::OpenOptions::new()
-        .open(disk)
-        .map_err(|e| e.to_string())?;
-    let table = read_partitions(&handle).map_err(|e| format!("{}: {e}", disk.display()))?;
+    let handle = vdisk_utils::open_for_reading(disk).map_err(|e| e.to_string())?;
+    let table = read_partitions(&vdisk_mount::DiskSource(&*handle))
+        .map_err(|e| format!("{}: {e}", disk.display()))?;
     for w in &table.warnings {
         eprintln!("vdisk-mount: warning: {}: {w}", disk.display());
     }
@@ -547,6 +546,29 @@ fn mount_count(dir: &Path) -> usize {
     all_mounts().map_or(0, |all| all.iter().filter(|m| m.mountpoint == dir).count())
 }
 
+/// Opens an NBD export for a mount in `mode`: read-only, writing through to the
+/// server (persistent), or - the default - non-persistent: the export is only read
+/// and writes stay in a local overlay that goes away with the mount.
+fn open_remote(uri: &str, mode: Mode) -> CliResult<vdisk_mount::OpenedDisk> {
+    let remote = vdisk_nbd::client::RemoteDisk::open_uri(
+        uri,
+        &vdisk_utils::nbd_client_options(mode != Mode::Persistent),
+    )
+    .map_err(|e| format!("cannot open {uri}: {e}"))?;
+    let disk: Box<dyn vdisk::VirtualDisk> = match mode {
+        Mode::NonPersistent => Box::new(
+            vdisk::Overlay::new(Box::new(remote), None).map_err(|e| format!("{uri}: {e}"))?,
+        ),
+        _ => Box::new(remote),
+    };
+    Ok(vdisk_mount::OpenedDisk {
+        disk,
+        name: PathBuf::from(uri),
+        compressed: false,
+        mtime: std::time::SystemTime::now(),
+    })
+}
+
 /// A mount made by the serving process.
 enum Served {
     Flat(vdisk_mount::Mounted),
@@ -569,9 +591,23 @@ fn serve(disk: &Path, dir: &Path, what: What, opts: &VolumeOptions, status: &Pat
         mode: opts.mode,
         allow_other: opts.allow_other,
     };
-    let mounted = match what {
-        What::Flat => vdisk_mount::mount(disk, dir, &flat_opts).map(Served::Flat),
-        What::Volume(n) => vdisk_mount::mount_volume(disk, n, dir, opts).map(Served::Volume),
+    let mounted = match disk.to_str().filter(|d| vdisk_utils::is_nbd_uri(d)) {
+        Some(uri) => match open_remote(uri, opts.mode) {
+            Ok(opened) => match what {
+                What::Flat => vdisk_mount::mount_opened(opened, dir, &flat_opts).map(Served::Flat),
+                What::Volume(n) => {
+                    vdisk_mount::mount_volume_opened(opened, n, dir, opts).map(Served::Volume)
+                }
+            },
+            Err(e) => {
+                report(status, &format!("error: {e}"));
+                return Err(e);
+            }
+        },
+        None => match what {
+            What::Flat => vdisk_mount::mount(disk, dir, &flat_opts).map(Served::Flat),
+            What::Volume(n) => vdisk_mount::mount_volume(disk, n, dir, opts).map(Served::Volume),
+        },
     };
     let mounted = match mounted {
         Ok(m) => m,

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use vdisk::{
     convert, create, AdapterType, ConvertOptions, CreateOptions, Disk, DiskType, ImageFormat,
-    OpenOptions, RangeKind,
+    OpenOptions, RangeKind, VirtualDisk,
 };
 use vdisk_utils::{
     human_bytes, parse_size, print_json, print_walk, progress_bar, step_bar, JsonWalk,
@@ -99,10 +99,11 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
-        /// The disk.
+        /// The disk, or an NBD export (nbd://HOST[:PORT]/EXPORT, nbds://...,
+        /// nbd+unix:///EXPORT?socket=PATH; TLS settings from VDISK_NBD_TLS_*).
         disk: PathBuf,
     },
-    /// Convert between raw images and VMDK disks.
+    /// Convert between raw images and VMDK disks (the source may be an NBD URI).
     Convert {
         /// Source format.
         #[arg(short = 'f', value_enum, default_value = "vmdk")]
@@ -126,7 +127,7 @@ enum Command {
         /// the written data to the host's normal write-back).
         #[arg(long)]
         sync: bool,
-        /// Source.
+        /// Source: a disk, a raw image, or an NBD export (URI).
         src: PathBuf,
         /// Destination (must not exist).
         dst: PathBuf,
@@ -136,7 +137,7 @@ enum Command {
         /// Print JSON (like `qemu-img map --output=json`).
         #[arg(long)]
         json: bool,
-        /// The disk.
+        /// The disk, or an NBD export (URI).
         disk: PathBuf,
     },
     /// Create a child (snapshot delta) of a disk; the parent becomes read-only by convention.
@@ -704,7 +705,14 @@ fn convert_cmd(
         bar.set_position(done);
         true
     };
-    let stats = convert(src, from, dst, to, &opts, &mut progress).map_err(err)?;
+    let stats = match src.to_str().filter(|s| vdisk_utils::is_nbd_uri(s)) {
+        // A remote disk is whatever the server serves: -f does not apply.
+        Some(_) => {
+            let source = vdisk_utils::open_for_reading(src).map_err(err)?;
+            vdisk::convert_from(&*source, dst, to, &opts, &mut progress).map_err(err)?
+        }
+        None => convert(src, from, dst, to, &opts, &mut progress).map_err(err)?,
+    };
     bar.finish_and_clear();
     if !quiet {
         outln!(
@@ -723,6 +731,9 @@ fn hex(v: Option<u32>) -> Value {
 }
 
 fn info(path: &PathBuf, as_json: bool) -> CliResult {
+    if let Some(uri) = path.to_str().filter(|p| vdisk_utils::is_nbd_uri(p)) {
+        return remote_info(uri, as_json);
+    }
     let disk = Disk::open(path).map_err(err)?;
     let i = disk.info().map_err(err)?;
     for w in &i.warnings {
@@ -847,13 +858,78 @@ fn info(path: &PathBuf, as_json: bool) -> CliResult {
     Ok(())
 }
 
+/// `info` of an NBD export: what the server says of it.
+fn remote_info(uri: &str, as_json: bool) -> CliResult {
+    let disk = vdisk_nbd::client::RemoteDisk::open_uri(uri, &vdisk_utils::nbd_client_options(true))
+        .map_err(err)?;
+    let capacity = disk.capacity();
+    let mut allocated = 0u64;
+    disk.for_each_range(0, capacity, &mut |r| {
+        if r.kind == RangeKind::Data {
+            allocated += r.length;
+        }
+        Ok(())
+    })
+    .map_err(err)?;
+    // Only a vdisk-nbd server of a tracked disk has a change ID.
+    let change_id = disk.change_id().ok();
+    let (minimum, preferred, maximum) = disk.block_sizes();
+    if as_json {
+        let v = json!({
+            "uri": uri,
+            "export": disk.export_name(),
+            "description": disk.description(),
+            "capacity": capacity,
+            "capacitySectors": capacity / 512,
+            "allocatedBytes": allocated,
+            "writable": disk.is_writable(),
+            "tls": disk.uses_tls(),
+            "connections": disk.connections(),
+            "blockSizes": {"minimum": minimum, "preferred": preferred, "maximum": maximum},
+            "changeId": change_id,
+        });
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    outln!("Disk:             {uri}");
+    outln!("Export:           {}", disk.export_name());
+    if let Some(d) = disk.description() {
+        outln!("Description:      {d}");
+    }
+    outln!(
+        "Capacity:         {capacity} bytes ({}, {} sectors)",
+        human_bytes(capacity),
+        capacity / 512
+    );
+    outln!(
+        "Allocated:        {allocated} bytes ({})",
+        human_bytes(allocated)
+    );
+    outln!(
+        "Access:           {}{}, {} connection(s)",
+        if disk.is_writable() {
+            "read-write"
+        } else {
+            "read-only"
+        },
+        if disk.uses_tls() { ", TLS" } else { "" },
+        disk.connections()
+    );
+    outln!("Block sizes:      minimum {minimum}, preferred {preferred}, maximum {maximum}");
+    outln!("Change ID:        {}", change_id.as_deref().unwrap_or("-"));
+    Ok(())
+}
+
 /// `map`: the allocation map, streamed (a disk can have millions of ranges).
-fn map(path: &PathBuf, as_json: bool) -> CliResult {
-    let disk = Disk::open(path).map_err(err)?;
+fn map(path: &Path, as_json: bool) -> CliResult {
+    let disk = vdisk_utils::open_for_reading(path).map_err(err)?;
     let capacity = disk.capacity();
     if as_json {
         return print_json(&JsonWalk::new(|emit| {
-            disk.for_each_range(0, capacity, |r| {
+            disk.for_each_range(0, capacity, &mut |r| {
                 emit(json!({
                     "start": r.offset,
                     "length": r.length,
@@ -870,7 +946,7 @@ fn map(path: &PathBuf, as_json: bool) -> CliResult {
             "{:>20} {:>20} {:>12} {:>5}\n",
             "Offset", "Length", "Kind", "Depth"
         ))?;
-        disk.for_each_range(0, capacity, |r| {
+        disk.for_each_range(0, capacity, &mut |r| {
             let kind = match r.kind {
                 RangeKind::Data => "data",
                 RangeKind::Zero => "zero",

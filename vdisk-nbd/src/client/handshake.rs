@@ -448,6 +448,25 @@ pub fn list_exports(t: &Target<'_>) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// Checks that the server speaks NBD as the options ask (TLS or not) without
+/// choosing an export: the greeting, STARTTLS when wanted, and a `LIST` - whose
+/// refusal for TLS (`ERR_TLS_REQD`) is an error, any other refusal not (a server
+/// may keep its exports to itself).
+pub fn probe(t: &Target<'_>) -> Result<()> {
+    let mut h = start(t)?;
+    let r = h
+        .option(opt::LIST, &[])
+        .map_err(|e| negotiation_error(t, "LIST", e))?;
+    if let Some(e) = r
+        .last()
+        .filter(|r| r.is_error() && r.kind == rep::ERR_TLS_REQD)
+    {
+        return Err(refusal_error(t, "LIST", e.kind, &e.text()));
+    }
+    abort(h);
+    Ok(())
+}
+
 /// The contexts `LIST_META_CONTEXT` gives for `queries` on `export`.
 pub fn list_contexts(t: &Target<'_>, export: &str, queries: &[&str]) -> Result<Vec<String>> {
     let mut h = start(t)?;

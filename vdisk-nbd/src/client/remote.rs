@@ -173,6 +173,17 @@ impl RemoteDisk {
         })
     }
 
+    /// Checks that `endpoint` is an NBD server reachable with `opts` (TLS as they
+    /// ask, the certificate checked), without opening an export.
+    pub fn probe(endpoint: &Endpoint, opts: &ClientOptions) -> Result<()> {
+        let tls = tls_client(opts)?;
+        handshake::probe(&Target {
+            endpoint,
+            opts,
+            tls: tls.as_ref(),
+        })
+    }
+
     /// Whether the connections run under TLS.
     pub fn uses_tls(&self) -> bool {
         self.inner.tls.is_some()
