@@ -404,6 +404,15 @@ impl TlsPki {
     }
 }
 
+/// A TCP port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
 /// Percent-encodes what an NBD URI path cannot hold as it is.
 pub fn uri_escape(s: &str) -> String {
     let mut out = String::new();

@@ -18,8 +18,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use vdisk::{create, CreateOptions, DiskType, OpenOptions};
 use vdisk_interop::{
-    path_str, qemu_raw, require_tool_from, run, run_unchecked, stderr_text, stdout_text, tempdir,
-    vdisk_nbd_bin, NbdServer, TlsPki,
+    free_port, path_str, qemu_raw, require_tool_from, run, run_unchecked, stderr_text, stdout_text,
+    tempdir, vdisk_nbd_bin, NbdServer, TlsPki,
 };
 
 const MIB: u64 = 1 << 20;
@@ -73,15 +73,6 @@ fn tools() {
     require_tool_from("nbdinfo", "libnbd-bin");
     require_tool_from("nbdcopy", "libnbd-bin");
     require_tool_from("qemu-img", "qemu-utils");
-}
-
-/// A TCP port free right now on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn tls_uri(server: &NbdServer, export: &str, certs: &Path) -> String {

@@ -98,6 +98,7 @@ impl RemoteDisk {
             endpoint: endpoint.clone(),
             export: export.to_string(),
             tls: tls.is_some(),
+            tls_certificates: None,
         }
         .to_string();
         let target = Target {
@@ -156,6 +157,17 @@ impl RemoteDisk {
         let mut o = opts.clone();
         if u.tls {
             o.tls = super::TlsPolicy::Require;
+        }
+        // The URI's certificate folder, for what the options leave open.
+        if let Some(dir) = &u.tls_certificates {
+            let ca = dir.join("ca-cert.pem");
+            if o.ca_file.is_none() && ca.is_file() {
+                o.ca_file = Some(ca);
+            }
+            let (cert, key) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
+            if o.client_cert.is_none() && cert.is_file() && key.is_file() {
+                o.client_cert = Some((cert, key));
+            }
         }
         RemoteDisk::open(&u.endpoint, &u.export, &o)
     }

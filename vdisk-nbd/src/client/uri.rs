@@ -1,8 +1,10 @@
 //! NBD URIs as libnbd and qemu read them (NetworkBlockDevice/nbd `doc/uri.md`):
 //! `nbd://host[:port]/export`, `nbds://...` (TLS), `nbd+unix:///export?socket=PATH`,
 //! `nbds+unix:///export?socket=PATH`; IPv6 hosts in brackets, the export and the
-//! socket path percent-decoded, port 10809 by default. A user name (`user@`) and
-//! other query parameters (`tls-certificates=`, ...) are accepted and ignored.
+//! socket path percent-decoded, port 10809 by default. `tls-certificates=DIR`
+//! names a folder laid out as libnbd and qemu expect (`ca-cert.pem`,
+//! `client-cert.pem`, `client-key.pem`); a user name (`user@`) and other query
+//! parameters are accepted and ignored.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -20,6 +22,8 @@ pub struct NbdUri {
     pub export: String,
     /// Whether the scheme asks for TLS (`nbds`).
     pub tls: bool,
+    /// `tls-certificates=DIR`: the folder of the CA and client certificates.
+    pub tls_certificates: Option<PathBuf>,
 }
 
 fn bad(uri: &str, why: impl fmt::Display) -> Error {
@@ -89,9 +93,12 @@ pub fn parse_uri(s: &str) -> Result<NbdUri> {
     // The export: the path without its first '/'.
     let export = percent_decode(path.strip_prefix('/').unwrap_or(path), s)?;
     let mut socket = None;
+    let mut tls_certificates = None;
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
         if let Some(v) = pair.strip_prefix("socket=") {
             socket = Some(percent_decode(v, s)?);
+        } else if let Some(v) = pair.strip_prefix("tls-certificates=") {
+            tls_certificates = Some(PathBuf::from(percent_decode(v, s)?));
         }
     }
     // A user name is NBD's PSK identity; not used (X.509 only).
@@ -144,6 +151,7 @@ pub fn parse_uri(s: &str) -> Result<NbdUri> {
         endpoint,
         export,
         tls,
+        tls_certificates,
     })
 }
 
