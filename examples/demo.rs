@@ -19,8 +19,17 @@
 //! against what the disk held when each backup was taken, and the restored file
 //! system is checked with e2fsck and a rewritten file read back with debugfs.
 //!
-//! Run with `./run-demo.sh [DIR]` (DIR keeps the files; default: a temporary folder).
-//! Needs mkfs.ext4, debugfs and e2fsck (e2fsprogs; run-demo.sh installs it as root).
+//! By default steps 4-6 run over the network as a backup proxy does: a "host" serves
+//! the snapshot with `vdisk-nbd` (non-persistent, TLS on 127.0.0.1) and a "proxy"
+//! process pulls each backup through libvixDiskLib's `nbdssl` transport (the
+//! `backup_proxy` example of vdisk-ffi) with change IDs. `--local` runs them on the
+//! snapshot's files instead.
+//!
+//! Run with `./run-demo.sh [--local] [DIR]` (DIR keeps the files; default: a
+//! temporary folder). Needs mkfs.ext4, debugfs and e2fsck (e2fsprogs) and, for the
+//! remote flow, openssl (run-demo.sh installs them as root).
+
+mod demo_remote;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -310,6 +319,7 @@ fn session(
     rng: &mut Rng,
     previous: Option<&Backup>,
     n: usize,
+    remote: bool,
 ) -> DemoResult<(Backup, GuestWork)> {
     let kind = if previous.is_some() {
         "incremental"
@@ -332,6 +342,44 @@ fn session(
         human(guest.0),
         guest.1
     );
+    let file = dir.join(format!("backup-{n}-{kind}.vmdk"));
+    let (change_id, digests, copied, took) = if remote {
+        remote_copy(dir, vm, &file, previous)?
+    } else {
+        local_copy(vm, &file, previous)?
+    };
+    let b = bar(0, "consolidating");
+    commit(&delta, &CommitOptions::default(), &mut |done, total| {
+        b.set_length(total);
+        b.set_position(done);
+        true
+    })
+    .map_err(e)?;
+    b.finish_and_clear();
+    println!("8. the delta is consolidated into {}", vm.display());
+    println!(
+        "9. the delta is removed ({} exists: {})",
+        delta.display(),
+        delta.exists()
+    );
+    Ok((
+        Backup {
+            file,
+            change_id,
+            digests,
+            copied,
+            took,
+        },
+        guest,
+    ))
+}
+
+/// What steps 4-6 give: the change ID of the disk backed up, the digests of what
+/// it held, the bytes copied and the time the copy took.
+type Copied = (String, Vec<[u8; 32]>, u64, Duration);
+
+/// Steps 4-7 on the snapshot's files: a redo log on top, opened non-persistent.
+fn local_copy(vm: &Path, file: &Path, previous: Option<&Backup>) -> DemoResult<Copied> {
     println!("4. the proxy attaches a redo log on top of the snapshot");
     let snap = OpenOptions::new()
         .non_persistent(true)
@@ -349,12 +397,11 @@ fn session(
     let areas = frozen.changed_areas(since, 0, DISK).map_err(e)?;
     drop(frozen);
     let total: u64 = areas.iter().map(|a| a.1).sum();
-    let file = dir.join(format!("backup-{n}-{kind}.vmdk"));
     let b = bar(total, "copying");
     let st = write_backup(
         &snap,
         &areas,
-        &file,
+        file,
         previous.map(|p| p.file.as_path()),
         &mut |done, _| {
             b.set_position(done);
@@ -383,29 +430,59 @@ fn session(
     );
     drop(snap);
     println!("7. redo log discarded, snapshot released");
-    let b = bar(0, "consolidating");
-    commit(&delta, &CommitOptions::default(), &mut |done, total| {
-        b.set_length(total);
-        b.set_position(done);
-        true
-    })
-    .map_err(e)?;
-    b.finish_and_clear();
-    println!("8. the delta is consolidated into {}", vm.display());
+    Ok((change_id, digests, st.bytes_read, took))
+}
+
+/// Steps 4-7 over the network: the host serves the snapshot, the proxy pulls the
+/// backup through libvixDiskLib's nbdssl transport.
+fn remote_copy(
+    dir: &Path,
+    vm: &Path,
+    file: &Path,
+    previous: Option<&Backup>,
+) -> DemoResult<Copied> {
+    let host = demo_remote::Host::serve(dir, vm)?;
     println!(
-        "9. the delta is removed ({} exists: {})",
-        delta.display(),
-        delta.exists()
+        "4. the host serves the snapshot over NBD: vdisk-nbd on 127.0.0.1:{}, TLS, \
+         non-persistent (writes would go to a throwaway redo log), as {}",
+        host.port,
+        demo_remote::EXPORT
     );
+    // What the disk holds, read on the host's side for the final check.
+    let digests = digests(&Disk::open(vm).map_err(e)?, "verifying")?;
+    let pulled = demo_remote::pull(
+        &host,
+        file,
+        previous.map(|p| (p.change_id.as_str(), p.file.as_path())),
+    )?;
+    println!(
+        "5. the proxy connects with libvixDiskLib's {} transport (server certificate pinned \
+         by its thumbprint {}) and opens the export; its change ID {}",
+        pulled.mode, host.thumbprint, pulled.change_id
+    );
+    let what = match (pulled.kind.as_str(), previous) {
+        ("incremental", Some(p)) => format!("changed since {}", p.change_id),
+        ("full-after-refused-change-id", _) => {
+            "allocated: the host refused the change ID, so a full backup".to_string()
+        }
+        _ => "allocated".to_string(),
+    };
+    println!(
+        "6. pulled {} ({} areas {what}) in {:.2} s ({:.0} MiB/s) into {} ({} file)",
+        human(pulled.bytes),
+        pulled.areas,
+        pulled.seconds,
+        pulled.bytes as f64 / MIB as f64 / pulled.seconds.max(1e-9),
+        file.display(),
+        human(std::fs::metadata(file).map_err(e)?.len()),
+    );
+    host.stop()?;
+    println!("7. the host stops serving: its redo log is discarded, the snapshot released");
     Ok((
-        Backup {
-            file,
-            change_id,
-            digests,
-            copied: st.bytes_read,
-            took,
-        },
-        guest,
+        pulled.change_id,
+        digests,
+        pulled.bytes,
+        Duration::from_secs_f64(pulled.seconds),
     ))
 }
 
@@ -488,7 +565,19 @@ fn check_file_system(dir: &Path, restored: &Path, file: &str, want: &[u8]) -> De
 }
 
 fn main_flow() -> DemoResult {
-    let keep = std::env::args().nth(1).map(PathBuf::from);
+    let mut remote = true;
+    let mut keep = None;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--local" => remote = false,
+            "-h" | "--help" => {
+                println!("usage: vdisk-demo [--local] [DIR]");
+                return Ok(());
+            }
+            _ if a.starts_with('-') => return Err(format!("unknown option {a}")),
+            _ => keep = Some(PathBuf::from(a)),
+        }
+    }
     let tmp = tempfile::tempdir().map_err(e)?;
     let dir = keep.unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir).map_err(e)?;
@@ -512,8 +601,8 @@ fn main_flow() -> DemoResult {
 
     // The guest's writes during the first session are consolidated before the
     // second snapshot: they are what the incremental backup has to catch.
-    let (full, (written, file, content)) = session(&dir, &vm, &files, &mut rng, None, 1)?;
-    let (incr, _) = session(&dir, &vm, &files, &mut rng, Some(&full), 2)?;
+    let (full, (written, file, content)) = session(&dir, &vm, &files, &mut rng, None, 1, remote)?;
+    let (incr, _) = session(&dir, &vm, &files, &mut rng, Some(&full), 2, remote)?;
 
     println!("\n== Restore");
     restore(&dir, &full, "restored-full.vmdk")?;
@@ -521,15 +610,23 @@ fn main_flow() -> DemoResult {
     check_file_system(&dir, &restored, &file, &content)?;
 
     println!("\n== Summary");
+    let rate = |b: &Backup| b.copied as f64 / MIB as f64 / b.took.as_secs_f64().max(1e-9);
+    let how = if remote {
+        "pulled over nbdssl"
+    } else {
+        "copied locally"
+    };
     println!(
-        "   full backup:        {} copied in {:.2} s",
+        "   full backup:        {} {how} in {:.2} s ({:.0} MiB/s)",
         human(full.copied),
-        full.took.as_secs_f64()
+        full.took.as_secs_f64(),
+        rate(&full)
     );
     println!(
-        "   incremental backup: {} copied in {:.2} s ({:.1}% of the full backup's time)",
+        "   incremental backup: {} {how} in {:.2} s ({:.0} MiB/s; {:.1}% of the full backup's time)",
         human(incr.copied),
         incr.took.as_secs_f64(),
+        rate(&incr),
         100.0 * incr.took.as_secs_f64() / full.took.as_secs_f64().max(1e-9)
     );
     println!(

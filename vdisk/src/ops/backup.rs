@@ -10,6 +10,7 @@ use crate::disk::Disk;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ops::create::{extent, new_ddb, DEFAULT_HW_VERSION};
 use crate::ops::stream_writer::{compress_grain, StreamWriter, STREAM_GRAIN_SECTORS};
+use crate::virtual_disk::VirtualDisk;
 use crate::{descriptor::Descriptor, descriptor::ExtentKind, ids, DiskType};
 use crate::{limits::SECTOR_SIZE, AdapterType};
 
@@ -43,7 +44,7 @@ pub struct BackupStats {
 /// left out. `progress(done, total)` is called with bytes; returning `false` cancels
 /// (the partial file is removed).
 pub fn write_backup(
-    src: &Disk,
+    src: &dyn VirtualDisk,
     areas: &[(u64, u64)],
     dst: &Path,
     parent: Option<&Path>,
@@ -89,7 +90,7 @@ fn grains_of(areas: &[(u64, u64)], capacity: u64) -> Result<Vec<u64>> {
 }
 
 fn write_inner(
-    src: &Disk,
+    src: &dyn VirtualDisk,
     areas: &[(u64, u64)],
     dst: &Path,
     parent: Option<&Path>,
