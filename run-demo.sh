@@ -27,5 +27,5 @@ if ! command -v openssl >/dev/null 2>&1; then
     fi
 fi
 # The host (vdisk-nbd) and the proxy (backup_proxy) run beside the demo.
-cargo build --quiet --release -p vdisk-utils --bin vdisk-nbd -p vdisk-ffi --example backup_proxy
+cargo build --quiet --release -p vdisk-utils --bin vdisk-nbd -p vdisk-ffi --bin backup_proxy
 exec cargo run --quiet --release -p vdisk-examples --bin vdisk-demo -- "$@"

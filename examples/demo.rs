@@ -22,7 +22,7 @@
 //! By default steps 4-6 run over the network as a backup proxy does: a "host" serves
 //! the snapshot with `vdisk-nbd` (non-persistent, TLS on 127.0.0.1) and a "proxy"
 //! process pulls each backup through libvixDiskLib's `nbdssl` transport (the
-//! `backup_proxy` example of vdisk-ffi) with change IDs. `--local` runs them on the
+//! `backup_proxy` program of vdisk-ffi) with change IDs. `--local` runs them on the
 //! snapshot's files instead.
 //!
 //! Run with `./run-demo.sh [--local] [DIR]` (DIR keeps the files; default: a

@@ -1,6 +1,6 @@
 //! The remote half of the demo: a "host" serving the frozen snapshot with the
 //! `vdisk-nbd` program (non-persistent, TLS on 127.0.0.1), and the "proxy" - the
-//! `backup_proxy` example of vdisk-ffi, a libvixDiskLib client using the `nbdssl`
+//! `backup_proxy` program of vdisk-ffi, a libvixDiskLib client using the `nbdssl`
 //! transport with the host's certificate pinned by its thumbprint - run for each
 //! backup.
 
@@ -77,21 +77,17 @@ fn free_port() -> DemoResult<u16> {
         .port())
 }
 
-/// A program built beside this one (run-demo.sh builds them): `vdisk-nbd`, or
-/// `examples/backup_proxy`.
+/// A program built beside this one (run-demo.sh builds them): `vdisk-nbd` or
+/// `backup_proxy`.
 fn program(name: &str) -> DemoResult<PathBuf> {
     let me = std::env::current_exe().map_err(e)?;
-    let beside = me.with_file_name(name);
-    let example = me.with_file_name("examples").join(name);
-    if example.is_file() && !beside.is_file() {
-        Ok(example)
-    } else if beside.is_file() {
-        Ok(beside)
+    let p = me.with_file_name(name);
+    if p.is_file() {
+        Ok(p)
     } else {
-        let p = beside;
         Err(format!(
             "{} is missing: ./run-demo.sh builds it (cargo build --release -p vdisk-utils \
-             --bin vdisk-nbd -p vdisk-ffi --example backup_proxy)",
+             --bin vdisk-nbd -p vdisk-ffi --bin backup_proxy)",
             p.display()
         ))
     }
