@@ -34,6 +34,11 @@ typedef void (VixDiskLibGenericLogVFunc)(int routing, const char *fmt, va_list a
 
 
 /**
+ * The NBD port when the connection parameters give none.
+ */
+#define DEFAULT_PORT 10809
+
+/**
  * Bytes per sector.
  */
 #define VIXDISKLIB_SECTOR_SIZE 512
@@ -1498,7 +1503,7 @@ VixError VixDiskLib_Init(uint32 majorVersion,
 void VixDiskLib_Exit(void);
 
 /**
- * The transports known to the library: `"file"`. Static; do not free.
+ * The transports known to the library: `"file:nbd:nbdssl"`. Static; do not free.
  */
 const char *VixDiskLib_ListTransportModes(void);
 
@@ -1530,7 +1535,7 @@ VixError VixDiskLib_ConnectEx(const struct VixDiskLibConnectParams *connectParam
 VixError VixDiskLib_Disconnect(VixDiskLibConnection connection);
 
 /**
- * Tells vCenter a backup starts (remote only): nothing to do for local files.
+ * Tells vCenter a backup starts: nothing to do for local files or NBD servers.
  *
  * # Safety
  * As [`VixDiskLib_Connect`]; `identity` NULL or NUL-terminated.
@@ -1539,7 +1544,7 @@ VixError VixDiskLib_PrepareForAccess(const struct VixDiskLibConnectParams *conne
                                      const char *identity);
 
 /**
- * Ends what PrepareForAccess started: nothing to do for local files.
+ * Ends what PrepareForAccess started: nothing to do here either.
  *
  * # Safety
  * As [`VixDiskLib_PrepareForAccess`].
@@ -1583,7 +1588,8 @@ VixError VixDiskLib_GetConnectParams(VixDiskLibConnection connection,
                                      struct VixDiskLibConnectParams **connectParams);
 
 /**
- * The transport a disk was opened with: `"file"`. Static; do not free.
+ * The transport a disk was opened with: `"file"`, `"nbd"` or `"nbdssl"` (NULL for
+ * an invalid handle). Static; do not free.
  */
 const char *VixDiskLib_GetTransportMode(VixDiskLibHandle diskHandle);
 
@@ -1729,7 +1735,7 @@ VixError VixDiskLib_CheckRepair(VixDiskLibConnection connection, const char *fil
 /**
  * vdisk extension (not in VDDK): whether `connection` is a live connection of this
  * library, and if so whether it was made read-only (`ConnectEx` with `readOnly`).
- * Every connection of this library is local. Returns `VIX_OK`, or
+ * Returns `VIX_OK`, or
  * `VIX_E_DISK_INVALID_CONNECTION` for a NULL, unknown or disconnected handle.
  *
  * # Safety
@@ -1748,6 +1754,35 @@ VixError VdiskExt_GetConnectionInfo(VixDiskLibConnection connection, Bool *readO
  * `path` must be a valid pointer; `openFlags` NULL or a valid pointer.
  */
 VixError VdiskExt_GetDiskHandleInfo(VixDiskLibHandle diskHandle, char **path, uint32 *openFlags);
+
+/**
+ * vdisk extension (not in VDDK): for a connection made with `serverName` (the
+ * `nbd` and `nbdssl` transports), how the disk `path` is reached on it - the
+ * server, the export `path` names and the connection's options (TLS, pinned
+ * thumbprint, read-only) - as the text of `vdisk_nbd::client::RemoteSpec`, in
+ * memory from `malloc` that the caller frees with `free`; `*spec` is NULL for a
+ * local connection. Nothing is opened. Returns `VIX_E_DISK_INVALID_CONNECTION` for
+ * a NULL, unknown or disconnected connection, `VIX_E_INVALID_ARG` for a NULL or
+ * empty path.
+ *
+ * # Safety
+ * `path` must be NULL or a NUL-terminated string; `spec` a valid pointer.
+ */
+VixError VdiskExt_GetConnectionRemoteSpec(VixDiskLibConnection connection,
+                                          const char *path,
+                                          char **spec);
+
+/**
+ * vdisk extension (not in VDDK): for a disk handle opened through a remote
+ * connection, how its export is reached again (as
+ * [`VdiskExt_GetConnectionRemoteSpec`], with the handle's own read-only choice);
+ * `*spec` is NULL for a local disk. Returns `VIX_E_INVALID_ARG` for a NULL, unknown
+ * or closed handle.
+ *
+ * # Safety
+ * `spec` must be a valid pointer.
+ */
+VixError VdiskExt_GetDiskHandleRemoteSpec(VixDiskLibHandle diskHandle, char **spec);
 
 #ifdef __cplusplus
 }  // extern "C"
