@@ -34,6 +34,11 @@ typedef void (VixDiskLibGenericLogVFunc)(int routing, const char *fmt, va_list a
 
 
 /**
+ * The NBD port when the connection parameters give none.
+ */
+#define DEFAULT_PORT 10809
+
+/**
  * Bytes per sector.
  */
 #define VIXDISKLIB_SECTOR_SIZE 512
@@ -1730,7 +1735,7 @@ VixError VixDiskLib_CheckRepair(VixDiskLibConnection connection, const char *fil
 /**
  * vdisk extension (not in VDDK): whether `connection` is a live connection of this
  * library, and if so whether it was made read-only (`ConnectEx` with `readOnly`).
- * Every connection of this library is local. Returns `VIX_OK`, or
+ * Returns `VIX_OK`, or
  * `VIX_E_DISK_INVALID_CONNECTION` for a NULL, unknown or disconnected handle.
  *
  * # Safety
@@ -1749,6 +1754,35 @@ VixError VdiskExt_GetConnectionInfo(VixDiskLibConnection connection, Bool *readO
  * `path` must be a valid pointer; `openFlags` NULL or a valid pointer.
  */
 VixError VdiskExt_GetDiskHandleInfo(VixDiskLibHandle diskHandle, char **path, uint32 *openFlags);
+
+/**
+ * vdisk extension (not in VDDK): for a connection made with `serverName` (the
+ * `nbd` and `nbdssl` transports), how the disk `path` is reached on it - the
+ * server, the export `path` names and the connection's options (TLS, pinned
+ * thumbprint, read-only) - as the text of `vdisk_nbd::client::RemoteSpec`, in
+ * memory from `malloc` that the caller frees with `free`; `*spec` is NULL for a
+ * local connection. Nothing is opened. Returns `VIX_E_DISK_INVALID_CONNECTION` for
+ * a NULL, unknown or disconnected connection, `VIX_E_INVALID_ARG` for a NULL or
+ * empty path.
+ *
+ * # Safety
+ * `path` must be NULL or a NUL-terminated string; `spec` a valid pointer.
+ */
+VixError VdiskExt_GetConnectionRemoteSpec(VixDiskLibConnection connection,
+                                          const char *path,
+                                          char **spec);
+
+/**
+ * vdisk extension (not in VDDK): for a disk handle opened through a remote
+ * connection, how its export is reached again (as
+ * [`VdiskExt_GetConnectionRemoteSpec`], with the handle's own read-only choice);
+ * `*spec` is NULL for a local disk. Returns `VIX_E_INVALID_ARG` for a NULL, unknown
+ * or closed handle.
+ *
+ * # Safety
+ * `spec` must be a valid pointer.
+ */
+VixError VdiskExt_GetDiskHandleRemoteSpec(VixDiskLibHandle diskHandle, char **spec);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -212,6 +212,13 @@ void VixMntapi_Exit(void);
  * libvixDiskLib.so.8, loaded in the process. The disk's partition table is read now;
  * the disk itself is opened again by each mount.
  *
+ * On a remote connection (`serverName` set: the `nbd`/`nbdssl` transports),
+ * `diskNames[0]` is the export, as for `VixDiskLib_Open`, and each mount connects
+ * to it again with the connection's options (TLS, thumbprint). Read-write mounts
+ * of a remote disk are non-persistent - the export is only read, writes go to a
+ * local redo log thrown away at dismount - unless the configuration file says
+ * `vdisk.mntapi.remoteWrites = "persistent"`.
+ *
  * # Safety
  * `diskNames` must point to `numberOfDisks` NUL-terminated strings; `handle` must be
  * a valid pointer.
@@ -228,7 +235,10 @@ VixError VixMntapi_OpenDisks(VixDiskLibConnection connection,
  * with `VIXDISKLIB_FLAG_OPEN_READ_ONLY` (a writable handle holds the disk's
  * exclusive lock); the set is read-only. `openMode` is 0 or
  * `VIXDISKLIB_FLAG_OPEN_READ_ONLY`. The caller closes the disk handles after
- * `VixMntapi_CloseDiskSet`.
+ * `VixMntapi_CloseDiskSet`. A handle of a remote disk may be read-write (there is
+ * no local lock): the mounts connect to its export again with its options, and
+ * read-write mounts are non-persistent as with `VixMntapi_OpenDisks`; the set is
+ * read-only if the handle or `openMode` is.
  *
  * # Safety
  * `diskHandles` must point to `numberOfDisks` handles; `handle` must be a valid

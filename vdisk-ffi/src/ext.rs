@@ -1,4 +1,4 @@
-//! vdisk extensions: two functions that are not part of VDDK's API, for
+//! vdisk extensions: functions that are not part of VDDK's API, for
 //! `libvixMntapi.so` (vdisk-ffi/mntapi).
 //!
 //! The mount library is a separate shared object with its own handle registries,
@@ -14,11 +14,11 @@ use std::os::unix::ffi::OsStrExt;
 use crate::errors::VIX_E_INVALID_ARG;
 use crate::state;
 use crate::types::{uint32, Bool, VixDiskLibConnection, VixDiskLibHandle, VixError};
-use crate::{guard, malloc_bytes, ok, FfiError};
+use crate::{c_path, guard, malloc_bytes, malloc_str, ok, FfiError};
 
 /// vdisk extension (not in VDDK): whether `connection` is a live connection of this
 /// library, and if so whether it was made read-only (`ConnectEx` with `readOnly`).
-/// Every connection of this library is local. Returns `VIX_OK`, or
+/// Returns `VIX_OK`, or
 /// `VIX_E_DISK_INVALID_CONNECTION` for a NULL, unknown or disconnected handle.
 ///
 /// # Safety
@@ -68,6 +68,87 @@ pub unsafe extern "C" fn VdiskExt_GetDiskHandleInfo(
         }
         // SAFETY: non-NULL out pointer given by the caller.
         unsafe { *path = copy };
+        ok()
+    })
+}
+
+/// Writes the text of `spec` (or NULL for none) to `*out`.
+///
+/// # Safety
+/// `out` must be a valid pointer.
+unsafe fn put_spec(
+    out: *mut *mut c_char,
+    spec: Option<vdisk_nbd::client::RemoteSpec>,
+) -> Result<(), FfiError> {
+    let copy = match spec {
+        Some(s) => malloc_str(&s.to_text())?,
+        None => std::ptr::null_mut(),
+    };
+    // SAFETY: a valid out pointer per the contract.
+    unsafe { *out = copy };
+    Ok(())
+}
+
+/// vdisk extension (not in VDDK): for a connection made with `serverName` (the
+/// `nbd` and `nbdssl` transports), how the disk `path` is reached on it - the
+/// server, the export `path` names and the connection's options (TLS, pinned
+/// thumbprint, read-only) - as the text of `vdisk_nbd::client::RemoteSpec`, in
+/// memory from `malloc` that the caller frees with `free`; `*spec` is NULL for a
+/// local connection. Nothing is opened. Returns `VIX_E_DISK_INVALID_CONNECTION` for
+/// a NULL, unknown or disconnected connection, `VIX_E_INVALID_ARG` for a NULL or
+/// empty path.
+///
+/// # Safety
+/// `path` must be NULL or a NUL-terminated string; `spec` a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn VdiskExt_GetConnectionRemoteSpec(
+    connection: VixDiskLibConnection,
+    path: *const c_char,
+    spec: *mut *mut c_char,
+) -> VixError {
+    guard("VdiskExt_GetConnectionRemoteSpec", || {
+        if spec.is_null() {
+            return Err(FfiError::new(VIX_E_INVALID_ARG, "spec is NULL"));
+        }
+        // SAFETY: non-NULL out pointer given by the caller: NULL until success.
+        unsafe { *spec = std::ptr::null_mut() };
+        let (_, conn) = state::connection(connection as usize)?;
+        // SAFETY: NULL or NUL-terminated per the contract.
+        let path = unsafe { c_path(path, "path") }?;
+        let found = conn
+            .remote
+            .as_ref()
+            .map(|server| crate::remote::spec_of(server, &path));
+        // SAFETY: checked non-NULL above.
+        unsafe { put_spec(spec, found) }?;
+        ok()
+    })
+}
+
+/// vdisk extension (not in VDDK): for a disk handle opened through a remote
+/// connection, how its export is reached again (as
+/// [`VdiskExt_GetConnectionRemoteSpec`], with the handle's own read-only choice);
+/// `*spec` is NULL for a local disk. Returns `VIX_E_INVALID_ARG` for a NULL, unknown
+/// or closed handle.
+///
+/// # Safety
+/// `spec` must be a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn VdiskExt_GetDiskHandleRemoteSpec(
+    diskHandle: VixDiskLibHandle,
+    spec: *mut *mut c_char,
+) -> VixError {
+    guard("VdiskExt_GetDiskHandleRemoteSpec", || {
+        if spec.is_null() {
+            return Err(FfiError::new(VIX_E_INVALID_ARG, "spec is NULL"));
+        }
+        // SAFETY: non-NULL out pointer given by the caller: NULL until success.
+        unsafe { *spec = std::ptr::null_mut() };
+        let h = state::disk(diskHandle as usize)?;
+        h.with_virtual(|_| Ok(()))?;
+        let found = h.remote.as_ref().map(|r| r.disk.spec());
+        // SAFETY: checked non-NULL above.
+        unsafe { put_spec(spec, found) }?;
         ok()
     })
 }

@@ -18,7 +18,7 @@ use std::ffi::c_void;
 use std::path::Path;
 
 use vdisk::{DiskInfo, ErrorKind, LinkInfo, VirtualDisk};
-use vdisk_nbd::client::{parse_uri, ClientOptions, Endpoint, RemoteDisk, TlsPolicy};
+use vdisk_nbd::client::{parse_uri, ClientOptions, Endpoint, RemoteDisk, RemoteSpec, TlsPolicy};
 
 use crate::errors::{VIX_E_INVALID_ARG, VIX_OK};
 use crate::state::{DiskHandle, RemoteHandle, RemoteServer, SendPtr};
@@ -170,6 +170,16 @@ pub fn connect(req: &ConnectRequest<'_>) -> Result<RemoteServer, FfiError> {
     ))
 }
 
+/// How the disk `path` of a remote connection is reached: the connection's server
+/// and options, the path verbatim as the export name (as [`open`] maps it).
+pub fn spec_of(server: &RemoteServer, path: &Path) -> RemoteSpec {
+    RemoteSpec {
+        endpoint: server.endpoint.clone(),
+        export: path.to_string_lossy().into_owned(),
+        options: server.options.clone(),
+    }
+}
+
 /// Opens `path` (the export name) on a remote connection.
 pub fn open(
     server: &RemoteServer,
@@ -186,12 +196,10 @@ pub fn open(
              links cannot be opened one by one",
         ));
     }
-    let export = path.to_string_lossy().into_owned();
-    let options = ClientOptions {
-        read_only: read_only || server.options.read_only,
-        ..server.options.clone()
-    };
-    let disk = RemoteDisk::open(&server.endpoint, &export, &options).map_err(|e| {
+    let spec = spec_of(server, path);
+    let spec = spec.read_only(read_only || spec.options.read_only);
+    let export = &spec.export;
+    let disk = spec.open().map_err(|e| {
         FfiError::new(
             e.kind().vix_code(),
             format!(

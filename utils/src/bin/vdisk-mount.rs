@@ -21,6 +21,12 @@
 //! (see `vdisk_mount::volume`) with the partition's file mounted on DIR through a
 //! loop device; `-d DIR` unmounts both, and `-k DISK` also cleans up what a crashed
 //! serving process left.
+//!
+//! DISK may also be an NBD URI (`nbd://HOST[:PORT]/EXPORT`, `nbds://...`,
+//! `nbd+unix:///EXPORT?socket=PATH`, `nbds+unix://...`; TLS settings from the
+//! `VDISK_NBD_TLS_*` variables, see `vdisk_utils::nbd_client_options`): every mode
+//! works on the export, a non-persistent mount reads it only (its writes stay in a
+//! local overlay), and `-k` and `-L` name the mount by its URI.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -65,7 +71,11 @@ const SERVE: &str = "--serve";
                   vdisk-mount -x                         unmount every vdisk mount\n\
                   Mounts are non-persistent unless --persistent is given: writes go to a throwaway \
                   redo log and the disk files never change. A snapshot is chosen by naming its \
-                  descriptor."
+                  descriptor.\n\
+                  DISK may be an NBD export: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, \
+                  or nbds://, nbds+unix:// for TLS (VDISK_NBD_TLS_CA: CA bundle, VDISK_NBD_TLS_THUMBPRINT: \
+                  pinned certificate, VDISK_NBD_TLS_CERT and VDISK_NBD_TLS_KEY: client certificate). A \
+                  non-persistent mount of an export only reads it; --persistent writes to the server."
 )]
 struct Args {
     /// List the partitions of DISK (number, start, size, type, file system, label).
@@ -555,6 +565,12 @@ fn open_remote(uri: &str, mode: Mode) -> CliResult<vdisk_mount::OpenedDisk> {
         &vdisk_utils::nbd_client_options(mode != Mode::Persistent),
     )
     .map_err(|e| format!("cannot open {uri}: {e}"))?;
+    if mode == Mode::Persistent && !vdisk::VirtualDisk::is_writable(&remote) {
+        return Err(format!(
+            "{uri} is read-only on its server: mount it without --persistent (writes stay \
+             in a local overlay) or with -r"
+        ));
+    }
     let disk: Box<dyn vdisk::VirtualDisk> = match mode {
         Mode::NonPersistent => Box::new(
             vdisk::Overlay::new(Box::new(remote), None).map_err(|e| format!("{uri}: {e}"))?,
@@ -855,15 +871,31 @@ fn unmount_each(volumes: &[VolumeRecord], entries: &[MountEntry]) -> CliResult {
     }
 }
 
+/// What identifies a disk named on the command line or in a mount's record: an NBD
+/// URI in its normal form (scheme, server, export: `nbd://h/e` and `nbd://h:10809/e`
+/// are the same disk), a path canonical when it exists.
+fn disk_key(disk: &Path) -> String {
+    if let Some(uri) = disk.to_str().filter(|d| vdisk_utils::is_nbd_uri(d)) {
+        if let Ok(u) = vdisk_nbd::client::parse_uri(uri) {
+            return u.to_string();
+        }
+        return uri.to_string();
+    }
+    disk.canonicalize()
+        .unwrap_or_else(|_| disk.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn unmount_disk(disk: &Path) -> CliResult {
-    let canonical = disk.canonicalize().unwrap_or_else(|_| disk.to_path_buf());
+    let key = disk_key(disk);
     let volumes: Vec<VolumeRecord> = volume_records()
         .into_iter()
-        .filter(|r| r.disk == canonical || r.disk == disk)
+        .filter(|r| disk_key(&r.disk) == key)
         .collect();
     let entries: Vec<MountEntry> = mounts()?
         .into_iter()
-        .filter(|m| Path::new(&m.source) == canonical || Path::new(&m.source) == disk)
+        .filter(|m| disk_key(Path::new(&m.source)) == key)
         .collect();
     if entries.is_empty() && volumes.is_empty() {
         return Err(format!("{} is not mounted", disk.display()));

@@ -3,9 +3,10 @@
 
 use std::ffi::{c_char, c_void};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use vdisk::OpenOptions;
+use vdisk::{OpenOptions, VirtualDisk};
+use vdisk_nbd::client::RemoteSpec;
 
 use crate::errors::{
     VIX_E_DISK_NOINIT, VIX_E_INVALID_ARG, VIX_E_MNTAPI_CANT_MAKE_VAR_DIR,
@@ -37,6 +38,13 @@ const FLAG_COMPRESSION_MASK: u32 = 0x03f0;
 /// libvixDiskLib.so.8, loaded in the process. The disk's partition table is read now;
 /// the disk itself is opened again by each mount.
 ///
+/// On a remote connection (`serverName` set: the `nbd`/`nbdssl` transports),
+/// `diskNames[0]` is the export, as for `VixDiskLib_Open`, and each mount connects
+/// to it again with the connection's options (TLS, thumbprint). Read-write mounts
+/// of a remote disk are non-persistent - the export is only read, writes go to a
+/// local redo log thrown away at dismount - unless the configuration file says
+/// `vdisk.mntapi.remoteWrites = "persistent"`.
+///
 /// # Safety
 /// `diskNames` must point to `numberOfDisks` NUL-terminated strings; `handle` must be
 /// a valid pointer.
@@ -61,7 +69,11 @@ pub unsafe extern "C" fn VixMntapi_OpenDisks(
         let name = unsafe { *diskNames };
         // SAFETY: NULL or NUL-terminated per the contract.
         let path = unsafe { c_path(name, "diskNames[0]") }?;
-        let set = open_set(&path, openFlags, connection_read_only)?;
+        let disk = match disklib::connection_remote_spec(connection, &path)? {
+            Some(spec) => Source::Remote(Box::new(spec)),
+            None => Source::Local(&path),
+        };
+        let set = open_set(disk, openFlags, connection_read_only)?;
         // SAFETY: checked non-NULL, valid for a write per the contract.
         unsafe { handle.write(set as VixDiskSetHandle) };
         Ok(())
@@ -73,7 +85,10 @@ pub unsafe extern "C" fn VixMntapi_OpenDisks(
 /// with `VIXDISKLIB_FLAG_OPEN_READ_ONLY` (a writable handle holds the disk's
 /// exclusive lock); the set is read-only. `openMode` is 0 or
 /// `VIXDISKLIB_FLAG_OPEN_READ_ONLY`. The caller closes the disk handles after
-/// `VixMntapi_CloseDiskSet`.
+/// `VixMntapi_CloseDiskSet`. A handle of a remote disk may be read-write (there is
+/// no local lock): the mounts connect to its export again with its options, and
+/// read-write mounts are non-persistent as with `VixMntapi_OpenDisks`; the set is
+/// read-only if the handle or `openMode` is.
 ///
 /// # Safety
 /// `diskHandles` must point to `numberOfDisks` handles; `handle` must be a valid
@@ -102,6 +117,15 @@ pub unsafe extern "C" fn VixMntapi_OpenDiskSet(
         // SAFETY: `diskHandles` holds numberOfDisks (= 1) handles per the contract.
         let disk = unsafe { *diskHandles };
         let (path, flags) = disklib::disk_handle(disk)?;
+        if let Some(spec) = disklib::disk_handle_remote_spec(disk)? {
+            // A remote disk has no lock here: the mounts connect again, read-only
+            // if the handle is.
+            let read_only = flags & FLAG_READ_ONLY != 0;
+            let set = open_set(Source::Remote(Box::new(spec)), flags | openMode, read_only)?;
+            // SAFETY: checked non-NULL, valid for a write per the contract.
+            unsafe { handle.write(set as VixDiskSetHandle) };
+            return Ok(());
+        }
         if flags & FLAG_READ_ONLY == 0 {
             return Err(FfiError::new(
                 VIX_E_NOT_SUPPORTED,
@@ -113,7 +137,7 @@ pub unsafe extern "C" fn VixMntapi_OpenDiskSet(
                 ),
             ));
         }
-        let set = open_set(&path, flags | openMode, true)?;
+        let set = open_set(Source::Local(&path), flags | openMode, true)?;
         // SAFETY: checked non-NULL, valid for a write per the contract.
         unsafe { handle.write(set as VixDiskSetHandle) };
         Ok(())
@@ -140,10 +164,18 @@ fn check_count(n: usize) -> Result<(), FfiError> {
     }
 }
 
-/// Opens the set of the disk at `path`: checks the flags, opens the disk as they say
-/// (so that a missing, locked or read-only disk fails now), reads its partition table,
-/// makes the set's folder and registers it.
-fn open_set(path: &Path, flags: u32, forced_read_only: bool) -> Result<usize, FfiError> {
+/// Where a set's disk is.
+enum Source<'a> {
+    /// A disk file (descriptor) on this machine.
+    Local(&'a Path),
+    /// A disk on a remote connection, as libvixDiskLib reaches it.
+    Remote(Box<RemoteSpec>),
+}
+
+/// Opens the set of a disk: checks the flags, opens the disk as they say (so that a
+/// missing, locked or read-only disk fails now), reads its partition table, makes
+/// the set's folder and registers it.
+fn open_set(source: Source<'_>, flags: u32, forced_read_only: bool) -> Result<usize, FfiError> {
     let config = state::config()
         .ok_or_else(|| FfiError::new(VIX_E_DISK_NOINIT, "VixMntapi_Init has not been called"))?;
     let known = FLAG_UNBUFFERED | FLAG_SINGLE_LINK | FLAG_READ_ONLY | FLAG_COMPRESSION_MASK;
@@ -165,6 +197,70 @@ fn open_set(path: &Path, flags: u32, forced_read_only: bool) -> Result<usize, Ff
     } else {
         flags
     };
+    let (disk_path, table, remote) = match source {
+        Source::Local(path) => {
+            let (disk_path, table) = local_partitions(path, read_only)?;
+            (disk_path, table, None)
+        }
+        Source::Remote(spec) => {
+            let spec = spec.read_only(read_only || spec.options.read_only);
+            // Only a set that writes to the server needs a writable export.
+            let writes = !spec.options.read_only && config.remote_persistent;
+            let (disk_path, table) = remote_partitions(&spec.read_only(!writes))?;
+            (disk_path, table, Some(spec))
+        }
+    };
+    for w in &table.warnings {
+        log::log(&format!(
+            "VixMntapi: partition table of {}: {w}",
+            disk_path.display()
+        ));
+    }
+    let specs = volumes::volumes(&table);
+    let id = state::reserve(specs.len());
+    let base = config
+        .tmp_directory
+        .unwrap_or_else(vdisk_mount::volume::runtime_dir);
+    make_base(&base)?;
+    sweep_dead(&base);
+    let dir = base.join(format!("vixmntapi-{}-{id}", std::process::id()));
+    state::make_dir(&dir)?;
+    let remote_persistent = config.remote_persistent;
+    log::log(&format!(
+        "VixMntapi: opened {} ({}): {} volume(s), mount folder {}",
+        disk_path.display(),
+        match (read_only, &remote) {
+            (true, _) => "read-only",
+            (false, Some(_)) if !remote_persistent => {
+                "remote, read-write mounts are non-persistent"
+            }
+            (false, Some(_)) => "remote, read-write mounts write to the server",
+            (false, None) => "read-write",
+        },
+        specs.len(),
+        dir.display()
+    ));
+    let set = state::DiskSet {
+        disk: disk_path,
+        remote,
+        remote_persistent,
+        flags,
+        read_only,
+        dir: dir.clone(),
+        volumes: Vec::new(),
+    };
+    state::add_set(id, set, specs).ok_or_else(|| {
+        let _ = std::fs::remove_dir(&dir);
+        FfiError::new(VIX_E_DISK_NOINIT, "VixMntapi_Exit ran meanwhile")
+    })
+}
+
+/// Opens the local disk at `path` (writable unless `read_only`, so that a locked
+/// disk fails now) and reads its partition table; returns its absolute path too.
+fn local_partitions(
+    path: &Path,
+    read_only: bool,
+) -> Result<(PathBuf, vdisk_mount::PartitionTable), FfiError> {
     let disk_path = std::path::absolute(path)
         .map_err(|e| FfiError::new(VIX_E_INVALID_ARG, format!("{}: {e}", path.display())))?;
     let disk = OpenOptions::new()
@@ -193,32 +289,38 @@ fn open_set(path: &Path, flags: u32, forced_read_only: bool) -> Result<usize, Ff
             format!("closing {}: {e}", disk_path.display()),
         )
     })?;
-    for w in &table.warnings {
-        log::log(&format!(
-            "VixMntapi: partition table of {}: {w}",
-            disk_path.display()
+    Ok((disk_path, table))
+}
+
+/// Opens a remote disk as `spec` says (a missing export, or a writable open of a
+/// read-only one, fails now) and reads its partition table; the disk is named by
+/// its URI.
+fn remote_partitions(
+    spec: &RemoteSpec,
+) -> Result<(PathBuf, vdisk_mount::PartitionTable), FfiError> {
+    let uri = spec.uri();
+    let disk = spec
+        .open()
+        .map_err(|e| FfiError::new(e.kind().vix_code(), format!("cannot open disk {uri}: {e}")))?;
+    if !spec.options.read_only && !disk.is_writable() {
+        return Err(FfiError::new(
+            vdisk::ErrorKind::ReadOnly.vix_code(),
+            format!(
+                "{uri} is read-only on its server, and vdisk.mntapi.remoteWrites is \
+                 persistent: open the set with VIXDISKLIB_FLAG_OPEN_READ_ONLY"
+            ),
         ));
     }
-    let specs = volumes::volumes(&table);
-    let id = state::reserve(specs.len());
-    let base = config
-        .tmp_directory
-        .unwrap_or_else(vdisk_mount::volume::runtime_dir);
-    make_base(&base)?;
-    sweep_dead(&base);
-    let dir = base.join(format!("vixmntapi-{}-{id}", std::process::id()));
-    state::make_dir(&dir)?;
-    log::log(&format!(
-        "VixMntapi: opened {} ({}): {} volume(s), mount folder {}",
-        disk_path.display(),
-        if read_only { "read-only" } else { "read-write" },
-        specs.len(),
-        dir.display()
-    ));
-    state::add_set(id, disk_path, flags, read_only, dir.clone(), specs).ok_or_else(|| {
-        let _ = std::fs::remove_dir(&dir);
-        FfiError::new(VIX_E_DISK_NOINIT, "VixMntapi_Exit ran meanwhile")
-    })
+    let table = vdisk_mount::read_partitions(&vdisk_mount::DiskSource(&disk));
+    let closed = disk.close();
+    let table = table.map_err(|e| {
+        FfiError::new(
+            VIX_E_MNTAPI_CANT_READ_PARTS,
+            format!("cannot read the partition table of {uri}: {e}"),
+        )
+    })?;
+    closed.map_err(|e| FfiError::new(e.kind().vix_code(), format!("closing {uri}: {e}")))?;
+    Ok((PathBuf::from(uri), table))
 }
 
 /// Creates the folder mount folders go in, if missing (mode 0700).

@@ -1,8 +1,11 @@
 //! The configuration file of `VixMntapi_Init` (the same file as `VixDiskLib_InitEx`'s):
 //! `key = value` lines, values optionally in double quotes, keys case-insensitive,
-//! `#` comments. Two keys matter here: `tmpDirectory` (where mount folders are made)
-//! and `vixMntapi.cfg.LogLevel` (0-6). Other keys belong to other components and are
-//! ignored, as are lines that are not `key = value`.
+//! `#` comments. Three keys matter here: `tmpDirectory` (where mount folders are
+//! made, and the throwaway redo logs of non-persistent remote mounts),
+//! `vixMntapi.cfg.LogLevel` (0-6) and vdisk's `vdisk.mntapi.remoteWrites`
+//! (`non-persistent`, the default, or `persistent`: where read-write mounts of a
+//! disk on a remote connection write). Other keys belong to other components and
+//! are ignored, as are lines that are not `key = value`.
 
 use std::path::PathBuf;
 
@@ -19,6 +22,9 @@ pub(crate) struct Config {
     pub tmp_directory: Option<PathBuf>,
     /// `vixMntapi.cfg.LogLevel`.
     pub log_level: u8,
+    /// `vdisk.mntapi.remoteWrites = persistent`: read-write mounts of a remote disk
+    /// write to the server (default: to a local throwaway redo log).
+    pub remote_persistent: bool,
 }
 
 impl Default for Config {
@@ -26,6 +32,7 @@ impl Default for Config {
         Config {
             tmp_directory: None,
             log_level: LEVEL_AUDIT,
+            remote_persistent: false,
         }
     }
 }
@@ -61,6 +68,17 @@ pub(crate) fn parse(text: &str) -> Result<Config, String> {
                 .ok_or_else(|| {
                     format!("line {number}: vixMntapi.cfg.LogLevel must be 0 to 6, not \"{value}\"")
                 })?;
+        } else if key.eq_ignore_ascii_case("vdisk.mntapi.remoteWrites") {
+            config.remote_persistent = match value.to_ascii_lowercase().as_str() {
+                "persistent" => true,
+                "non-persistent" | "nonpersistent" => false,
+                _ => {
+                    return Err(format!(
+                        "line {number}: vdisk.mntapi.remoteWrites must be \"non-persistent\" \
+                         or \"persistent\", not \"{value}\""
+                    ))
+                }
+            };
         }
     }
     Ok(config)
@@ -90,7 +108,15 @@ mod tests {
         .unwrap();
         assert_eq!(c.tmp_directory, Some(PathBuf::from("/var/tmp/vddk")));
         assert_eq!(c.log_level, 5);
-        let c = parse("tmpDirectory = /tmp/x\n").unwrap();
+        assert!(!c.remote_persistent);
+        let c =
+            parse("tmpDirectory = /tmp/x\nvdisk.mntapi.remoteWrites = \"Persistent\"\n").unwrap();
+        assert!(c.remote_persistent);
+        assert!(
+            !parse("vdisk.mntapi.remoteWrites = non-persistent\n")
+                .unwrap()
+                .remote_persistent
+        );
         assert_eq!(c.tmp_directory, Some(PathBuf::from("/tmp/x")));
     }
 
@@ -110,5 +136,7 @@ mod tests {
         let e = parse("vixMntapi.cfg.LogLevel = 7\n").unwrap_err();
         assert!(e.contains("line 1") && e.contains("0 to 6"), "{e}");
         assert!(parse("vixMntapi.cfg.LogLevel = loud\n").is_err());
+        let e = parse("vdisk.mntapi.remoteWrites = sometimes\n").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("persistent"), "{e}");
     }
 }

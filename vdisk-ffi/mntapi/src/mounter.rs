@@ -6,17 +6,20 @@
 //! closed. The wait for that runs on a background thread, which `VixMntapi_Exit`
 //! joins, so no thread of this library outlives `Exit`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-use vdisk_mount::volume::{cleanup_volume, mount_volume, unmount_volume};
-use vdisk_mount::{Mode, MountError, MountedVolume, VolumeOptions};
+use vdisk::VirtualDisk;
+use vdisk_mount::volume::{cleanup_volume, mount_volume, mount_volume_opened, unmount_volume};
+use vdisk_mount::{Mode, MountError, MountedVolume, OpenedDisk, VolumeOptions};
+use vdisk_nbd::client::RemoteSpec;
 
 use crate::errors::{
     VIX_E_FAIL, VIX_E_MNTAPI_DAEMON, VIX_E_MNTAPI_LOOP_FAILED, VIX_E_MNTAPI_MOUNTPT_NOT_FOUND,
     VIX_E_MNTAPI_NO_ROOT, VIX_E_MNTAPI_OPEN_HANDLES, VIX_E_MNTAPI_UMOUNT,
 };
+use crate::state::DiskSet;
 use crate::FfiError;
 
 /// The threads waiting for lazily detached volumes to close their disks.
@@ -28,10 +31,12 @@ pub(crate) fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Mounts partition `partition` of `disk` (None: the file system on the whole disk)
-/// on the existing folder `target`, read-only or persistently read-write.
+/// Mounts partition `partition` of the set's disk (None: the file system on the
+/// whole disk) on the existing folder `target`: read-only, or read-write - a local
+/// disk persistently; a remote disk through a throwaway local redo log unless the
+/// set writes to the server (`vdisk.mntapi.remoteWrites = persistent`).
 pub(crate) fn mount(
-    disk: &Path,
+    set: &DiskSet,
     partition: Option<u32>,
     target: &Path,
     read_only: bool,
@@ -42,16 +47,53 @@ pub(crate) fn mount(
             "mounting a volume needs root (mount(8) and a loop device)",
         ));
     }
+    let mode = match (read_only, &set.remote) {
+        (true, _) => Mode::ReadOnly,
+        (false, Some(_)) if !set.remote_persistent => Mode::NonPersistent,
+        (false, _) => Mode::Persistent,
+    };
     let options = VolumeOptions {
-        mode: if read_only {
-            Mode::ReadOnly
-        } else {
-            Mode::Persistent
-        },
+        mode,
         allow_other: false,
         fs_options: Vec::new(),
     };
-    mount_volume(disk, partition, target, &options).map_err(mount_error)
+    match &set.remote {
+        None => mount_volume(&set.disk, partition, target, &options).map_err(mount_error),
+        Some(spec) => {
+            let opened = open_remote(spec, mode)?;
+            mount_volume_opened(opened, partition, target, &options).map_err(mount_error)
+        }
+    }
+}
+
+/// Opens a remote disk for a mount in `mode`: read-only, writing to the server, or
+/// non-persistent - the export only read, the writes kept in an unlinked file of
+/// `tmpDirectory` (else the system's temporary folder) that goes with the mount.
+fn open_remote(spec: &RemoteSpec, mode: Mode) -> Result<OpenedDisk, FfiError> {
+    let uri = spec.uri();
+    let remote = spec
+        .read_only(mode != Mode::Persistent || spec.options.read_only)
+        .open()
+        .map_err(|e| FfiError::new(e.kind().vix_code(), format!("cannot open {uri}: {e}")))?;
+    let disk: Box<dyn VirtualDisk> = if mode == Mode::NonPersistent {
+        let dir = crate::state::config().and_then(|c| c.tmp_directory);
+        Box::new(
+            vdisk::Overlay::new(Box::new(remote), dir.as_deref()).map_err(|e| {
+                FfiError::new(
+                    e.kind().vix_code(),
+                    format!("{uri}: cannot make the redo log of a non-persistent mount: {e}"),
+                )
+            })?,
+        )
+    } else {
+        Box::new(remote)
+    };
+    Ok(OpenedDisk {
+        disk,
+        name: PathBuf::from(uri),
+        compressed: false,
+        mtime: std::time::SystemTime::now(),
+    })
 }
 
 /// The code and message of a mount failure.

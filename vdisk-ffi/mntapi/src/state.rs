@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vdisk_mount::MountedVolume;
+use vdisk_nbd::client::RemoteSpec;
 
 use crate::config::Config;
 use crate::errors::{
@@ -26,8 +27,13 @@ use crate::FfiError;
 /// A set of disks opened for mounting (one disk on Linux).
 #[derive(Debug)]
 pub(crate) struct DiskSet {
-    /// The disk (absolute path).
+    /// The disk (absolute path; for a remote disk its NBD URI).
     pub disk: PathBuf,
+    /// How a disk on a remote connection is reached (each mount connects anew).
+    pub remote: Option<RemoteSpec>,
+    /// Whether read-write mounts of a remote disk write to the server (else to a
+    /// throwaway local redo log); local disks are always written.
+    pub remote_persistent: bool,
     /// The open flags reported by GetDiskSetInfo.
     pub flags: u32,
     /// Whether volumes may only be mounted read-only.
@@ -72,6 +78,7 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     config: Config {
         tmp_directory: None,
         log_level: crate::log::LEVEL_AUDIT,
+        remote_persistent: false,
     },
     next: 1,
     sets: BTreeMap::new(),
@@ -114,23 +121,14 @@ pub(crate) fn reserve(volumes: usize) -> u64 {
     id
 }
 
-/// Registers set `set_id` (from [`reserve`] with `specs.len()`) of `disk` with its
-/// volumes; returns the set's C handle value, or None when `Exit` ran meanwhile.
-pub(crate) fn add_set(
-    set_id: u64,
-    disk: PathBuf,
-    flags: u32,
-    read_only: bool,
-    dir: PathBuf,
-    specs: Vec<VolumeSpec>,
-) -> Option<usize> {
+/// Registers set `set_id` (from [`reserve`] with `specs.len()`) with its volumes
+/// (`set.volumes` is filled in here); returns the set's C handle value, or None
+/// when `Exit` ran meanwhile.
+pub(crate) fn add_set(set_id: u64, set: DiskSet, specs: Vec<VolumeSpec>) -> Option<usize> {
     let volume_ids: Vec<u64> = (1..=specs.len() as u64).map(|i| set_id + i).collect();
     let set = Arc::new(DiskSet {
-        disk,
-        flags,
-        read_only,
-        dir,
         volumes: volume_ids.clone(),
+        ..set
     });
     let mut r = lock(&REGISTRY);
     if !r.initialised {
@@ -253,14 +251,14 @@ impl Volume {
         }
         let dir = self.dir();
         make_dir(&dir)?;
-        match mounter::mount(&self.set.disk, self.spec.partition, &dir, read_only) {
+        match mounter::mount(&self.set, self.spec.partition, &dir, read_only) {
             Ok(m) => {
                 crate::log::log(&format!(
                     "VixMntapi: mounted volume {} of {} on {} ({})",
                     self.spec.name(),
                     self.set.disk.display(),
                     m.target().display(),
-                    if read_only { "read-only" } else { "read-write" }
+                    mode_text(&self.set, read_only)
                 ));
                 st.mounted = Some(m);
                 Ok(())
@@ -298,6 +296,17 @@ impl Volume {
             let _ = std::fs::remove_dir(self.dir());
         }
         result
+    }
+}
+
+/// How a volume of `set` is mounted, for log lines.
+fn mode_text(set: &DiskSet, read_only: bool) -> &'static str {
+    match (read_only, &set.remote) {
+        (true, _) => "read-only",
+        (false, Some(_)) if !set.remote_persistent => {
+            "read-write, non-persistent: writes are discarded at dismount"
+        }
+        (false, _) => "read-write",
     }
 }
 

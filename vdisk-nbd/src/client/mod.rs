@@ -16,6 +16,7 @@
 //!   [`crate::replies::ReplyChecker`] and runs each request's completion, bounded
 //!   requests and bytes in flight, a request timeout, and every request answered
 //!   exactly once even when the connection dies.
+//! * [`spec`]: [`RemoteSpec`] - how to open an export again, and its text form.
 //! * [`remote`]: [`RemoteDisk`] - several connections when the server allows
 //!   multi-conn, reads and writes split at the server's maximum block, one
 //!   reconnection for reads, block status walks, change IDs.
@@ -30,10 +31,12 @@ use vdisk::{Error, ErrorKind};
 pub mod connection;
 pub mod handshake;
 pub mod remote;
+pub mod spec;
 pub mod tls;
 pub mod uri;
 
 pub use remote::RemoteDisk;
+pub use spec::RemoteSpec;
 pub use uri::{parse_uri, NbdUri};
 
 /// The default NBD port (IANA).

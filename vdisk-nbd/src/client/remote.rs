@@ -201,6 +201,16 @@ impl RemoteDisk {
         self.inner.tls.is_some()
     }
 
+    /// How to open this export again: the same server, export and options
+    /// (another connection, e.g. from another library in the process).
+    pub fn spec(&self) -> super::RemoteSpec {
+        super::RemoteSpec {
+            endpoint: self.inner.endpoint.clone(),
+            export: self.inner.export.clone(),
+            options: self.inner.opts.clone(),
+        }
+    }
+
     /// The export's name.
     pub fn export_name(&self) -> &str {
         &self.inner.export
