@@ -34,11 +34,6 @@ typedef void (VixDiskLibGenericLogVFunc)(int routing, const char *fmt, va_list a
 
 
 /**
- * The NBD port when the connection parameters give none.
- */
-#define DEFAULT_PORT 10809
-
-/**
  * Bytes per sector.
  */
 #define VIXDISKLIB_SECTOR_SIZE 512

@@ -94,6 +94,7 @@ impl RemoteSpec {
             endpoint: self.endpoint.clone(),
             export: self.export.clone(),
             tls: self.options.wants_tls(),
+            tls_certificates: None,
         }
         .to_string()
     }
