@@ -33,6 +33,7 @@ pub mod remote;
 pub mod tls;
 pub mod uri;
 
+pub use crate::replies::ReadSink;
 pub use remote::RemoteDisk;
 pub use uri::{parse_uri, NbdUri};
 
