@@ -17,7 +17,7 @@
 //!   --allocated       QueryAllocatedBlocks first (chunks of 128 sectors), then read
 //!                     only the allocated chunks, as backup software does
 //!   --query-only      only QueryAllocatedBlocks, timed (--repeat times)
-//!   --repeat N        QueryAllocatedBlocks runs for --query-only (default 1)
+//!   --repeat N        QueryAllocatedBlocks runs (default 1; the median is reported)
 //!   --check sha256|none   checksum the disk (default sha256)
 //! ```
 //!
@@ -450,16 +450,15 @@ fn one_disk(conn: Conn, name: &str, a: &Args) -> Result<DiskResult, Failure> {
     let size = sectors * SECTOR;
     let mut query = None;
     let ranges = if a.allocated || a.query_only {
-        let mut best: Option<(f64, Vec<(u64, u64)>)> = None;
+        let mut times = Vec::new();
+        let mut blocks = Vec::new();
         for _ in 0..a.repeat.max(1) {
             let t0 = Instant::now();
-            let blocks = allocated(handle.0, sectors)?;
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            if best.as_ref().is_none_or(|b| ms < b.0) {
-                best = Some((ms, blocks));
-            }
+            blocks = allocated(handle.0, sectors)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
-        let (ms, blocks) = best.unwrap();
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2];
         let bytes = blocks.iter().map(|b| b.1 * SECTOR).sum();
         query = Some((ms, blocks.len(), bytes));
         blocks
