@@ -156,6 +156,24 @@ pub fn vdisk_nbd_bin() -> PathBuf {
     )
 }
 
+/// The `vdisk-proxy` binary of the current build (`target/<profile>/vdisk-proxy`,
+/// package `vdisk-proxy` in examples/proxy): reads disks through the C API's
+/// nbd transport, checked like [`vdiskmanager_bin`].
+pub fn vdisk_proxy_bin() -> PathBuf {
+    static FRESH: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    package_bin(
+        "vdisk-proxy",
+        "vdisk-proxy",
+        &[
+            "vdisk/src",
+            "vdisk-nbd/src",
+            "vdisk-ffi/src",
+            "examples/proxy",
+        ],
+        &FRESH,
+    )
+}
+
 /// A `vdisk-nbd` server run for a test: started with `args` on a Unix socket of its
 /// own (or on TCP when `args` say so), ready when [`NbdServer::start`] returns,
 /// stopped by SIGTERM when dropped (and waited for).
@@ -429,6 +447,17 @@ pub fn uri_escape(s: &str) -> String {
 /// The binary `name` of the vdisk-utils package in `target/<profile>/`, checked
 /// (once, through `fresh`) to be newer than the sources under `sources`.
 fn workspace_bin(name: &str, sources: &[&str], fresh: &std::sync::OnceLock<()>) -> PathBuf {
+    package_bin(name, "vdisk-utils", sources, fresh)
+}
+
+/// The binary `name` of the workspace package `package` in `target/<profile>/`,
+/// checked (once, through `fresh`) to be newer than the sources under `sources`.
+fn package_bin(
+    name: &str,
+    package: &str,
+    sources: &[&str],
+    fresh: &std::sync::OnceLock<()>,
+) -> PathBuf {
     let exe = std::env::current_exe().expect("cannot locate the test executable");
     let deps = exe.parent().expect("test executable has no parent folder");
     let profile_dir = if deps.file_name() == Some(OsStr::new("deps")) {
@@ -440,11 +469,11 @@ fn workspace_bin(name: &str, sources: &[&str], fresh: &std::sync::OnceLock<()>) 
     assert!(
         bin.is_file(),
         "the {name} binary was not found at {}: cargo builds it only when the \
-         vdisk-utils package is built too - run `cargo test --workspace` (or \
-         `cargo build -p vdisk-utils` before `cargo test -p vdisk-interop`)",
+         {package} package is built too - run `cargo test --workspace` (or \
+         `cargo build -p {package}` before `cargo test -p vdisk-interop`)",
         bin.display()
     );
-    fresh.get_or_init(|| assert_binary_is_fresh(&bin, sources));
+    fresh.get_or_init(|| assert_binary_is_fresh(&bin, package, sources));
     bin
 }
 
@@ -491,7 +520,7 @@ fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
 /// Panics if a source file under `sources` (folders or files of the workspace) is newer than
 /// the binary `bin`: `cargo test -p vdisk-interop` does not rebuild it, and testing a
 /// stale binary would test old code.
-fn assert_binary_is_fresh(bin: &Path, sources: &[&str]) {
+fn assert_binary_is_fresh(bin: &Path, package: &str, sources: &[&str]) {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
     let sources = sources
@@ -502,7 +531,7 @@ fn assert_binary_is_fresh(bin: &Path, sources: &[&str]) {
         assert!(
             sources <= built,
             "the binary {} is older than its sources: rebuild it \
-             (`cargo build -p vdisk-utils`) or run the tests with `cargo test --workspace`",
+             (`cargo build -p {package}`) or run the tests with `cargo test --workspace`",
             bin.display()
         );
     }

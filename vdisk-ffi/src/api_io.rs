@@ -213,6 +213,11 @@ fn byte_range(d: &dyn VirtualDisk, start: u64, count: u64) -> Result<(u64, usize
 }
 
 fn do_read(h: &DiskHandle, start: u64, count: u64, buf: usize) -> Result<(), FfiError> {
+    if h.remote.is_some() {
+        // Straight into the caller's buffer.
+        let (off, len) = h.with_virtual(|d| byte_range(d, start, count))?;
+        return crate::remote::read(h, off, len, buf);
+    }
     h.with_virtual(|d| {
         let (off, len) = byte_range(d, start, count)?;
         if len == 0 {

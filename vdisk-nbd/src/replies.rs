@@ -13,10 +13,13 @@
 //! checking fails, so that whoever fails the connection finds every request.
 //!
 //! Lengths are checked before anything is allocated; a read's data chunks go
-//! straight into the request's own buffer (no copy through a chunk buffer).
+//! straight into the request's own buffer (no copy through a chunk buffer) - or,
+//! for a read submitted with a [`ReadSink`], straight into the submitter's memory
+//! (holes zeroed there), so that a C caller's buffer is filled from the socket.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
+use std::sync::Arc;
 
 use crate::limits::MAX_PAYLOAD;
 use crate::wire::{self, cflag, chunk, cmd, errno, Extent, ReplyHeader, Request};
@@ -111,6 +114,31 @@ pub struct Reply<T = ()> {
     pub tag: T,
 }
 
+/// Memory that a read's data goes straight into, lent by whoever submitted the read
+/// until the read's completion runs (the buffer of a C caller of `ReadAsync`, say).
+/// [`ReadSink::with_slice`] is called only while the read is in flight - never
+/// after its completion ran - from the thread reading its reply, for ranges inside
+/// the read; reads in flight at once lend disjoint ranges.
+pub trait ReadSink: Send + Sync {
+    /// Calls `f` with the `len` bytes at `at` (from the sink's start); an error if
+    /// the sink does not hold them.
+    fn with_slice(
+        &self,
+        at: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()>;
+}
+
+/// A sink and where in it a read's first byte goes.
+#[derive(Clone)]
+pub struct SinkAt {
+    /// The memory.
+    pub sink: Arc<dyn ReadSink>,
+    /// The offset in it of the read's first byte.
+    pub at: usize,
+}
+
 /// A request whose reply is not complete yet, with what its sender attached (`tag`:
 /// nothing for the test client, the completion for the production client).
 pub struct Pending<T> {
@@ -120,6 +148,8 @@ pub struct Pending<T> {
     pub tag: T,
     error: Option<(u32, String)>,
     data: Vec<u8>,
+    /// Where a read's data goes instead of `data`.
+    sink: Option<SinkAt>,
     /// Ranges of a read answered so far: start -> end.
     covered: BTreeMap<u64, u64>,
     covered_bytes: u64,
@@ -134,10 +164,18 @@ impl<T> Pending<T> {
             tag,
             error: None,
             data: Vec::new(),
+            sink: None,
             covered: BTreeMap::new(),
             covered_bytes: 0,
             status: Vec::new(),
         }
+    }
+
+    /// A read whose data goes into `sink` (the reply's `data` stays empty); holes
+    /// are zeroed there.
+    pub fn with_sink(mut self, sink: SinkAt) -> Pending<T> {
+        self.sink = Some(sink);
+        self
     }
 }
 
@@ -262,8 +300,13 @@ impl ReplyChecker {
             if req.len > MAX_PAYLOAD {
                 return violation(format!("a read of {} bytes succeeded", req.len));
             }
-            p.data = vec![0u8; req.len as usize];
-            r.read_exact(&mut p.data)?;
+            if let Some(s) = &p.sink {
+                s.sink
+                    .with_slice(s.at, req.len as usize, &mut |b| r.read_exact(b))?;
+            } else {
+                p.data = vec![0u8; req.len as usize];
+                r.read_exact(&mut p.data)?;
+            }
             p.covered_bytes = req.len;
         }
         Ok(())
@@ -333,13 +376,25 @@ impl ReplyChecker {
             if before.is_some_and(|(_, &e)| e > o) {
                 return violation(format!("{c}: {n} bytes at {o} overlap an earlier chunk"));
             }
-            if p.data.is_empty() {
-                // req.len is ours (a read we sent), at most MAX_PAYLOAD.
-                p.data = vec![0u8; req.len as usize];
-            }
-            if kind == chunk::OFFSET_DATA {
-                let at = (o - req.offset) as usize;
-                r.read_exact(&mut p.data[at..at + n as usize])?;
+            let at = (o - req.offset) as usize;
+            if let Some(s) = &p.sink {
+                // Into the submitter's memory; holes zeroed there.
+                s.sink.with_slice(s.at + at, n as usize, &mut |b| {
+                    if kind == chunk::OFFSET_DATA {
+                        r.read_exact(b)
+                    } else {
+                        b.fill(0);
+                        Ok(())
+                    }
+                })?;
+            } else {
+                if p.data.is_empty() {
+                    // req.len is ours (a read we sent), at most MAX_PAYLOAD.
+                    p.data = vec![0u8; req.len as usize];
+                }
+                if kind == chunk::OFFSET_DATA {
+                    r.read_exact(&mut p.data[at..at + n as usize])?;
+                }
             }
             p.covered.insert(o, o + n);
             p.covered_bytes += n;

@@ -310,6 +310,71 @@ fn pipelined_read_async_callbacks_run_exactly_once() {
     d.close().unwrap();
 }
 
+/// Memory a read lends out, in a mutex (the client lends disjoint ranges from
+/// several reader threads).
+struct VecSink(Mutex<Vec<u8>>);
+
+impl vdisk_nbd::replies::ReadSink for VecSink {
+    fn with_slice(
+        &self,
+        at: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut v = self.0.lock().unwrap();
+        match v.get_mut(at..at + len) {
+            Some(b) => f(b),
+            None => Err(std::io::Error::other("outside the sink")),
+        }
+    }
+}
+
+#[test]
+fn reads_into_lent_memory_fill_it_holes_zeroed() {
+    let s = Running::start(Mode::ReadOnly);
+    let want = read_all(&local(&s.disk), MIB as usize);
+    let d = RemoteDisk::open(&s.unix(), "d.vmdk", &opts()).unwrap();
+    // Whole disk in 1 MiB reads and in one read of several pieces (the maximum
+    // request is at most 32 MiB), aligned and not, over memory full of 0xAA: the
+    // holes must come out as zeros.
+    for (offset, len) in [
+        (0u64, SIZE as usize),
+        (MIB, 40 << 20),
+        (20 * MIB, MIB as usize),
+        (MIB + 100, 777),
+        (4096, 512),
+    ] {
+        let sink = Arc::new(VecSink(Mutex::new(vec![0xaa; len + 3])));
+        let (tx, rx) = mpsc::channel();
+        d.read_async_into(
+            offset,
+            len,
+            sink.clone(),
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+        let got = sink.0.lock().unwrap();
+        assert!(
+            got[..len] == want[offset as usize..offset as usize + len],
+            "{len} bytes at {offset}"
+        );
+        assert_eq!(got[len..], [0xaa; 3], "past the read: untouched");
+    }
+    // Past the end: refused, the memory untouched.
+    let sink = Arc::new(VecSink(Mutex::new(vec![0xaa; 1024])));
+    let (tx, rx) = mpsc::channel();
+    d.read_async_into(
+        SIZE - 512,
+        1024,
+        sink.clone(),
+        Box::new(move |r| tx.send(r).unwrap()),
+    );
+    let e = rx.recv().unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange);
+    assert!(sink.0.lock().unwrap().iter().all(|&b| b == 0xaa));
+    d.close().unwrap();
+}
+
 #[test]
 fn the_map_equals_the_local_map() {
     let s = Running::start(Mode::ReadOnly);

@@ -27,7 +27,7 @@ use vdisk::{Error, ErrorKind, Result};
 
 use super::errno_error;
 use super::handshake::Negotiated;
-use crate::replies::{ClientError, Pending, PendingTable, Reply, ReplyChecker};
+use crate::replies::{ClientError, Pending, PendingTable, Reply, ReplyChecker, SinkAt};
 use crate::testing::ExportInfo;
 use crate::tls::TlsWriter;
 use crate::transport::{Socket, Transport};
@@ -381,6 +381,26 @@ impl Conn {
         payload: &[u8],
         done: Completion,
     ) {
+        self.submit_with(command, flags, offset, len, payload, None, done);
+    }
+
+    /// Sends a read whose data goes straight into `sink` (the answer's `data` is
+    /// empty), as [`Conn::submit`] does otherwise.
+    pub fn submit_read_into(&self, offset: u64, len: u64, sink: SinkAt, done: Completion) {
+        self.submit_with(cmd::READ, 0, offset, len, &[], Some(sink), done);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_with(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+        sink: Option<SinkAt>,
+        done: Completion,
+    ) {
         let writes = matches!(command, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
         let cost = if matches!(command, cmd::READ | cmd::WRITE) {
             len
@@ -447,7 +467,12 @@ impl Conn {
         };
         // In the table before the state lock goes: a failure drains it after
         // marking the connection dead under that lock.
-        lock(&self.table).insert(cookie, Pending::new(req, op));
+        let pending = Pending::new(req, op);
+        let pending = match sink {
+            Some(s) => pending.with_sink(s),
+            None => pending,
+        };
+        lock(&self.table).insert(cookie, pending);
         drop(st);
         let mut b = wire::request(&req, self.info.extended);
         b.extend_from_slice(payload);

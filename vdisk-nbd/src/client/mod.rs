@@ -35,6 +35,7 @@ pub mod spec;
 pub mod tls;
 pub mod uri;
 
+pub use crate::replies::ReadSink;
 pub use remote::RemoteDisk;
 pub use spec::RemoteSpec;
 pub use uri::{parse_uri, NbdUri};

@@ -29,6 +29,7 @@ use super::tls::TlsClient;
 use super::uri::{parse_uri, NbdUri};
 use super::{ClientOptions, Endpoint, MAX_REQUEST_BYTES};
 use crate::context::{BASE_ALLOCATION, CHANGED_PREFIX};
+use crate::replies::{ReadSink, SinkAt};
 use crate::wire::{cflag, cmd, tflag, STATE_HOLE, STATE_ZERO};
 
 /// The prefix of qemu's dirty bitmap contexts.
@@ -241,6 +242,21 @@ impl RemoteDisk {
         self.inner.read_async(offset, len, done);
     }
 
+    /// Reads `len` bytes at `offset` straight into `sink` (its bytes `0..len`):
+    /// the data goes from the socket into that memory, holes are zeroed there;
+    /// `done` runs once every piece is in (on a reader thread). The sink is used
+    /// only until then. Reads not aligned to the server's minimum block go
+    /// through a buffer of the client's, copied into the sink.
+    pub fn read_async_into(
+        &self,
+        offset: u64,
+        len: usize,
+        sink: Arc<dyn ReadSink>,
+        done: WriteDone,
+    ) {
+        self.inner.read_async_into(offset, len, sink, done);
+    }
+
     /// Writes `data` at `offset` (with FUA when asked and offered); `done` runs
     /// when the server has answered every piece.
     pub fn write_async(&self, offset: u64, data: Vec<u8>, fua: bool, done: WriteDone) {
@@ -378,25 +394,111 @@ impl Inner {
         Ok(())
     }
 
-    /// One read request of at most the maximum piece, aligned; retried once on a
-    /// new connection if its connection is lost.
-    fn read_piece(self: &Arc<Self>, offset: u64, len: u64, retried: bool, done: ReadDone) {
+    /// One read request of at most the maximum piece, aligned (its data into
+    /// `sink` if given); retried once on a new connection if its connection is
+    /// lost.
+    fn read_piece(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        retried: bool,
+        sink: Option<SinkAt>,
+        done: ReadDone,
+    ) {
         let conn = match self.pick() {
             Ok(c) => c,
             Err(e) => return done(Err(e)),
         };
         let inner = Arc::clone(self);
         let c = Arc::clone(&conn);
+        let again = sink.clone();
         let completion: Completion = Box::new(move |r: Result<Answer>| match r {
             Err(e) if e.kind() == ErrorKind::ConnectionLost && !retried => {
                 match inner.replace(&c) {
-                    Ok(()) => inner.read_piece(offset, len, true, done),
+                    Ok(()) => inner.read_piece(offset, len, true, again, done),
                     Err(re) => done(Err(e.within(format!("(reconnecting failed: {re})")))),
                 }
             }
             r => done(r.map(|a| a.data)),
         });
-        conn.submit(cmd::READ, 0, offset, len, &[], completion);
+        match sink {
+            Some(s) => conn.submit_read_into(offset, len, s, completion),
+            None => conn.submit(cmd::READ, 0, offset, len, &[], completion),
+        }
+    }
+
+    fn read_async_into(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        sink: Arc<dyn ReadSink>,
+        done: WriteDone,
+    ) {
+        let len64 = len as u64;
+        if let Err(e) = self.check_range(offset, len64, "read") {
+            return done(Err(e));
+        }
+        if len == 0 {
+            return done(Ok(()));
+        }
+        let min = u64::from(self.sizes.0);
+        if !offset.is_multiple_of(min) || !len64.is_multiple_of(min) {
+            // Widened to whole blocks in a buffer of ours, then copied.
+            return self.read_async(
+                offset,
+                len,
+                Box::new(move |r| {
+                    done(r.and_then(|d| {
+                        sink.with_slice(0, len, &mut |b| {
+                            b.copy_from_slice(&d);
+                            Ok(())
+                        })
+                        .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.to_string()))
+                    }))
+                }),
+            );
+        }
+        let piece = self.max_piece();
+        let n = len64.div_ceil(piece) as usize;
+        struct State {
+            left: usize,
+            error: Option<Error>,
+            done: Option<WriteDone>,
+        }
+        let st = Arc::new(Mutex::new(State {
+            left: n,
+            error: None,
+            done: Some(done),
+        }));
+        for i in 0..n {
+            let at = i as u64 * piece;
+            let st = Arc::clone(&st);
+            let target = SinkAt {
+                sink: Arc::clone(&sink),
+                at: at as usize,
+            };
+            self.read_piece(
+                offset + at,
+                piece.min(len64 - at),
+                false,
+                Some(target),
+                Box::new(move |r| {
+                    let mut s = lock(&st);
+                    if let Err(e) = r {
+                        s.error.get_or_insert(e);
+                    }
+                    s.left -= 1;
+                    if s.left == 0 {
+                        let d = s.done.take();
+                        let r = s.error.take().map_or(Ok(()), Err);
+                        drop(s);
+                        if let Some(d) = d {
+                            d(r);
+                        }
+                    }
+                }),
+            );
+        }
     }
 
     fn read_async(self: &Arc<Self>, offset: u64, len: usize, done: ReadDone) {
@@ -419,6 +521,7 @@ impl Inner {
                 start,
                 end - start,
                 false,
+                None,
                 Box::new(move |r| {
                     done(r.map(|mut d| {
                         if skip > 0 || d.len() != len {
@@ -453,6 +556,7 @@ impl Inner {
                 p_off,
                 p_len,
                 false,
+                None,
                 Box::new(move |r| {
                     let mut g = lock(&g);
                     match r {
