@@ -1498,7 +1498,7 @@ VixError VixDiskLib_Init(uint32 majorVersion,
 void VixDiskLib_Exit(void);
 
 /**
- * The transports known to the library: `"file"`. Static; do not free.
+ * The transports known to the library: `"file:nbd:nbdssl"`. Static; do not free.
  */
 const char *VixDiskLib_ListTransportModes(void);
 
@@ -1530,7 +1530,7 @@ VixError VixDiskLib_ConnectEx(const struct VixDiskLibConnectParams *connectParam
 VixError VixDiskLib_Disconnect(VixDiskLibConnection connection);
 
 /**
- * Tells vCenter a backup starts (remote only): nothing to do for local files.
+ * Tells vCenter a backup starts: nothing to do for local files or NBD servers.
  *
  * # Safety
  * As [`VixDiskLib_Connect`]; `identity` NULL or NUL-terminated.
@@ -1539,7 +1539,7 @@ VixError VixDiskLib_PrepareForAccess(const struct VixDiskLibConnectParams *conne
                                      const char *identity);
 
 /**
- * Ends what PrepareForAccess started: nothing to do for local files.
+ * Ends what PrepareForAccess started: nothing to do here either.
  *
  * # Safety
  * As [`VixDiskLib_PrepareForAccess`].
@@ -1583,7 +1583,8 @@ VixError VixDiskLib_GetConnectParams(VixDiskLibConnection connection,
                                      struct VixDiskLibConnectParams **connectParams);
 
 /**
- * The transport a disk was opened with: `"file"`. Static; do not free.
+ * The transport a disk was opened with: `"file"`, `"nbd"` or `"nbdssl"` (NULL for
+ * an invalid handle). Static; do not free.
  */
 const char *VixDiskLib_GetTransportMode(VixDiskLibHandle diskHandle);
 

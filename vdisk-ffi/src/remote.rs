@@ -26,7 +26,7 @@ use crate::types::VixDiskLibCompletionCB;
 use crate::FfiError;
 
 /// The NBD port when the connection parameters give none.
-pub const DEFAULT_PORT: u16 = 10809;
+pub(crate) const DEFAULT_PORT: u16 = 10809;
 
 /// Transport modes tried when the caller names none (VDDK's default order, of
 /// which these two are ours).
