@@ -455,14 +455,23 @@ DoMeta(void)
 static void
 DoClone(void)
 {
-   VixDiskLibConnectParams srcParams;
-   VixDiskLibConnection srcConnection = NULL;
+   VixDiskLibConnectParams localParams;
+   VixDiskLibConnection localConnection = NULL, srcConnection, dstConnection;
    VixDiskLibCreateParams createParams;
    VixError err;
 
-   /* A second local connection for the source, with zeroed params. */
-   memset(&srcParams, 0, sizeof srcParams);
-   CHECK(VixDiskLib_Connect(&srcParams, &srcConnection));
+   /* A second, local connection (zeroed params): the source's, or with -host
+    * the destination's (a disk of the server copied into a local file, as
+    * VMware's sample does). */
+   memset(&localParams, 0, sizeof localParams);
+   CHECK(VixDiskLib_Connect(&localParams, &localConnection));
+   if (app.host != NULL) {
+      srcConnection = app.connection;
+      dstConnection = localConnection;
+   } else {
+      srcConnection = localConnection;
+      dstConnection = app.connection;
+   }
 
    memset(&createParams, 0, sizeof createParams);
    createParams.diskType = app.diskType;
@@ -478,7 +487,7 @@ DoClone(void)
       err = VixDiskLib_Open(srcConnection, app.srcPath,
                             VIXDISKLIB_FLAG_OPEN_READ_ONLY, &src);
       if (VIX_FAILED(err)) {
-         VixDiskLib_Disconnect(srcConnection);
+         VixDiskLib_Disconnect(localConnection);
          fail(err, "VixDiskLib_Open (clone source)", __LINE__);
       }
       createParams.capacity = disk_capacity(src);
@@ -486,14 +495,14 @@ DoClone(void)
    }
 
    lastPercent = -1;
-   err = VixDiskLib_Clone(app.connection, app.diskPath, srcConnection,
+   err = VixDiskLib_Clone(dstConnection, app.diskPath, srcConnection,
                           app.srcPath, &createParams, ProgressFunc,
                           (void *)"Cloning", TRUE);
    if (VIX_FAILED(err)) {
-      VixDiskLib_Disconnect(srcConnection);
+      VixDiskLib_Disconnect(localConnection);
       fail(err, "VixDiskLib_Clone", __LINE__);
    }
-   CHECK(VixDiskLib_Disconnect(srcConnection));
+   CHECK(VixDiskLib_Disconnect(localConnection));
    printf("cloned %s to %s (disk type %d)\n", app.srcPath, app.diskPath,
           (int)createParams.diskType);
 }

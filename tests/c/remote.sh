@@ -18,7 +18,8 @@
 # (bytes equal qemu-img convert -O raw of the served disk) and lists
 # QueryAllocatedBlocks (equal to qemu-img map's data, in 128-sector chunks);
 # GetTransportMode reports the mode; the sample's -info, -dump (sync Read),
-# -readasyncbench and -getallocatedblocks agree; on the persistent export the
+# -readasyncbench and -getallocatedblocks agree, its -clone copies the served disk
+# into a local one (file operations like -create are refused); on the persistent export the
 # sample's -fill (sync Write) and nbdkit_like's WriteAsync + Flush land in the
 # served file (qemu-img compare after the server stopped), and a non-persistent
 # export reads back what was written without changing its file; backupFlow's
@@ -244,6 +245,13 @@ remote_checks() {
             fi
         fi
 
+        # Clone: the server's disk into a new local one.
+        if ok "r-$m-clone" "$sample" "${opts[@]}" -clone data "$R/clone-$m.vmdk"; then
+            qemu-img compare -q -f raw -F vmdk "$R/data.raw" "$R/clone-$m.vmdk" &&
+                pass "r-$m: sample -clone (Clone from the remote connection) equals the served disk" ||
+                fail "r-$m: the clone differs from the served disk (qemu-img compare)"
+        fi
+
         # A non-persistent export: what is written reads back, the file never changes.
         sum=$(sha256sum <"$R/scratch.vmdk")
         cp "$R/data.raw" "$R/scratch-expect.raw"
@@ -318,6 +326,15 @@ remote_checks() {
         clear_refusal r-file-mode "transport modes without nbd or nbdssl for a server" 'none of the transport modes'
     refused r-no-server "$sample" -host "unix:$R/no-such.sock" -info data &&
         clear_refusal r-no-server "a server that is not there fails ConnectEx" 'no-such.sock'
+    if refused r-create "$sample" "${plain_opts[@]}" -create -cap 16 "$R/not-created.vmdk" &&
+        refused r-check "$sample" "${plain_opts[@]}" -check 0 data; then
+        if grep -q 'VixError 6)' "$work/log/r-create.err" && grep -q 'VixError 6)' "$work/log/r-check.err" &&
+            [ ! -e "$R/not-created.vmdk" ]; then
+            pass "file operations (Create, CheckRepair) on a remote connection: VIX_E_NOT_SUPPORTED, no local file touched"
+        else
+            fail "file operations on a remote connection: $(grep -h '^Error' "$work/log/r-create.err" "$work/log/r-check.err")"
+        fi
+    fi
     if refused r-missing-export "$sample" "${plain_opts[@]}" -info no-such-export; then
         grep -q 'VixError 4)' "$work/log/r-missing-export.err" &&
             pass "a missing export: Open fails with VIX_E_FILE_NOT_FOUND" ||
