@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 need=()
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
+command -v qemu-nbd >/dev/null 2>&1 || need+=(qemu-utils)
 command -v vmdkinfo >/dev/null 2>&1 || need+=(libvmdk-utils)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v g++ >/dev/null 2>&1 || need+=(g++)

@@ -1270,7 +1270,8 @@ extern "C" {
 
 /**
  * vdisk extension: turns changed-block tracking on (`enable` TRUE) or off for the
- * local disk at `path` (it must not be open for writing elsewhere). Turning it on
+ * local disk at `path` (it must not be open for writing elsewhere; a remote
+ * connection is `VIX_E_NOT_SUPPORTED`: the server's disk is tracked where it is). Turning it on
  * starts a new history; on an already tracked disk it does nothing.
  *
  * # Safety
@@ -1631,9 +1632,10 @@ VixError VixDiskLib_CreateChild(VixDiskLibHandle diskHandle,
                                 void *progressCallbackData);
 
 /**
- * Copies (and converts) a local disk into a new one of the type in `createParams`
+ * Copies (and converts) a disk into a new local one of the type in `createParams`
  * (capacity taken from the source). With `overWrite`, an existing destination disk
- * is deleted first.
+ * is deleted first. The source may be on a remote connection (its path is then the
+ * export name), as VDDK copies a disk from a host; the destination is local.
  *
  * # Safety
  * Paths NUL-terminated; `createParams` valid; callback and data valid for the call.

@@ -3,10 +3,11 @@
  * libvixDiskLib (VDDK's functions plus vdisk's VdiskExt_ change-tracking
  * extensions).
  *
- *   backupFlow DIR
+ *   backupFlow DIR [-mib N] [-host SERVER -datastore NAME [-port N] [-thumb XX:..]
+ *              [-mode MODES]]
  *
  * In DIR (which must exist and be empty of these names) it makes vm.vmdk (256 MiB,
- * monolithicSparse) with data, turns change tracking on, and runs two backup
+ * or -mib N from 16 to 256; monolithicSparse) with a quarter of it data, turns change tracking on, and runs two backup
  * sessions:
  *   1. a session starts;  2. the disk is snapshotted (CreateChild: the base is
  *   frozen);  3. the "guest" writes to the delta;  4-5. the proxy opens the frozen
@@ -18,6 +19,14 @@
  * Then the incremental backup chain is cloned into a fresh disk and every sector is
  * compared with what the base held when the backup was taken.
  *
+ * With -host, the proxy is remote, as a VDDK backup proxy is: it connects to the
+ * server SERVER (a host, unix:PATH or an NBD URI; -port, -thumb: the server
+ * certificate's thumbprint, -mode: the transport modes, e.g. nbdssl) and opens
+ * the frozen snapshot there as "[NAME] vm.vmdk" (`vdisk-nbd --datastore NAME=DIR`
+ * serves DIR so), reading it, its change ID, its allocated blocks and its changed
+ * areas over the network (steps 4-6); the snapshots, the guest's writes, the
+ * consolidation and the restore stay local.
+ *
  * Exit status 0 when the restore is verified.
  */
 #include <stdint.h>
@@ -27,14 +36,25 @@
 
 #include "vixDiskLib.h"
 
+#include <inttypes.h>
+
 #define MIB (1024u * 1024u)
-#define DISK_SECTORS (256u * MIB / VIXDISKLIB_SECTOR_SIZE)
+#define MAX_MIB 256u
+/* The disk's size (-mib). */
+static uint32_t disk_mib = MAX_MIB;
+#define DISK_SECTORS ((uint64_t)disk_mib * MIB / VIXDISKLIB_SECTOR_SIZE)
 #define CHUNK_SECTORS 128u           /* QueryAllocatedBlocks granularity (64 KiB) */
 #define IO_SECTORS 2048u             /* 1 MiB per read/write */
 #define CHECK_SECTORS 2048u          /* verification digest granularity (1 MiB) */
+#define MAX_CHECKS (MAX_MIB * MIB / VIXDISKLIB_SECTOR_SIZE / CHECK_SECTORS)
 #define NUM_CHECKS (DISK_SECTORS / CHECK_SECTORS)
 
+/* Local: the disks, snapshots, guest writes, consolidation, backups, restore. */
 static VixDiskLibConnection conn;
+/* The proxy's: the snapshot is read through it (conn, or a remote server). */
+static VixDiskLibConnection proxy;
+/* -datastore: the name of DIR on the remote server (NULL: the proxy is local). */
+static const char *datastore;
 static uint8_t buf[IO_SECTORS * VIXDISKLIB_SECTOR_SIZE];
 static uint64_t rng_state = 0x2026112400c0ffeeULL;
 
@@ -129,6 +149,22 @@ static int open_disk(const char *path, uint32_t flags, VixDiskLibHandle *h)
     return check(VixDiskLib_Open(conn, path, flags, h), path);
 }
 
+/* The proxy opens the snapshot `base` (DIR/vm.vmdk) read-only: the local file, or
+ * "[datastore] vm.vmdk" on the server. */
+static int open_snapshot(const char *base, VixDiskLibHandle *h)
+{
+    char name[4200];
+    const char *mode;
+    if (datastore == NULL)
+        return open_disk(base, VIXDISKLIB_FLAG_OPEN_READ_ONLY, h);
+    snprintf(name, sizeof name, "[%s] vm.vmdk", datastore);
+    if (check(VixDiskLib_Open(proxy, name, VIXDISKLIB_FLAG_OPEN_READ_ONLY, h), name) != 0)
+        return -1;
+    mode = VixDiskLib_GetTransportMode(*h);
+    printf("   (remote: \"%s\", transport mode %s)\n", name, mode ? mode : "(null)");
+    return 0;
+}
+
 /* Guest writes: `count` random 4-64 KiB writes into the delta. */
 static int guest_writes(const char *delta, int count, uint64_t *sectors)
 {
@@ -172,7 +208,7 @@ static int consolidate(const char *base, const char *delta)
 struct backup {
     char path[4096];
     char *change_id;
-    uint64_t sums[NUM_CHECKS];
+    uint64_t sums[MAX_CHECKS];
 };
 
 /* One session; `prev` is the previous backup (NULL for the full one). */
@@ -198,9 +234,9 @@ static int session(const char *dir, int n, struct backup *prev, struct backup *o
         return -1;
     printf("3. the guest wrote %llu sectors to the delta\n", (unsigned long long)guest);
 
-    if (open_disk(base, VIXDISKLIB_FLAG_OPEN_READ_ONLY, &snap) != 0)
-        return -1;
     printf("4-5. the proxy opens the snapshot read-only\n");
+    if (open_snapshot(base, &snap) != 0)
+        return -1;
     TRY(VdiskExt_GetChangeId(snap, &out->change_id), "VdiskExt_GetChangeId");
     if (digests(snap, out->sums) != 0)
         return -1;
@@ -243,7 +279,7 @@ static int restore(const char *dst, const struct backup *b)
 {
     VixDiskLibHandle src, r;
     VixDiskLibCreateParams p;
-    uint64_t sums[NUM_CHECKS];
+    uint64_t sums[MAX_CHECKS];
     uint32_t i;
     if (open_disk(b->path, VIXDISKLIB_FLAG_OPEN_READ_ONLY, &src) != 0)
         return -1;
@@ -297,7 +333,7 @@ static int flow(const char *dir)
     if (check(VixDiskLib_Create(conn, base, &p, NULL, NULL), "Create") != 0 ||
         open_disk(base, 0, &h) != 0)
         goto out;
-    for (i = 0; i < 64; i++) { /* 64 MiB of data, 1 MiB runs every 4 MiB */
+    for (i = 0; i < disk_mib / 4; i++) { /* a quarter data, 1 MiB runs every 4 MiB */
         fill_random(buf, sizeof buf);
         if (check(VixDiskLib_Write(h, (uint64_t)i * 4 * IO_SECTORS, IO_SECTORS, buf),
                   "Write") != 0)
@@ -307,13 +343,14 @@ static int flow(const char *dir)
         check(VdiskExt_EnableChangeTracking(conn, base, TRUE),
               "VdiskExt_EnableChangeTracking") != 0)
         goto out;
-    printf("%s: 256 MiB with 64 MiB of data, change tracking on\n", base);
+    printf("%s: %u MiB with %u MiB of data, change tracking on\n", base, (unsigned)disk_mib,
+           (unsigned)disk_mib / 4);
 
     if (session(dir, 1, NULL, full) != 0 || session(dir, 2, full, incr) != 0)
         goto out;
 
     /* A change ID that is not this disk's is refused with its own code. */
-    if (open_disk(base, VIXDISKLIB_FLAG_OPEN_READ_ONLY, &h) != 0)
+    if (open_snapshot(base, &h) != 0)
         goto out;
     err = VdiskExt_QueryChangedAreas(h, "00000000000000000000000000000000/1", 0,
                                      DISK_SECTORS, &list);
@@ -345,14 +382,50 @@ out:
     return rc;
 }
 
+static void usage(const char *argv0)
+{
+    fprintf(stderr,
+            "usage: %s DIR [-mib N] [-host SERVER -datastore NAME [-port N] [-thumb XX:..] "
+            "[-mode MODES]]\n",
+            argv0);
+    exit(2);
+}
+
 int main(int argc, char **argv)
 {
     VixDiskLibConnectParams cp;
-    int rc;
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s DIR\n", argv[0]);
-        return 2;
+    VixDiskLibConnectParams *rp = NULL;
+    const char *dir = NULL, *host = NULL, *thumb = NULL, *modes = NULL;
+    uint32_t port = 0;
+    int i, rc;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (a[0] != '-') {
+            if (dir != NULL)
+                usage(argv[0]);
+            dir = a;
+        } else if (i + 1 >= argc) {
+            usage(argv[0]);
+        } else if (!strcmp(a, "-mib")) {
+            disk_mib = (uint32_t)strtoul(argv[++i], NULL, 10);
+            if (disk_mib < 16 || disk_mib > MAX_MIB)
+                usage(argv[0]);
+        } else if (!strcmp(a, "-host")) {
+            host = argv[++i];
+        } else if (!strcmp(a, "-datastore")) {
+            datastore = argv[++i];
+        } else if (!strcmp(a, "-port")) {
+            port = (uint32_t)strtoul(argv[++i], NULL, 10);
+        } else if (!strcmp(a, "-thumb")) {
+            thumb = argv[++i];
+        } else if (!strcmp(a, "-mode")) {
+            modes = argv[++i];
+        } else {
+            usage(argv[0]);
+        }
     }
+    if (dir == NULL || (host == NULL) != (datastore == NULL))
+        usage(argv[0]);
     if (check(VixDiskLib_InitEx(8, 0, NULL,
                                 NULL, NULL, NULL, NULL),
               "InitEx") != 0)
@@ -360,7 +433,27 @@ int main(int argc, char **argv)
     memset(&cp, 0, sizeof cp);
     if (check(VixDiskLib_Connect(&cp, &conn), "Connect") != 0)
         return 1;
-    rc = flow(argv[1]);
+    proxy = conn;
+    if (host != NULL) {
+        /* The proxy's connection: read-only, as a backup proxy's. */
+        rp = VixDiskLib_AllocateConnectParams();
+        if (rp == NULL) {
+            fprintf(stderr, "backupFlow: AllocateConnectParams returned NULL\n");
+            return 1;
+        }
+        rp->serverName = (char *)host;
+        rp->thumbPrint = (char *)thumb;
+        rp->port = port;
+        if (check(VixDiskLib_ConnectEx(rp, TRUE, NULL, modes, &proxy),
+                  "ConnectEx (the proxy's remote connection)") != 0)
+            return 1;
+        printf("proxy: connected to %s (port %" PRIu32 ", transport modes %s)\n", host,
+               port, modes ? modes : "default");
+    }
+    rc = flow(dir);
+    if (proxy != conn)
+        VixDiskLib_Disconnect(proxy);
+    VixDiskLib_FreeConnectParams(rp);
     VixDiskLib_Disconnect(conn);
     VixDiskLib_Exit();
     return rc == 0 ? 0 : 1;

@@ -1,9 +1,10 @@
 /*
  * vixDiskLibSample.c - a C sample for libvixDiskLib, in the manner of the
  * vixDiskLibSample program shipped with VMware's VDDK (same commands and
- * options, local disk files only). It is written against the documented VDDK
- * API only, so it builds against vdisk's include/vixDiskLib.h and, unchanged,
- * against VMware's own header.
+ * options: local disk files, or a server given with -host and the nbd/nbdssl
+ * transports). It is written against the documented VDDK API only, so it
+ * builds against vdisk's include/vixDiskLib.h and, unchanged, against VMware's
+ * own header.
  *
  *   vixDiskLibSample command [options] diskPath
  *
@@ -62,6 +63,14 @@ static struct {
    const char *libdir;       /* -libdir */
    const char *cfgFile;      /* -initex */
    const char *modes;        /* -mode: transport modes for ConnectEx */
+   const char *host;         /* -host: serverName (a remote connection) */
+   const char *user;         /* -user */
+   const char *password;     /* -password */
+   const char *vmxSpec;      /* -vm */
+   const char *thumbPrint;   /* -thumb */
+   const char *ssMoref;      /* -ssmoref: ConnectEx's snapshotRef */
+   uint32_t port;            /* -port */
+   uint32_t nfcHostPort;     /* -nfchostport */
    int useInit;              /* -init: deprecated VixDiskLib_Init */
    int useConnectEx;         /* -connectex or -mode */
    int quiet;                /* -q: no "Log:" lines */
@@ -83,6 +92,7 @@ static struct {
 
    /* State, released by cleanup(). */
    int initialized;
+   int accessPrepared;       /* PrepareForAccess succeeded: EndAccess at the end */
    VixDiskLibConnectParams *allocatedParams;
    VixDiskLibConnection connection;
    VixDiskLibHandle diskHandle;
@@ -445,14 +455,23 @@ DoMeta(void)
 static void
 DoClone(void)
 {
-   VixDiskLibConnectParams srcParams;
-   VixDiskLibConnection srcConnection = NULL;
+   VixDiskLibConnectParams localParams;
+   VixDiskLibConnection localConnection = NULL, srcConnection, dstConnection;
    VixDiskLibCreateParams createParams;
    VixError err;
 
-   /* A second local connection for the source, with zeroed params. */
-   memset(&srcParams, 0, sizeof srcParams);
-   CHECK(VixDiskLib_Connect(&srcParams, &srcConnection));
+   /* A second, local connection (zeroed params): the source's, or with -host
+    * the destination's (a disk of the server copied into a local file, as
+    * VMware's sample does). */
+   memset(&localParams, 0, sizeof localParams);
+   CHECK(VixDiskLib_Connect(&localParams, &localConnection));
+   if (app.host != NULL) {
+      srcConnection = app.connection;
+      dstConnection = localConnection;
+   } else {
+      srcConnection = localConnection;
+      dstConnection = app.connection;
+   }
 
    memset(&createParams, 0, sizeof createParams);
    createParams.diskType = app.diskType;
@@ -468,7 +487,7 @@ DoClone(void)
       err = VixDiskLib_Open(srcConnection, app.srcPath,
                             VIXDISKLIB_FLAG_OPEN_READ_ONLY, &src);
       if (VIX_FAILED(err)) {
-         VixDiskLib_Disconnect(srcConnection);
+         VixDiskLib_Disconnect(localConnection);
          fail(err, "VixDiskLib_Open (clone source)", __LINE__);
       }
       createParams.capacity = disk_capacity(src);
@@ -476,14 +495,14 @@ DoClone(void)
    }
 
    lastPercent = -1;
-   err = VixDiskLib_Clone(app.connection, app.diskPath, srcConnection,
+   err = VixDiskLib_Clone(dstConnection, app.diskPath, srcConnection,
                           app.srcPath, &createParams, ProgressFunc,
                           (void *)"Cloning", TRUE);
    if (VIX_FAILED(err)) {
-      VixDiskLib_Disconnect(srcConnection);
+      VixDiskLib_Disconnect(localConnection);
       fail(err, "VixDiskLib_Clone", __LINE__);
    }
-   CHECK(VixDiskLib_Disconnect(srcConnection));
+   CHECK(VixDiskLib_Disconnect(localConnection));
    printf("cloned %s to %s (disk type %d)\n", app.srcPath, app.diskPath,
           (int)createParams.diskType);
 }
@@ -766,7 +785,16 @@ usage(void)
       " -init                    use the deprecated VixDiskLib_Init instead of InitEx\n"
       " -connectex               connect with AllocateConnectParams + ConnectEx\n"
       " -mode modes              transport modes for ConnectEx (implies -connectex)\n"
-      " -q                       do not print the library's log messages\n");
+      " -q                       do not print the library's log messages\n"
+      "\n"
+      "Remote disks (diskPath is then the server's name for the disk; implies -connectex):\n"
+      " -host hostname           server: a host, unix:/path/to/socket or an NBD URI\n"
+      " -port N                  port (default 10809 here, 443 for vCenter)\n"
+      " -nfchostport N           port of the host's data service (NBD: preferred over -port)\n"
+      " -thumb xx:xx:...         SHA-1 or SHA-256 thumbprint of the server certificate\n"
+      " -user name, -password pw user name and password (VIXDISKLIB_CRED_UID)\n"
+      " -vm moref=vm-N           vmxSpec of the virtual machine\n"
+      " -ssmoref moref           snapshot reference for ConnectEx\n");
 }
 
 static uint64_t
@@ -919,6 +947,23 @@ parse_arguments(int argc, char **argv)
          app.useConnectEx = 1;
       } else if (!strcmp(a, "-q")) {
          app.quiet = 1;
+      } else if (!strcmp(a, "-host")) {
+         app.host = need_arg(argc, argv, i++);
+         app.useConnectEx = 1;
+      } else if (!strcmp(a, "-user")) {
+         app.user = need_arg(argc, argv, i++);
+      } else if (!strcmp(a, "-password")) {
+         app.password = need_arg(argc, argv, i++);
+      } else if (!strcmp(a, "-vm")) {
+         app.vmxSpec = need_arg(argc, argv, i++);
+      } else if (!strcmp(a, "-thumb")) {
+         app.thumbPrint = need_arg(argc, argv, i++);
+      } else if (!strcmp(a, "-ssmoref")) {
+         app.ssMoref = need_arg(argc, argv, i++);
+      } else if (!strcmp(a, "-port")) {
+         app.port = (uint32_t)parse_number(a, need_arg(argc, argv, i++));
+      } else if (!strcmp(a, "-nfchostport")) {
+         app.nfcHostPort = (uint32_t)parse_number(a, need_arg(argc, argv, i++));
       } else if (a[0] == '-' && a[1] != '\0') {
          usage();
          fprintf(stderr, "Error: unknown option %s\n", a);
@@ -996,6 +1041,10 @@ cleanup(void)
       VixDiskLib_Disconnect(app.connection);
       app.connection = NULL;
    }
+   if (app.accessPrepared) {
+      app.accessPrepared = 0;
+      VixDiskLib_EndAccess(app.allocatedParams, "vixDiskLibSample");
+   }
    if (app.allocatedParams != NULL) {
       VixDiskLib_FreeConnectParams(app.allocatedParams);
       app.allocatedParams = NULL;
@@ -1027,15 +1076,33 @@ main(int argc, char **argv)
    }
    app.initialized = 1;
 
-   /* Local files only: zeroed connect params, serverName NULL. */
+   /* Local files: zeroed connect params, serverName NULL; remote: -host. */
    if (app.useConnectEx) {
-      app.allocatedParams = VixDiskLib_AllocateConnectParams();
-      if (app.allocatedParams == NULL) {
+      VixDiskLibConnectParams *p = VixDiskLib_AllocateConnectParams();
+
+      if (p == NULL) {
          die("VixDiskLib_AllocateConnectParams returned NULL");
       }
-      CHECK(VixDiskLib_ConnectEx(app.allocatedParams,
+      app.allocatedParams = p;
+      if (app.host != NULL) {
+         /* The strings stay the caller's: FreeConnectParams does not free them. */
+         p->serverName = (char *)app.host;
+         p->thumbPrint = (char *)app.thumbPrint;
+         p->vmxSpec = (char *)app.vmxSpec;
+         p->port = app.port;
+         p->nfcHostPort = app.nfcHostPort;
+         if (app.user != NULL) {
+            p->credType = VIXDISKLIB_CRED_UID;
+            p->creds.uid.userName = (char *)app.user;
+            p->creds.uid.password = (char *)app.password;
+         }
+         /* As VMware's sample: around the access to a VM's disks. */
+         CHECK(VixDiskLib_PrepareForAccess(p, "vixDiskLibSample"));
+         app.accessPrepared = 1;
+      }
+      CHECK(VixDiskLib_ConnectEx(p,
                                  command_is_read_only(app.command) ? TRUE : FALSE,
-                                 NULL, app.modes, &app.connection));
+                                 app.ssMoref, app.modes, &app.connection));
    } else {
       memset(&params, 0, sizeof params);
       CHECK(VixDiskLib_Connect(&params, &app.connection));

@@ -13,7 +13,8 @@
  *   nbdkit_like LIBDIR dump-plugin
  *
  *   LIBDIR      the distrib root; the library is LIBDIR/lib64/libvixDiskLib.so.N
- *   DISK.vmdk   absolute path of the disk to open
+ *   DISK.vmdk   absolute path of the disk to open (nbdkit's file=; with server=,
+ *               the export name)
  *   OUT.raw     the whole disk, read with ReadAsync, is written here ("-": not kept)
  *   WRITE.raw   written into the disk with WriteAsync first (then Wait, Flush)
  *   BLOCKS.txt  QueryAllocatedBlocks result, "block OFFSET LENGTH" lines in
@@ -21,6 +22,15 @@
  *   words       ro | rw (default: rw if WRITE.raw is given, else ro),
  *               single (OPEN_SINGLE_LINK), unbuffered (OPEN_UNBUFFERED),
  *               noread (skip reading the disk), noextents (skip the block list)
+ *   remote words, as nbdkit's vddk plugin takes them:
+ *               server=HOST|unix:PATH|URI, port=N, nfchostport=N,
+ *               thumbprint=XX:XX:..., transports=nbdssl:nbd, vm=moref=..,
+ *               user=NAME, password=SECRET (filled into the connect params;
+ *               transports= goes to ConnectEx);
+ *               and for the checks: mode=nbd|nbdssl (what GetTransportMode must
+ *               report; default: nbdssl with a thumbprint, else nbd or nbdssl),
+ *               anyexport (the server opens any export name: skip the check that
+ *               opening a missing disk fails)
  *
  * Prints "nbdkit_like: OK" and exits 0 when every check passed; otherwise
  * prints each failure ("FAIL: ...") and exits 1.
@@ -910,7 +920,7 @@ null_callback(void *data, VixError result)
 }
 
 static void
-negative_checks(VixDiskLibConnection conn, const char *disk)
+negative_checks(VixDiskLibConnection conn, const char *disk, int check_missing)
 {
    unsigned char buf[VIXDISKLIB_SECTOR_SIZE];
    VixDiskLibHandle h = (VixDiskLibHandle)1;
@@ -941,16 +951,19 @@ negative_checks(VixDiskLibConnection conn, const char *disk)
       VixDiskLib_FreeInfo(info);
    }
 
-   snprintf(missing, sizeof missing, "%s.missing-%ld.vmdk", disk, (long)getpid());
-   err = VixDiskLib_Open(conn, missing, VIXDISKLIB_FLAG_OPEN_READ_ONLY, &h);
-   if (err != VIX_E_FILE_NOT_FOUND) {
-      failf("Open(missing file) returned %" PRIu64 ", expected %d "
-            "(VIX_E_FILE_NOT_FOUND)", (uint64_t)err, VIX_E_FILE_NOT_FOUND);
-      if (err == VIX_OK) {
-         VixDiskLib_Close(h);
+   /* A missing disk (or export) is VIX_E_FILE_NOT_FOUND, and no handle. */
+   if (check_missing) {
+      snprintf(missing, sizeof missing, "%s.missing-%ld.vmdk", disk, (long)getpid());
+      err = VixDiskLib_Open(conn, missing, VIXDISKLIB_FLAG_OPEN_READ_ONLY, &h);
+      if (err != VIX_E_FILE_NOT_FOUND) {
+         failf("Open(missing file) returned %" PRIu64 ", expected %d "
+               "(VIX_E_FILE_NOT_FOUND)", (uint64_t)err, VIX_E_FILE_NOT_FOUND);
+         if (err == VIX_OK) {
+            VixDiskLib_Close(h);
+         }
+      } else if (h != NULL) {
+         failf("Open(missing file) failed but left *diskHandle non-NULL");
       }
-   } else if (h != NULL) {
-      failf("Open(missing file) failed but left *diskHandle non-NULL");
    }
 
    text = VixDiskLib_GetErrorText(VIX_E_DISK_CID_MISMATCH, NULL);
@@ -1112,6 +1125,8 @@ usage(void)
    fprintf(stderr,
            "usage: nbdkit_like LIBDIR DISK.vmdk OUT.raw [WRITE.raw|-] [BLOCKS.txt|-] "
            "[ro|rw|single|unbuffered|noread|noextents]...\n"
+           "         [server=HOST|unix:PATH|URI port=N nfchostport=N thumbprint=XX:..\n"
+           "          transports=MODES vm=moref=.. user=U password=P mode=MODE anyexport]\n"
            "       nbdkit_like LIBDIR dump-plugin\n");
    exit(2);
 }
@@ -1121,7 +1136,11 @@ main(int argc, char **argv)
 {
    const char *pos[5] = { NULL, NULL, NULL, NULL, NULL };
    int npos = 0, i, ro = -1, single = 0, unbuffered = 0, noread = 0;
-   int noextents = 0, dump = 0;
+   int noextents = 0, dump = 0, anyexport = 0;
+   /* nbdkit's vddk parameters for a remote server (NULL / 0: not given). */
+   const char *server = NULL, *thumbprint = NULL, *transports = NULL;
+   const char *vm = NULL, *user = NULL, *password = NULL, *want_mode = NULL;
+   uint32_t port = 0, nfchostport = 0;
    VixDiskLibConnectParams *params = NULL;
    VixDiskLibConnection conn = NULL;
    VixDiskLibHandle handle = NULL;
@@ -1149,6 +1168,26 @@ main(int argc, char **argv)
          noextents = 1;
       } else if (!strcmp(a, "dump-plugin")) {
          dump = 1;
+      } else if (!strcmp(a, "anyexport")) {
+         anyexport = 1;
+      } else if (!strncmp(a, "server=", 7)) {
+         server = a + 7;
+      } else if (!strncmp(a, "port=", 5)) {
+         port = (uint32_t)strtoul(a + 5, NULL, 10);
+      } else if (!strncmp(a, "nfchostport=", 12)) {
+         nfchostport = (uint32_t)strtoul(a + 12, NULL, 10);
+      } else if (!strncmp(a, "thumbprint=", 11)) {
+         thumbprint = a + 11;
+      } else if (!strncmp(a, "transports=", 11)) {
+         transports = a + 11;
+      } else if (!strncmp(a, "vm=", 3)) {
+         vm = a + 3;
+      } else if (!strncmp(a, "user=", 5)) {
+         user = a + 5;
+      } else if (!strncmp(a, "password=", 9)) {
+         password = a + 9;
+      } else if (!strncmp(a, "mode=", 5)) {
+         want_mode = a + 5;
       } else if (npos < 5) {
          pos[npos++] = a;
       } else {
@@ -1206,13 +1245,29 @@ main(int argc, char **argv)
          break;
       }
    }
-   err = VixDiskLib_ConnectEx(params, ro ? 1 : 0, NULL, NULL, &conn);
+   if (server != NULL) {
+      /* As the plugin fills them for a remote server (strings it owns). */
+      params->vmxSpec = (char *)vm;
+      params->serverName = (char *)server;
+      params->thumbPrint = (char *)thumbprint;
+      if (user != NULL) {
+         params->credType = VIXDISKLIB_CRED_UID;
+         params->creds.uid.userName = (char *)user;
+         params->creds.uid.password = (char *)password;
+      }
+      params->port = port;
+      params->nfcHostPort = nfchostport;
+      printf("server: %s port %u nfchostport %u thumbprint %s transports %s\n",
+             server, port, nfchostport, thumbprint != NULL ? thumbprint : "(none)",
+             transports != NULL ? transports : "(default)");
+   }
+   err = VixDiskLib_ConnectEx(params, ro ? 1 : 0, NULL, transports, &conn);
    if (err != VIX_OK) {
       vddk_error(err, "VixDiskLib_ConnectEx");
       goto free_params;
    }
 
-   negative_checks(conn, pos[1]);
+   negative_checks(conn, pos[1], !anyexport);
    params_checks();
 
    if (ro) {
@@ -1231,8 +1286,19 @@ main(int argc, char **argv)
    }
    mode = VixDiskLib_GetTransportMode(handle);
    printf("transport mode: %s\n", mode != NULL ? mode : "(null)");
-   if (mode == NULL || strcmp(mode, "file") != 0) {
-      failf("GetTransportMode of a local disk is not \"file\"");
+   if (server == NULL) {
+      if (mode == NULL || strcmp(mode, "file") != 0) {
+         failf("GetTransportMode of a local disk is not \"file\"");
+      }
+   } else if (want_mode != NULL) {
+      if (mode == NULL || strcmp(mode, want_mode) != 0) {
+         failf("GetTransportMode is not \"%s\"", want_mode);
+      }
+   } else if (mode == NULL ||
+              (strcmp(mode, "nbdssl") != 0 &&
+               (thumbprint != NULL || strcmp(mode, "nbd") != 0))) {
+      failf("GetTransportMode of a remote disk is not nbdssl%s",
+            thumbprint != NULL ? " (a thumbprint was given)" : " or nbd");
    }
 
    /* One worker thread per handle issues every other call. */

@@ -12,13 +12,16 @@
 #   tests/c/nbdkit_like.c        dlopen + nbdkit >= 1.44's call sequence
 # checks the header also as C++ (g++ -fsyntax-only), then runs them against
 # disks of every type made by vdiskmanager and qemu-img and compares what they
-# read, write and report with qemu-img (convert, compare, map).
+# read, write and report with qemu-img (convert, compare, map). tests/c/remote.sh
+# runs the checks again over the nbd and nbdssl transports (vdisk-nbd, qemu-nbd,
+# nbdkit file).
 #
 # Every C program runs under valgrind (--error-exitcode=9, definite leaks are
 # errors) when valgrind is installed; as root it is installed with apt-get if
 # missing. Environment:
 #   VALGRIND=0          do not use valgrind
 #   VDISKMANAGER=path   vdiskmanager binary (default: target/release/vdiskmanager)
+#   VDISK_NBD=path      vdisk-nbd binary (default: target/release/vdisk-nbd)
 #   KEEP=1              keep the work directory
 #
 # Exit status 0 when everything passed; otherwise the failures are listed.
@@ -919,6 +922,10 @@ else
     fail "examples/c/backupFlow.c does not build"
     cat "$work/log/backupFlow.build"
 fi
+
+# The same checks over the network: nbd and nbdssl.
+# shellcheck source=tests/c/remote.sh
+. "$here/remote.sh"
 
 # libvixMntapi: header, layout, refusals, and (as root) mounts through its sample.
 # shellcheck source=tests/c/mntapi.sh

@@ -24,7 +24,8 @@ use crate::{c_path, c_str, guard, malloc_str, ok, FfiError};
 const SECTOR: u64 = 512;
 
 /// vdisk extension: turns changed-block tracking on (`enable` TRUE) or off for the
-/// local disk at `path` (it must not be open for writing elsewhere). Turning it on
+/// local disk at `path` (it must not be open for writing elsewhere; a remote
+/// connection is `VIX_E_NOT_SUPPORTED`: the server's disk is tracked where it is). Turning it on
 /// starts a new history; on an already tracked disk it does nothing.
 ///
 /// # Safety
@@ -36,6 +37,7 @@ pub unsafe extern "C" fn VdiskExt_EnableChangeTracking(
     enable: Bool,
 ) -> VixError {
     guard("VdiskExt_EnableChangeTracking", || {
+        crate::api_ops::local_connection(connection, "VdiskExt_EnableChangeTracking")?;
         let (_, conn) = state::connection(connection as usize)?;
         if conn.read_only {
             return Err(FfiError::new(

@@ -74,8 +74,21 @@ unsafe fn create_options(p: *const VixDiskLibCreateParams) -> Result<CreateOptio
     })
 }
 
-fn local_connection(c: VixDiskLibConnection) -> Result<(), FfiError> {
-    state::connection(c as usize).map(drop)
+/// The connection, which must be local: NBD serves disks, not their files, so an
+/// operation on files (`what`) has nothing to work on over a remote connection.
+pub(crate) fn local_connection(c: VixDiskLibConnection, what: &str) -> Result<(), FfiError> {
+    let (_, conn) = state::connection(c as usize)?;
+    match &conn.remote {
+        None => Ok(()),
+        Some(r) => Err(FfiError::new(
+            VIX_E_NOT_SUPPORTED,
+            format!(
+                "{what} works on local disk files; this connection is to {} (transport {}), \
+                 which serves disks, not files",
+                r.name, r.mode
+            ),
+        )),
+    }
 }
 
 /// Creates a new local disk (the file must not exist).
@@ -92,7 +105,7 @@ pub unsafe extern "C" fn VixDiskLib_Create(
     progressCallbackData: *mut c_void,
 ) -> VixError {
     guard("VixDiskLib_Create", || {
-        local_connection(connection)?;
+        local_connection(connection, "Create")?;
         // SAFETY: per the contract.
         let path = unsafe { c_path(path, "path") }?;
         // SAFETY: per the contract.
@@ -136,9 +149,10 @@ pub unsafe extern "C" fn VixDiskLib_CreateChild(
     })
 }
 
-/// Copies (and converts) a local disk into a new one of the type in `createParams`
+/// Copies (and converts) a disk into a new local one of the type in `createParams`
 /// (capacity taken from the source). With `overWrite`, an existing destination disk
-/// is deleted first.
+/// is deleted first. The source may be on a remote connection (its path is then the
+/// export name), as VDDK copies a disk from a host; the destination is local.
 ///
 /// # Safety
 /// Paths NUL-terminated; `createParams` valid; callback and data valid for the call.
@@ -154,8 +168,8 @@ pub unsafe extern "C" fn VixDiskLib_Clone(
     overWrite: Bool,
 ) -> VixError {
     guard("VixDiskLib_Clone", || {
-        local_connection(dstConnection)?;
-        local_connection(srcConnection)?;
+        local_connection(dstConnection, "Clone (to its destination)")?;
+        let (_, src_conn) = state::connection(srcConnection as usize)?;
         // SAFETY: per the contract.
         let dst = unsafe { c_path(dstPath, "dstPath") }?;
         // SAFETY: per the contract.
@@ -177,14 +191,22 @@ pub unsafe extern "C" fn VixDiskLib_Clone(
         opts.sync = true;
         let mut progress = Progress::new(progressFunc, progressCallbackData);
         let mut report = |done: u64, total: u64| progress.report(done, total);
-        convert(
-            &src,
-            ImageFormat::Vmdk,
-            &dst,
-            ImageFormat::Vmdk,
-            &opts,
-            &mut report,
-        )?;
+        match &src_conn.remote {
+            None => {
+                convert(
+                    &src,
+                    ImageFormat::Vmdk,
+                    &dst,
+                    ImageFormat::Vmdk,
+                    &opts,
+                    &mut report,
+                )?;
+            }
+            Some(server) => {
+                let disk = crate::remote::open_source(server, &src)?;
+                vdisk::convert_from(&disk, &dst, ImageFormat::Vmdk, &opts, &mut report)?;
+            }
+        }
         ok()
     })
 }
@@ -203,7 +225,7 @@ pub unsafe extern "C" fn VixDiskLib_Grow(
     progressCallbackData: *mut c_void,
 ) -> VixError {
     guard("VixDiskLib_Grow", || {
-        local_connection(connection)?;
+        local_connection(connection, "Grow")?;
         // SAFETY: per the contract.
         let path = unsafe { c_path(path, "path") }?;
         let bytes = capacity
@@ -225,6 +247,8 @@ fn with_closed_disk(
     h: &DiskHandle,
     op: impl FnOnce(&Path) -> Result<(), FfiError>,
 ) -> Result<(), FfiError> {
+    // A remote disk has no files here.
+    h.with_disk(|_| Ok(()))?;
     h.wait();
     let mut slot = h.disk.write().unwrap_or_else(|p| p.into_inner());
     let disk = slot
@@ -318,7 +342,7 @@ pub unsafe extern "C" fn VixDiskLib_Unlink(
     path: *const c_char,
 ) -> VixError {
     guard("VixDiskLib_Unlink", || {
-        local_connection(connection)?;
+        local_connection(connection, "Unlink")?;
         // SAFETY: per the contract.
         let path = unsafe { c_path(path, "path") }?;
         vdisk::ops::files::unlink(&path)?;
@@ -431,7 +455,7 @@ pub unsafe extern "C" fn VixDiskLib_CheckRepair(
     repair: Bool,
 ) -> VixError {
     guard("VixDiskLib_CheckRepair", || {
-        local_connection(connection)?;
+        local_connection(connection, "CheckRepair")?;
         // SAFETY: per the contract.
         let path = unsafe { c_path(filename, "filename") }?;
         let report = vdisk::ops::check::check(&path, repair != 0)?;

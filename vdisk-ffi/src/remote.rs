@@ -233,6 +233,24 @@ pub fn open(
     ))
 }
 
+/// Opens the export `path` names, read-only, as the source of a Clone.
+pub fn open_source(server: &RemoteServer, path: &Path) -> Result<RemoteDisk, FfiError> {
+    let export = path.to_string_lossy();
+    let options = ClientOptions {
+        read_only: true,
+        ..server.options.clone()
+    };
+    RemoteDisk::open(&server.endpoint, &export, &options).map_err(|e| {
+        FfiError::new(
+            e.kind().vix_code(),
+            format!(
+                "Cannot open disk {export} on {} (transport {}): {e}",
+                server.name, server.mode
+            ),
+        )
+    })
+}
+
 /// What GetInfo reports for a remote disk: the export's size; no descriptor, so
 /// the geometry VMware gives a new disk of that size, no UUID, one link.
 pub fn info(disk: &RemoteDisk) -> DiskInfo {

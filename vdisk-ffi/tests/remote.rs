@@ -14,7 +14,9 @@ use std::sync::Mutex;
 
 use vdisk::{create, CreateOptions, DiskType, OpenOptions};
 use vdisk_nbd::{DiskExport, Exports, Mode, Server};
-use vixDiskLib::api_cbt::{VdiskExt_GetChangeId, VdiskExt_QueryChangedAreas};
+use vixDiskLib::api_cbt::{
+    VdiskExt_EnableChangeTracking, VdiskExt_GetChangeId, VdiskExt_QueryChangedAreas,
+};
 use vixDiskLib::api_io::{
     VixDiskLib_Close, VixDiskLib_Flush, VixDiskLib_FreeBlockList, VixDiskLib_FreeInfo,
     VixDiskLib_GetInfo, VixDiskLib_GetMetadataKeys, VixDiskLib_Open,
@@ -25,10 +27,16 @@ use vixDiskLib::api_lib::{
     VixDiskLib_ConnectEx, VixDiskLib_Disconnect, VixDiskLib_GetTransportMode,
     VixDiskLib_ListTransportModes,
 };
+use vixDiskLib::api_ops::{
+    VixDiskLib_CheckRepair, VixDiskLib_Clone, VixDiskLib_Create, VixDiskLib_Defragment,
+    VixDiskLib_Unlink,
+};
 use vixDiskLib::errors::{VIX_ASYNC, VIX_E_NOT_SUPPORTED, VIX_OK};
 use vixDiskLib::types::{
     VixDiskLibBlock, VixDiskLibBlockList, VixDiskLibConnectParams, VixDiskLibConnection,
-    VixDiskLibHandle, VixDiskLibInfo, VixError, VIXDISKLIB_FLAG_OPEN_READ_ONLY,
+    VixDiskLibCreateParams, VixDiskLibHandle, VixDiskLibInfo, VixError,
+    VIXDISKLIB_ADAPTER_SCSI_LSILOGIC, VIXDISKLIB_DISK_MONOLITHIC_SPARSE,
+    VIXDISKLIB_FLAG_OPEN_READ_ONLY,
 };
 
 const MIB: u64 = 1 << 20;
@@ -356,6 +364,92 @@ fn writes_through_a_persistent_export_reach_the_disk() {
 }
 
 #[test]
+fn file_operations_need_a_local_connection_and_clone_copies_a_remote_disk() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut run = Running::start(Mode::ReadOnly);
+    let conn = connect(&format!("unix:{}", run.sock.display()), Some("nbd")).expect("ConnectEx");
+    let local = connect_local_rw();
+    let out = tempfile::tempdir().unwrap();
+    let made = out.path().join("made.vmdk");
+    let made_c = CString::new(made.to_str().unwrap()).unwrap();
+    // SAFETY: all-zero create parameters, then the fields a new disk needs.
+    let mut cp: VixDiskLibCreateParams = unsafe { std::mem::zeroed() };
+    cp.diskType = VIXDISKLIB_DISK_MONOLITHIC_SPARSE;
+    cp.adapterType = VIXDISKLIB_ADAPTER_SCSI_LSILOGIC;
+    cp.capacity = DISK / SECTOR;
+    // Over the remote connection, nothing is made or touched on this host: the
+    // path is not a local file's.
+    // SAFETY: a live connection, NUL-terminated paths, valid parameters, no callback.
+    let codes = unsafe {
+        [
+            VixDiskLib_Create(conn, made_c.as_ptr(), &cp, None, ptr::null_mut()),
+            VixDiskLib_CheckRepair(conn, made_c.as_ptr(), 0),
+            VixDiskLib_Unlink(conn, made_c.as_ptr()),
+            VdiskExt_EnableChangeTracking(conn, made_c.as_ptr(), 1),
+        ]
+    };
+    assert_eq!(codes, [VIX_E_NOT_SUPPORTED; 4]);
+    assert!(
+        !made.exists(),
+        "Create over a remote connection made a local file"
+    );
+    let h = open(
+        conn,
+        "[datastore1] vm/vm.vmdk",
+        VIXDISKLIB_FLAG_OPEN_READ_ONLY,
+    );
+    // SAFETY: an open handle, no callback.
+    let code = unsafe { VixDiskLib_Defragment(h, None, ptr::null_mut()) };
+    assert_eq!(code, VIX_E_NOT_SUPPORTED);
+    check(VixDiskLib_Close(h), "Close");
+
+    // Clone: from the server into a new local disk; not the other way.
+    let export = CString::new("[datastore1] vm/vm.vmdk").unwrap();
+    // SAFETY: live connections, NUL-terminated paths, valid parameters.
+    check(
+        unsafe {
+            VixDiskLib_Clone(
+                local,
+                made_c.as_ptr(),
+                conn,
+                export.as_ptr(),
+                &cp,
+                None,
+                ptr::null_mut(),
+                0,
+            )
+        },
+        "Clone from the remote connection",
+    );
+    // SAFETY: as above.
+    let code = unsafe {
+        VixDiskLib_Clone(
+            conn,
+            export.as_ptr(),
+            local,
+            made_c.as_ptr(),
+            &cp,
+            None,
+            ptr::null_mut(),
+            1,
+        )
+    };
+    assert_eq!(code, VIX_E_NOT_SUPPORTED);
+    check(VixDiskLib_Disconnect(conn), "Disconnect");
+    check(VixDiskLib_Disconnect(local), "Disconnect local");
+    run.stop();
+    let a = OpenOptions::new().open(run.disk_path()).unwrap();
+    let b = OpenOptions::new().open(&made).unwrap();
+    assert_eq!(a.capacity(), b.capacity());
+    let (mut x, mut y) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
+    for off in (0..DISK).step_by(MIB as usize) {
+        a.read_at(&mut x, off).unwrap();
+        b.read_at(&mut y, off).unwrap();
+        assert!(x == y, "the clone differs at {off}");
+    }
+}
+
+#[test]
 fn a_server_that_is_not_there_or_not_nbd_fails_connectex() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
@@ -377,6 +471,16 @@ fn a_server_that_is_not_there_or_not_nbd_fails_connectex() {
     // Asking only for transports this library does not have.
     let code = connect("localhost", Some("san:hotadd")).unwrap_err();
     assert_eq!(code, VIX_E_NOT_SUPPORTED);
+}
+
+fn connect_local_rw() -> VixDiskLibConnection {
+    let mut conn: VixDiskLibConnection = ptr::null_mut();
+    // SAFETY: NULL parameters mean local files; a valid out pointer.
+    check(
+        unsafe { VixDiskLib_ConnectEx(ptr::null(), 0, ptr::null(), ptr::null(), &mut conn) },
+        "ConnectEx local",
+    );
+    conn
 }
 
 fn connect_local() -> VixDiskLibConnection {

@@ -163,7 +163,7 @@ fn refusal_error(t: &Target<'_>, what: &str, kind: u32, message: &str) -> Error 
         rep::ERR_POLICY => (ErrorKind::AccessDenied, "refused by the server's policy"),
         rep::ERR_TLS_REQD => (
             ErrorKind::AccessDenied,
-            "the server requires TLS (use nbds:// or TlsPolicy::Require)",
+            "the server requires TLS (an nbds:// URI; libvixDiskLib's nbdssl transport)",
         ),
         rep::ERR_SHUTDOWN => (ErrorKind::ConnectionLost, "the server is shutting down"),
         rep::ERR_BLOCK_SIZE_REQD => (ErrorKind::Handshake, "the server requires block sizes"),
