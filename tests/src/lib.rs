@@ -905,6 +905,57 @@ pub fn peak_rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
+/// SplitMix64: a small seeded generator for test plans (random requests, kill
+/// times), reproducible from its seed.
+#[derive(Clone, Debug)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    /// A generator for `seed`, mixed with the golden-ratio constant (seeds that
+    /// differ little start far apart).
+    pub fn new(seed: u64) -> SplitMix {
+        SplitMix(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// The next value. (Not `Iterator::next`: the sequence never ends, and an
+    /// `Option` at every call would only be unwrapped.)
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (0 for `n` = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `num / den`.
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+}
+
+/// A number from the environment (decimal, or hex with `0x`): a test's seed or
+/// count; None when unset, a panic naming the variable when malformed.
+pub fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={v}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,7 +101,8 @@ use vdisk::ops::commit::{commit, CommitOptions};
 use vdisk::ops::shrink::shrink;
 use vdisk::{create, CreateOptions, Disk, DiskType, ErrorKind, OpenOptions, RangeKind};
 use vdisk_interop::{
-    path_str, require_tool, require_tool_from, run_unchecked, stdout_text, GIB, KIB, MIB,
+    env_u64, path_str, require_tool, require_tool_from, run_unchecked, stdout_text, SplitMix, GIB,
+    KIB, MIB,
 };
 
 const SECTOR: u64 = 512;
@@ -118,35 +119,6 @@ const REC_DONE: u64 = 6;
 // ---------------------------------------------------------------------------------
 // Small helpers: seeded generator, environment, journal, child processes.
 
-/// SplitMix64: small, seedable, good enough for test plans.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    /// True with probability `num / den`.
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-}
-
 /// FNV-1a of a name, to seed per scenario.
 fn name_seed(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -155,17 +127,7 @@ fn name_seed(name: &str) -> u64 {
 }
 
 fn mix(a: u64, b: u64) -> u64 {
-    Rng::new(a ^ b.rotate_left(17).wrapping_mul(0x2545_f491_4f6c_dd1d)).next()
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    let parsed = match v.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => v.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{name}={v}: {e}")))
+    SplitMix::new(a ^ b.rotate_left(17).wrapping_mul(0x2545_f491_4f6c_dd1d)).next()
 }
 
 fn base_seed() -> u64 {
@@ -336,7 +298,7 @@ fn parse_strace_log(log: &Path) -> Calls {
 /// choose the name first, uniformly, so that the few calls that are not `pwrite64`
 /// (truncations, deletions) are kill points often enough, and a third are uniform
 /// over all calls.
-fn pick_syscall(calls: &Calls, r: &mut Rng) -> (String, u64) {
+fn pick_syscall(calls: &Calls, r: &mut SplitMix) -> (String, u64) {
     assert!(
         calls.total() > 0,
         "no file-changing system call was counted"
@@ -463,7 +425,7 @@ impl CheckStats {
     /// the disk clean. With `kill`, half of the repairs are first run in a child
     /// killed at a random file-changing call (see [`kill_a_repair`]). Returns whether
     /// a repair was needed.
-    fn check_or_repair(&mut self, path: &Path, ctx: &str, kill: Option<&mut Rng>) -> bool {
+    fn check_or_repair(&mut self, path: &Path, ctx: &str, kill: Option<&mut SplitMix>) -> bool {
         self.checks += 1;
         let r = check(path, false).unwrap_or_else(|e| panic!("{ctx}: check: {e}"));
         if r.is_clean() {
@@ -641,7 +603,7 @@ fn child_writes(sc: &WriteScenario, path: &Path, j: &mut File, seed: u64, iter: 
 fn fill_sector(tag: u64, lba: u64, out: &mut [u8]) {
     out[..8].copy_from_slice(&tag.to_le_bytes());
     out[8..16].copy_from_slice(&lba.to_le_bytes());
-    let mut r = Rng::new(mix(tag, lba));
+    let mut r = SplitMix::new(mix(tag, lba));
     for c in out[16..].chunks_exact_mut(8) {
         c.copy_from_slice(&r.next().to_le_bytes());
     }
@@ -847,7 +809,7 @@ struct Op {
 /// The writes of run `iter` of a scenario: a pure function of the seed, so the
 /// parent knows exactly what the child did.
 fn gen_ops(sc: &WriteScenario, seed: u64, iter: u64, n: usize) -> Vec<Op> {
-    let mut r = Rng::new(mix(seed, mix(iter, name_seed(sc.name))));
+    let mut r = SplitMix::new(mix(seed, mix(iter, name_seed(sc.name))));
     let total: u64 = sc.zones.iter().map(|z| z.len).sum();
     (0..n)
         .map(|i| {
@@ -1071,7 +1033,7 @@ fn write_iteration(st: &mut WriteState, seed: u64, mode: RunMode) {
             ("VDISK_CRASH_ITER", iter.to_string()),
         ]
     };
-    let mut r = Rng::new(mix(seed ^ 0x6b11, mix(iter, name_seed(sc.name))));
+    let mut r = SplitMix::new(mix(seed ^ 0x6b11, mix(iter, name_seed(sc.name))));
     let target = if mode == RunMode::Syscall {
         // A dry run on a copy: the child makes the same calls on the same files, so
         // the calls it counts are the kill points of the real run.
@@ -1526,7 +1488,7 @@ fn assert_qemu_identical(a: &Path, b: &Path, ctx: &str) {
 /// random order, `zero_pct`% of them holding only zeros, plus some partial grains.
 fn fill_disk(path: &Path, span: u64, grains: u64, zero_pct: u64, seed: u64) {
     let d = OpenOptions::new().write(true).open(path).unwrap();
-    let mut r = Rng::new(seed);
+    let mut r = SplitMix::new(seed);
     let g = 64 * KIB;
     let zeros = vec![0u8; g as usize];
     for i in 0..grains {
@@ -1670,7 +1632,7 @@ fn measure_child(role: &str, template: &Path, disk_name: &str, scratch: &Path) -
 /// Runs a repair of `disk` in a child killed at a random file-changing call (picked
 /// from a counted repair of a copy of its folder); what it leaves must still read
 /// the same (the callers check) and repair clean.
-fn kill_a_repair(disk: &Path, r: &mut Rng, ctx: &str) {
+fn kill_a_repair(disk: &Path, r: &mut SplitMix, ctx: &str) {
     let dir = disk.parent().unwrap();
     let name = disk.file_name().unwrap().to_str().unwrap();
     let calls = count_run("repair", dir, name, &dir.with_extension("repair"));
@@ -1709,7 +1671,7 @@ fn kill_operation(
     dir: &Path,
     (duration, calls): (&mut u64, &Calls),
     timed: bool,
-    r: &mut Rng,
+    r: &mut SplitMix,
     stats: &mut OpStats,
     ctx: &str,
 ) -> (bool, String) {
@@ -1807,7 +1769,7 @@ fn commit_survives_sigkill() {
             v.name,
             base_seed()
         );
-        let mut r = Rng::new(mix(seed, k as u64));
+        let mut r = SplitMix::new(mix(seed, k as u64));
         let dir = root.path().join(format!("run{k}"));
         copy_dir(&v.dir, &dir);
         let base = dir.join("base.vmdk");
@@ -1983,7 +1945,7 @@ fn shrink_survives_sigkill() {
             v.name,
             base_seed()
         );
-        let mut r = Rng::new(mix(seed, k as u64));
+        let mut r = SplitMix::new(mix(seed, k as u64));
         let dir = root.path().join(format!("run{k}"));
         copy_dir(&v.dir, &dir);
         let disk = dir.join(v.disk_name);

@@ -29,38 +29,13 @@ use std::time::{Duration, Instant};
 
 use vdisk::ops::check::check;
 use vdisk::{create, CreateOptions, DiskType, OpenOptions};
-use vdisk_interop::{sha256_file, tempdir, NbdServer, MIB};
+use vdisk_interop::{env_u64, sha256_file, tempdir, NbdServer, SplitMix, MIB};
 use vdisk_nbd::testing::{Client, Handshake};
 use vdisk_nbd::wire::{self, cflag, cmd};
 
 const SECTOR: u64 = 512;
 const SLOT: u64 = 64 << 10;
 const SIZE: u64 = 256 * MIB;
-
-/// Seeded generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
-    }
-}
 
 /// A sector of write `tag` at sector address `lba`.
 fn sector(tag: u64, lba: u64) -> Vec<u8> {
@@ -228,7 +203,7 @@ fn sigterm_drains_flushes_and_closes_every_disk() {
 fn sigkill_loses_no_acknowledged_write() {
     let iterations = env_u64("VDISK_KILL_ITERATIONS").unwrap_or(8);
     let seed = env_u64("VDISK_KILL_SEED").unwrap_or(0x5eed_c0de);
-    let mut rng = Rng(seed ^ 0x0b0d_0000);
+    let mut rng = SplitMix(seed ^ 0x0b0d_0000);
     let dir = tempdir();
     let disk = dir.path().join("disk.vmdk");
     new_disk(&disk);

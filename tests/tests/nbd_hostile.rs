@@ -31,7 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vdisk::{create, CreateOptions, DiskType, OpenOptions, RangeKind};
-use vdisk_interop::{peak_rss_bytes, require_tool_from, run, stdout_text, tempdir, NbdServer, MIB};
+use vdisk_interop::{
+    env_u64, peak_rss_bytes, require_tool_from, run, stdout_text, tempdir, NbdServer, SplitMix, MIB,
+};
 use vdisk_nbd::fuzzing::frame_requests;
 use vdisk_nbd::limits::{MAX_OPTIONS, MAX_OPTION_BYTES, MAX_PAYLOAD, MAX_SKIPPED_OPTION_BYTES};
 use vdisk_nbd::testing::{Client, ClientError, Handshake, Reply, ReplyReader};
@@ -71,31 +73,6 @@ fn make_disk(p: &Path) {
         d.write_at(&pattern(o, l as usize), o).unwrap();
     }
     d.close().unwrap();
-}
-
-/// Seeded generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
-    }
 }
 
 fn connect(sock: &Path) -> UnixStream {
@@ -789,7 +766,7 @@ fn random_streams(sock: &Path, count: u64, seed: u64) {
         .map(|t| {
             let sock = sock.to_path_buf();
             std::thread::spawn(move || {
-                let mut rng = Rng(seed ^ t.wrapping_mul(0x1234_5678_9abc));
+                let mut rng = SplitMix(seed ^ t.wrapping_mul(0x1234_5678_9abc));
                 for i in (t..count).step_by(threads as usize) {
                     one_random_stream(&sock, &mut rng, i, seed);
                 }
@@ -801,7 +778,7 @@ fn random_streams(sock: &Path, count: u64, seed: u64) {
     }
 }
 
-fn random_request(rng: &mut Rng, ext: bool) -> Vec<u8> {
+fn random_request(rng: &mut SplitMix, ext: bool) -> Vec<u8> {
     let command = match rng.below(10) {
         0..=2 => cmd::READ,
         3 | 4 => cmd::WRITE,
@@ -848,7 +825,7 @@ fn random_request(rng: &mut Rng, ext: bool) -> Vec<u8> {
     b
 }
 
-fn one_random_stream(sock: &Path, rng: &mut Rng, i: u64, seed: u64) {
+fn one_random_stream(sock: &Path, rng: &mut SplitMix, i: u64, seed: u64) {
     let s = SESSIONS[(i % 3) as usize];
     let contexts: &[&str] = if s == Session::Simple || rng.below(4) == 0 {
         &[]
