@@ -956,6 +956,114 @@ pub fn env_u64(name: &str) -> Option<u64> {
     Some(parsed.unwrap_or_else(|e| panic!("{name}={v}: {e}")))
 }
 
+/// A datastore of sparse disks with data of their own, for scale tests: disk `d` is
+/// `vmNN/vmNN.vmdk` under the store's root (`[ds] vmNN/vmNN.vmdk` to
+/// `vdisk-nbd --datastore ds=ROOT`) and holds [`ScaleStore::RUNS`] runs, one in each
+/// eighth of it, taken from different places of one shared pattern, at offsets and
+/// lengths that differ from disk to disk and are not sector-aligned - so no two
+/// disks hold the same bytes.
+pub struct ScaleStore {
+    /// Number of disks.
+    pub disks: usize,
+    /// Each disk's virtual size.
+    pub disk_bytes: u64,
+    /// The shared pattern the runs are taken from.
+    pub data: Vec<u8>,
+}
+
+impl ScaleStore {
+    /// Data runs per disk.
+    pub const RUNS: u64 = 8;
+
+    /// `disks` disks of `disk_bytes` (at least 8 MiB) made in `root`, the pattern
+    /// from `seed`.
+    pub fn create(root: &Path, disks: usize, disk_bytes: u64, seed: u64) -> ScaleStore {
+        let mut store = ScaleStore {
+            disks,
+            disk_bytes,
+            data: Vec::new(),
+        };
+        let len = (0..disks)
+            .flat_map(|d| store.runs(d))
+            .map(|(_, s, l)| s + l as usize)
+            .max()
+            .unwrap_or(0);
+        store.data = pattern(seed, len);
+        for d in 0..disks {
+            let dir = root.join(format!("vm{d:02}"));
+            std::fs::create_dir_all(&dir).expect("create a disk folder");
+            let p = dir.join(format!("vm{d:02}.vmdk"));
+            vdisk::create(
+                &p,
+                &vdisk::CreateOptions::new(vdisk::DiskType::MonolithicSparse, disk_bytes),
+            )
+            .expect("create a scale disk");
+            let disk = vdisk::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .expect("open a scale disk");
+            for (at, source, len) in store.runs(d) {
+                disk.write_at(&store.data[source..source + len as usize], at)
+                    .expect("write a run");
+            }
+            disk.close().expect("close a scale disk");
+        }
+        store
+    }
+
+    /// The export name of disk `d` in datastore `ds`.
+    pub fn export_name(d: usize) -> String {
+        format!("[ds] vm{d:02}/vm{d:02}.vmdk")
+    }
+
+    /// The data runs of disk `d`: (disk offset, offset in the pattern, length).
+    pub fn runs(&self, d: usize) -> Vec<(u64, usize, u64)> {
+        let d = d as u64;
+        (0..Self::RUNS)
+            .map(|i| {
+                let offset = i * (self.disk_bytes / Self::RUNS) + d * 64 * KIB + d * 7 + i;
+                let source = ((d * Self::RUNS + i) * 4 * KIB) as usize;
+                let len = 768 * KIB + d * 1000 + i * 4096;
+                (offset, source, len)
+            })
+            .collect()
+    }
+
+    /// Bytes of data disk `d` holds.
+    pub fn data_bytes(&self, d: usize) -> u64 {
+        self.runs(d).iter().map(|r| r.2).sum()
+    }
+
+    /// What disk `d` holds at `[offset, offset + buf.len())`.
+    pub fn expected(&self, d: usize, offset: u64, buf: &mut [u8]) {
+        buf.fill(0);
+        let end = offset + buf.len() as u64;
+        for (at, source, len) in self.runs(d) {
+            let (lo, hi) = (at.max(offset), (at + len).min(end));
+            if lo < hi {
+                let n = (hi - lo) as usize;
+                let from = source + (lo - at) as usize;
+                let to = (lo - offset) as usize;
+                buf[to..to + n].copy_from_slice(&self.data[from..from + n]);
+            }
+        }
+    }
+
+    /// The SHA-256 (hex) of disk `d`'s whole content.
+    pub fn expected_sha256(&self, d: usize) -> String {
+        let mut sha = Sha256::new();
+        let mut buf = vec![0u8; MIB as usize];
+        let mut at = 0;
+        while at < self.disk_bytes {
+            let n = (self.disk_bytes - at).min(MIB) as usize;
+            self.expected(d, at, &mut buf[..n]);
+            sha.update(&buf[..n]);
+            at += n as u64;
+        }
+        sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,91 +8,19 @@
 //! of the disk's known content. Printed, never asserted: the aggregate MiB/s; the
 //! peak RSS of the server and of the largest proxy are printed and bounded.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-use vdisk::{create, CreateOptions, DiskType, OpenOptions};
-use vdisk_interop::{pattern, stdout_text, tempdir, vdisk_proxy_bin, NbdServer, KIB, MIB};
+use vdisk_interop::{stdout_text, tempdir, vdisk_proxy_bin, NbdServer, ScaleStore, KIB, MIB};
 
 const PROXIES: usize = 8;
 const DISKS_PER_PROXY: usize = 8;
 const DISKS: usize = PROXIES * DISKS_PER_PROXY;
 const DISK_BYTES: u64 = 64 * MIB;
 /// Data runs per disk, one in each eighth of it.
-const RUNS: u64 = 8;
 const MAX_SERVER_RSS: u64 = 256 * MIB;
 const MAX_PROXY_RSS: u64 = 256 * MIB;
-
-/// The export name of disk `d`.
-fn export_name(d: usize) -> String {
-    format!("[ds] vm{d:02}/vm{d:02}.vmdk")
-}
-
-/// The data runs of disk `d`: (disk offset, offset in the shared pattern, length),
-/// different on every disk, not aligned to sectors.
-fn runs(d: usize) -> Vec<(u64, usize, u64)> {
-    let d = d as u64;
-    (0..RUNS)
-        .map(|i| {
-            let offset = i * (DISK_BYTES / RUNS) + d * 96 * KIB + d * 11 + i;
-            let source = ((d * RUNS + i) * 4 * KIB) as usize;
-            let len = 1024 * KIB + d * 1000 + i * 4096;
-            (offset, source, len)
-        })
-        .collect()
-}
-
-fn pattern_bytes() -> usize {
-    (0..DISKS)
-        .flat_map(runs)
-        .map(|(_, s, l)| s + l as usize)
-        .max()
-        .unwrap()
-}
-
-fn make_disks(root: &Path, data: &[u8]) {
-    for d in 0..DISKS {
-        let dir = root.join(format!("vm{d:02}"));
-        std::fs::create_dir(&dir).unwrap();
-        let p = dir.join(format!("vm{d:02}.vmdk"));
-        create(
-            &p,
-            &CreateOptions::new(DiskType::MonolithicSparse, DISK_BYTES),
-        )
-        .unwrap();
-        let disk = OpenOptions::new().write(true).open(&p).unwrap();
-        for (at, source, len) in runs(d) {
-            disk.write_at(&data[source..source + len as usize], at)
-                .unwrap();
-        }
-        disk.close().unwrap();
-    }
-}
-
-/// The SHA-256 of disk `d`'s whole content, from its runs.
-fn expected_sum(d: usize, data: &[u8]) -> String {
-    let zeros = vec![0u8; MIB as usize];
-    let mut sha = Sha256::new();
-    let mut at = 0;
-    for (offset, source, len) in runs(d) {
-        while at < offset {
-            let n = (offset - at).min(MIB) as usize;
-            sha.update(&zeros[..n]);
-            at += n as u64;
-        }
-        sha.update(&data[source..source + len as usize]);
-        at += len;
-    }
-    while at < DISK_BYTES {
-        let n = (DISK_BYTES - at).min(MIB) as usize;
-        sha.update(&zeros[..n]);
-        at += n as u64;
-    }
-    sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// A proxy's report: (disk name -> (sum, bytes read)), bytes it read, peak RSS.
 struct Report {
@@ -134,18 +62,16 @@ fn parse(out: &str) -> Report {
 fn eight_proxies_pull_eight_disks_each_through_the_c_api() {
     let proxy = vdisk_proxy_bin();
     let dir = tempdir();
-    let store = dir.path().join("ds");
-    std::fs::create_dir(&store).unwrap();
-    let data = pattern(16, pattern_bytes());
-    make_disks(&store, &data);
+    let root = dir.path().join("ds");
+    let store = ScaleStore::create(&root, DISKS, DISK_BYTES, 16);
     // The content each disk must read as, summed on two threads.
     let expected: Vec<String> = std::thread::scope(|s| {
         let halves: Vec<_> = (0..2)
             .map(|h| {
-                let data = &data;
+                let store = &store;
                 s.spawn(move || {
                     (h * DISKS / 2..(h + 1) * DISKS / 2)
-                        .map(|d| expected_sum(d, data))
+                        .map(|d| store.expected_sha256(d))
                         .collect::<Vec<_>>()
                 })
             })
@@ -155,7 +81,7 @@ fn eight_proxies_pull_eight_disks_each_through_the_c_api() {
     let server = NbdServer::start(&[
         "-r".to_string(),
         "--datastore".into(),
-        format!("ds={}", store.display()),
+        format!("ds={}", root.display()),
     ]);
     let server_name = format!("unix:{}", server.socket.display());
 
@@ -176,7 +102,7 @@ fn eight_proxies_pull_eight_disks_each_through_the_c_api() {
         if p >= PROXIES / 2 {
             cmd.arg("--allocated");
         }
-        cmd.args((0..DISKS_PER_PROXY).map(|i| export_name(p * DISKS_PER_PROXY + i)));
+        cmd.args((0..DISKS_PER_PROXY).map(|i| ScaleStore::export_name(p * DISKS_PER_PROXY + i)));
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -220,14 +146,14 @@ fn eight_proxies_pull_eight_disks_each_through_the_c_api() {
             let (name, sum, read) = report
                 .sums
                 .iter()
-                .find(|s| s.0 == export_name(d))
+                .find(|s| s.0 == ScaleStore::export_name(d))
                 .unwrap_or_else(|| panic!("proxy {p} did not report disk {d}"));
             assert_eq!(*sum, expected[d], "proxy {p}: {name} read wrong");
             if *p < PROXIES / 2 {
                 assert_eq!(*read, DISK_BYTES, "proxy {p}: {name} read in full");
             } else {
                 // Only the allocated chunks, which hold at least the data.
-                let data: u64 = runs(d).iter().map(|r| r.2).sum();
+                let data = store.data_bytes(d);
                 assert!(
                     *read >= data && *read < DISK_BYTES / 4,
                     "proxy {p}: {name}: {read} bytes read of {data} bytes of data"
