@@ -1064,6 +1064,46 @@ impl ScaleStore {
     }
 }
 
+/// The SHA-256 of every file in `folder`, by name (what "no file changed" compares).
+pub fn folder_hashes(folder: &Path) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_dir(folder)
+        .expect("read a folder")
+        .map(|e| e.expect("a folder entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name()
+                    .expect("a file name")
+                    .to_string_lossy()
+                    .into_owned(),
+                sha256_file(&p),
+            )
+        })
+        .collect()
+}
+
+/// Waits (10 s at most) until the files of `folder` have the hashes `before` again:
+/// a server marks a disk open while clients are connected and closes it after the
+/// last one has gone. Panics, naming `what` and the change, if they never do.
+pub fn assert_files_unchanged(
+    folder: &Path,
+    before: &std::collections::BTreeMap<String, String>,
+    what: &str,
+) {
+    let start = std::time::Instant::now();
+    loop {
+        let now = folder_hashes(folder);
+        if now == *before {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{what}: the files changed: {before:?} -> {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

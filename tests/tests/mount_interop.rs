@@ -9,7 +9,6 @@
 //! panics (never skipped). The tests take one global lock: `-x` unmounts every vdisk
 //! mount, so they must not run side by side.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -19,8 +18,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vdisk_interop::{
-    assert_same_bytes, path_str, pattern, qemu_raw, require_tool_from, run, run_unchecked,
-    sha256_file, stderr_text, stdout_text, tempdir, vdisk_mount_bin, vdiskmanager, MIB,
+    assert_same_bytes, folder_hashes, path_str, pattern, qemu_raw, require_tool_from, run,
+    run_unchecked, stderr_text, stdout_text, tempdir, vdisk_mount_bin, vdiskmanager, MIB,
 };
 
 const SECTOR: u64 = 512;
@@ -398,21 +397,6 @@ fn to_vmdk(raw: &Path, dir: &Path, name: &str, t: u32) -> PathBuf {
     vmdk
 }
 
-/// The SHA-256 of every file in `folder`, by name.
-fn hashes(folder: &Path) -> BTreeMap<String, String> {
-    std::fs::read_dir(folder)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                sha256_file(&p),
-            )
-        })
-        .collect()
-}
-
 /// Asserts that `flat` equals qemu's raw image of the disk and each `pN` its range,
 /// and that the mount holds exactly `flat` and those partitions.
 fn assert_files_match(m: &FlatMount, expected: &[u8], parts: &[Part], what: &str) {
@@ -568,7 +552,7 @@ fn every_disk_type_and_a_chain_mount_with_files_equal_to_qemu_and_stay_unchanged
     let mnt = dir.path().join("mnt");
     for (what, disk, read_only) in &disks {
         let folder = disk.parent().unwrap();
-        let before = hashes(folder);
+        let before = folder_hashes(folder);
         let expected = qemu_raw(disk);
         if *what == "snapshot chain" {
             assert_same_bytes(
@@ -612,7 +596,7 @@ fn every_disk_type_and_a_chain_mount_with_files_equal_to_qemu_and_stay_unchanged
             assert_same_bytes("p5 write seen through flat", &via_flat, &pattern(6, 70_000));
         }
         m.unmount();
-        assert_eq!(hashes(folder), before, "{what}: a disk file changed");
+        assert_eq!(folder_hashes(folder), before, "{what}: a disk file changed");
         if *what == "snapshot chain" {
             let chain_files: Vec<String> = before.keys().cloned().collect();
             assert_eq!(chain_files, ["base-000001.vmdk", "base.vmdk"]);
@@ -629,7 +613,7 @@ fn non_persistent_mount_takes_file_system_changes_and_discards_them() {
     vdiskmanager(&["snapshot", "-q", path_str(&base)]);
     let child = base.with_file_name("sparse-000001.vmdk");
     let folder = base.parent().unwrap();
-    let before = hashes(folder);
+    let before = folder_hashes(folder);
     let mnt = dir.path().join("mnt");
     for disk in [&base, &child] {
         let m = FlatMount::new(disk, &mnt, &[]);
@@ -638,7 +622,7 @@ fn non_persistent_mount_takes_file_system_changes_and_discards_them() {
         change_fat(&m, 2, dir.path());
         m.unmount();
         assert_eq!(
-            hashes(folder),
+            folder_hashes(folder),
             before,
             "{}: a disk file changed",
             disk.display()
@@ -647,7 +631,7 @@ fn non_persistent_mount_takes_file_system_changes_and_discards_them() {
         assert_original_file_systems(&m, 1, 2, dir.path());
         m.unmount();
     }
-    assert_eq!(hashes(folder), before);
+    assert_eq!(folder_hashes(folder), before);
 }
 
 #[test]
@@ -811,14 +795,14 @@ fn gpt_disk_lists_and_mounts_its_partitions() {
         ],
         "{out}"
     );
-    let before = hashes(disk.parent().unwrap());
+    let before = folder_hashes(disk.parent().unwrap());
     let mnt = dir.path().join("mnt");
     let m = FlatMount::new(&disk, &mnt, &[]);
     assert_files_match(&m, &std::fs::read(&raw).unwrap(), &parts, "GPT");
     change_ext4(&m, 1, dir.path());
     change_fat(&m, 2, dir.path());
     m.unmount();
-    assert_eq!(hashes(disk.parent().unwrap()), before);
+    assert_eq!(folder_hashes(disk.parent().unwrap()), before);
 }
 
 #[test]
@@ -912,7 +896,7 @@ fn killed_server_leaves_no_stale_mount() {
     let dir = tempdir();
     let (raw, _) = mbr_raw(dir.path());
     let disk = to_vmdk(&raw, dir.path(), "sparse", 0);
-    let before = hashes(disk.parent().unwrap());
+    let before = folder_hashes(disk.parent().unwrap());
     let mnt = dir.path().join("mnt");
     let m = FlatMount::new(&disk, &mnt, &[]);
     write_through(&m.file("flat"), FREE_AREA, &pattern(1, 100_000));
@@ -935,7 +919,7 @@ fn killed_server_leaves_no_stale_mount() {
     }
     // The folder is a plain folder again, usable for a new mount.
     assert!(std::fs::read_dir(&m.dir).unwrap().next().is_none());
-    assert_eq!(hashes(disk.parent().unwrap()), before);
+    assert_eq!(folder_hashes(disk.parent().unwrap()), before);
     drop(m);
     let m = FlatMount::new(&disk, &mnt, &[]);
     m.unmount();
@@ -1249,7 +1233,7 @@ fn partition_file_systems_mount_take_changes_and_leave_every_disk_file_unchanged
     let data = pattern(7, 300_000);
     for disk in [&sparse, &split, &child] {
         let folder = disk.parent().unwrap();
-        let before = hashes(folder);
+        let before = folder_hashes(folder);
         // N omitted: the first partition with a file system (1); then the logical 5.
         for n in [None, Some(5)] {
             let m = PartMount::new(disk, n, &mnt, &[]);
@@ -1274,7 +1258,7 @@ fn partition_file_systems_mount_take_changes_and_leave_every_disk_file_unchanged
             m.unmount();
             assert_all_clean(&mnt);
             assert_eq!(
-                hashes(folder),
+                folder_hashes(folder),
                 before,
                 "{}: a disk file changed",
                 disk.display()
@@ -1291,7 +1275,7 @@ fn partition_file_systems_mount_take_changes_and_leave_every_disk_file_unchanged
         );
         m.unmount();
         assert_all_clean(&mnt);
-        assert_eq!(hashes(folder), before);
+        assert_eq!(folder_hashes(folder), before);
     }
 }
 
@@ -1329,7 +1313,7 @@ fn partition_mount_errors_and_crash_cleanup() {
     let (raw, _) = mbr_raw(dir.path());
     let disk = to_vmdk(&raw, dir.path(), "sparse", 0);
     let d = path_str(&disk);
-    let before = hashes(disk.parent().unwrap());
+    let before = folder_hashes(disk.parent().unwrap());
     let mnt = dir.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let m = path_str(&mnt);
@@ -1385,6 +1369,6 @@ fn partition_mount_errors_and_crash_cleanup() {
     vm(&["-x"]);
     assert_all_clean(&mnt);
     assert!(!is_mounted(&other));
-    assert_eq!(hashes(disk.parent().unwrap()), before);
+    assert_eq!(folder_hashes(disk.parent().unwrap()), before);
     assert_eq!(stdout_text(&vm(&["-L"])).trim(), "No vdisk mounts");
 }

@@ -18,12 +18,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use vdisk_interop::{
-    assert_same_bytes, path_str, pattern, qemu_raw, qemu_raw_to, require_tool_from, run,
-    run_unchecked, sha256_file, stderr_text, stdout_text, tempdir, vdisk_mount_bin, vdiskmanager,
-    NbdServer, TlsPki, MIB,
+    assert_files_unchanged, assert_same_bytes, folder_hashes, path_str, pattern, qemu_raw,
+    qemu_raw_to, require_tool_from, run, run_unchecked, stderr_text, stdout_text, tempdir,
+    vdisk_mount_bin, vdiskmanager, NbdServer, TlsPki, MIB,
 };
 
 const SECTOR: u64 = 512;
@@ -295,39 +294,6 @@ fn make_disk(dir: &Path, gpt: bool) -> PathBuf {
     vmdk
 }
 
-/// The SHA-256 of every file of the served disk's folder.
-fn hashes(folder: &Path) -> BTreeMap<String, String> {
-    std::fs::read_dir(folder)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                sha256_file(&p),
-            )
-        })
-        .collect()
-}
-
-/// Waits (a few seconds at most) until the served disk's files have the hashes
-/// `before` again: the server closes the disk, which it marks as open while a client
-/// is connected, when the last client has gone.
-fn assert_files_unchanged(folder: &Path, before: &BTreeMap<String, String>, what: &str) {
-    let start = Instant::now();
-    loop {
-        let now = hashes(folder);
-        if now == *before {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what}: the served disk's files changed: {before:?} -> {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Asserts that `dir` holds exactly [`guest_files`] (and lost+found), identical.
 fn assert_guest_files(dir: &Path, what: &str) {
     for (name, data) in guest_files() {
@@ -385,7 +351,7 @@ fn remote_disk_lists_mounts_flat_and_volumes_and_non_persistent_writes_stay_loca
     let disk = make_disk(dir.path(), false);
     let folder = disk.parent().unwrap().to_path_buf();
     let expected = qemu_raw(&disk);
-    let before = hashes(&folder);
+    let before = folder_hashes(&folder);
     let server = NbdServer::start(&[
         "--persistent",
         "--export",
@@ -533,7 +499,7 @@ fn remote_disk_lists_mounts_flat_and_volumes_and_non_persistent_writes_stay_loca
     m.unmount();
     assert_eq!(server.stop().code(), Some(0));
     assert_ne!(
-        hashes(&folder),
+        folder_hashes(&folder),
         before,
         "a persistent mount did not change the disk"
     );
@@ -579,7 +545,7 @@ fn tls_exports_mount_with_the_ca_of_vdisk_nbd_tls_ca() {
     let mut args = pki.server_args(false);
     args.extend(["--persistent".to_string(), path_str(&disk).to_string()]);
     let server = NbdServer::start_tcp(port, &args);
-    let before = hashes(&folder);
+    let before = folder_hashes(&folder);
     let uri = format!("nbds://localhost:{port}/disk.vmdk");
     let env: [(&'static str, &Path); 1] = [("VDISK_NBD_TLS_CA", &ca)];
 
@@ -634,5 +600,5 @@ fn tls_exports_mount_with_the_ca_of_vdisk_nbd_tls_ca() {
     );
     m.unmount();
     drop(server);
-    assert_eq!(hashes(&folder), before);
+    assert_eq!(folder_hashes(&folder), before);
 }

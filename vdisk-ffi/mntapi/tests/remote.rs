@@ -20,12 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::ptr::{null, null_mut};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
 
 use disklib::types::VixDiskLibConnectParams;
 use vdisk_interop::{
-    assert_same_bytes, path_str, pattern, qemu_raw_to, require_tool_from, run, sha256_file,
-    stderr_text, vdiskmanager, NbdServer, MIB,
+    assert_files_unchanged, assert_same_bytes, folder_hashes, path_str, pattern, qemu_raw_to,
+    require_tool_from, run, stderr_text, vdiskmanager, NbdServer, MIB,
 };
 use vixMntapi::api_lib::{VixMntapi_Exit, VixMntapi_Init};
 use vixMntapi::api_set::*;
@@ -346,34 +345,6 @@ fn make_disk(dir: &Path) -> PathBuf {
     vmdk
 }
 
-fn hashes(folder: &Path) -> BTreeMap<String, String> {
-    std::fs::read_dir(folder)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                sha256_file(&p),
-            )
-        })
-        .collect()
-}
-
-/// Waits (10 s at most) until the served files have the hashes `before` again (the
-/// server marks the disk open while clients are connected, and closes it after the
-/// last one).
-fn assert_files_unchanged(folder: &Path, before: &BTreeMap<String, String>, what: &str) {
-    let start = Instant::now();
-    while hashes(folder) != *before {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what}: the served disk's files changed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn setup() -> MutexGuard<'static, ()> {
     let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: no preconditions.
@@ -400,7 +371,7 @@ fn volumes_of_a_remote_disk_mount_read_back_and_leave_the_served_files_unchanged
     let dir = tempfile::tempdir().unwrap();
     let disk = make_disk(dir.path());
     let folder = disk.parent().unwrap().to_path_buf();
-    let before = hashes(&folder);
+    let before = folder_hashes(&folder);
     let server = NbdServer::start(&[
         "--persistent",
         "--export",
@@ -509,7 +480,7 @@ fn volumes_of_a_remote_disk_mount_read_back_and_leave_the_served_files_unchanged
     }
     assert_eq!(server.stop().code(), Some(0));
     assert_ne!(
-        hashes(&folder),
+        folder_hashes(&folder),
         before,
         "a persistent mount changed nothing"
     );
