@@ -23,6 +23,11 @@ ratios (goals): nbd / local (>= 0.8), nbd allocated against nbdcopy (nbdcopy tim
 ours, >= 0.9); and QueryAllocatedBlocks over the whole disk through nbd and locally
 (median of --query-repeat calls, goal < 10 ms).
 
+Last, the ceiling of any network reader here: vdisk-loopback (examples/loopback.rs)
+moves the raw image's bytes over a Unix socket and over TCP with sendfile, no
+protocol, against pread of the same bytes - a reader of data over that socket can
+reach at most that ratio of a local read.
+
 --baseline OTHER-PROXY (repeatable) adds another vdisk-proxy build's nbd runs,
 interleaved, for A/B runs of a client change.
 
@@ -160,6 +165,7 @@ def main():
     ap.add_argument("--vdisk-nbd", default=os.path.join(ROOT, "target", "release", "vdisk-nbd"))
     ap.add_argument("--vdisk-proxy", default=os.path.join(ROOT, "target", "release", "vdisk-proxy"))
     ap.add_argument("--vdiskmanager", default=os.path.join(ROOT, "target", "release", "vdiskmanager"))
+    ap.add_argument("--vdisk-loopback", default=os.path.join(ROOT, "target", "release", "vdisk-loopback"))
     ap.add_argument("--baseline", metavar="PROXY", action="append", default=[],
                     help="another vdisk-proxy build whose nbd runs go interleaved (A/B)")
     ap.add_argument("--verify", action="store_true",
@@ -168,9 +174,10 @@ def main():
     a = ap.parse_args()
     if not shutil.which("nbdcopy"):
         sys.exit("nbdcopy is not installed (apt-get install libnbd-bin)")
-    for b in (a.vdisk_nbd, a.vdisk_proxy, a.vdiskmanager):
+    for b in (a.vdisk_nbd, a.vdisk_proxy, a.vdiskmanager, a.vdisk_loopback):
         if not os.path.exists(b):
-            sys.exit(f"{b} missing: run cargo build --release -p vdisk-utils -p vdisk-proxy first")
+            sys.exit(f"{b} missing: run cargo build --release -p vdisk-utils -p vdisk-proxy "
+                     "-p vdisk-examples first")
     raw, vmdk = prepare(a.workdir, a.vdiskmanager)
     size_mib = os.path.getsize(raw) / (1 << 20)
     proxies = {"": a.vdisk_proxy}
@@ -260,6 +267,9 @@ def main():
               f"local {local:.2f} ms")
     print("MiB/s = virtual size / median wall time of the whole process (nbdcopy's too); "
           "srv CPU s = the server's median user+system seconds per run")
+    ceiling = subprocess.run([a.vdisk_loopback, raw, str(int(size_mib)), str(a.rounds)],
+                             capture_output=True, text=True, check=True).stdout
+    print(ceiling, end="")
 
 
 if __name__ == "__main__":

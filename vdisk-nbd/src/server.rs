@@ -465,11 +465,13 @@ fn connection(t: Transport, shared: &Shared, id: u64) -> Result<(), ConnError> {
     // Read timeouts wake the reader to check whether the connection is idle.
     t.set_read_timeout(Some(limits.idle_timeout))?;
     t.set_write_timeout(Some(limits.reply_timeout))?;
+    let files = t.file_sender()?;
     let (input, output) = t.split()?;
     crate::transmission::serve(
         session,
         input,
         output,
+        files,
         &limits,
         Arc::clone(&shared.inflight),
     )

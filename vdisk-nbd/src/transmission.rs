@@ -18,7 +18,9 @@ use std::io::{BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use vdisk::{ErrorKind, RangeKind};
+use std::os::fd::BorrowedFd;
+
+use vdisk::{DataSource, ErrorKind, RangeKind};
 
 use crate::context::{self, Context};
 use crate::limits::{
@@ -27,6 +29,7 @@ use crate::limits::{
 };
 use crate::negotiate::Session;
 use crate::server::ConnError;
+use crate::transport::FileSender;
 use crate::wire::{self, cflag, chunk, cmd, errno, Request};
 
 /// A request with its data, as a worker read it.
@@ -84,6 +87,15 @@ impl ReplyBuf {
         }
         self.len = 0;
     }
+}
+
+/// Host file bytes that go out within a reply, after the first `at` bytes of its
+/// buffer.
+struct FilePiece<'a> {
+    at: usize,
+    fd: BorrowedFd<'a>,
+    offset: u64,
+    length: u64,
 }
 
 /// The in-flight budget: bytes of requests not yet replied to.
@@ -163,6 +175,9 @@ struct Conn {
     session: Session,
     input: Mutex<Input>,
     out: Mutex<Box<dyn Write + Send>>,
+    /// Sends read data straight from the disk's files (plaintext connections);
+    /// used while `out` is held, like every send.
+    files: Option<FileSender>,
     budget: Budget,
     /// Requests read and not yet answered.
     in_flight: AtomicUsize,
@@ -181,6 +196,32 @@ impl Conn {
             Err(_) => false,
         };
         if !ok {
+            self.broken.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Sends a reply whose buffer leaves room for file bytes: `bytes` with each
+    /// piece of `files` sent from its file after the first `at` bytes of it.
+    fn send_with_files(&self, bytes: &[u8], files: &[FilePiece<'_>]) {
+        let Some(sender) = self.files.as_ref().filter(|_| !files.is_empty()) else {
+            return self.send(bytes);
+        };
+        let sent = match self.out.lock() {
+            Ok(_turn) => {
+                let mut at = 0;
+                files
+                    .iter()
+                    .try_for_each(|p| {
+                        sender.send(&bytes[at..p.at], true)?;
+                        at = p.at;
+                        sender.send_file(p.fd, p.offset, p.length)
+                    })
+                    .and_then(|()| sender.send(&bytes[at..], false))
+            }
+            Err(_) => Err(std::io::ErrorKind::Other.into()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!("a reply with file data was cut short: {e}");
             self.broken.store(true, Ordering::SeqCst);
         }
     }
@@ -308,10 +349,11 @@ const INPUT_BUFFER_BYTES: usize = 64 << 10;
 /// Serves requests until the client disconnects, the connection breaks or idles
 /// out, or the server stops reading it (then in-flight requests finish). The bytes
 /// it holds in flight are also counted in `inflight`.
-pub fn serve(
+pub(crate) fn serve(
     session: Session,
     input: Box<dyn Read + Send>,
     output: Box<dyn Write + Send>,
+    files: Option<FileSender>,
     limits: &Limits,
     inflight: Arc<AtomicU64>,
 ) -> Result<(), ConnError> {
@@ -322,6 +364,7 @@ pub fn serve(
             ended: false,
         }),
         out: Mutex::new(output),
+        files,
         budget: Budget::new(limits.max_inflight_bytes, inflight),
         in_flight: AtomicUsize::new(0),
         broken: AtomicBool::new(false),
@@ -637,19 +680,37 @@ fn read(conn: &Conn, req: &Request, reply: &mut ReplyBuf) {
     // The header of the piece before the current one goes out once the next shows
     // whether it was the last: (offset, length, holds data), merged as found.
     let mut pending: Option<(u64, u64, bool)> = None;
-    let put = |reply: &mut ReplyBuf, (o, l, data): (u64, u64, bool), last: bool| {
-        let flags = if last { chunk::FLAG_DONE } else { 0 };
-        if data {
-            reply.push(&conn.header(req, flags, chunk::OFFSET_DATA, 8 + l));
-            reply.push(&o.to_be_bytes());
-            disk.read_at(reply.extend(l as usize), o)
-        } else {
-            reply.push(&conn.header(req, flags, chunk::OFFSET_HOLE, 12));
-            reply.push(&o.to_be_bytes());
-            reply.push(&(l as u32).to_be_bytes());
-            Ok(())
-        }
-    };
+    let mut files: Vec<FilePiece<'_>> = Vec::new();
+    let put =
+        |reply: &mut ReplyBuf, files: &mut Vec<_>, (o, l, data): (u64, u64, bool), last: bool| {
+            let flags = if last { chunk::FLAG_DONE } else { 0 };
+            if data {
+                reply.push(&conn.header(req, flags, chunk::OFFSET_DATA, 8 + l));
+                reply.push(&o.to_be_bytes());
+                if conn.files.is_none() {
+                    return disk.read_at(reply.extend(l as usize), o);
+                }
+                disk.for_each_source(o, l, |piece| match piece {
+                    DataSource::File { fd, offset, length } => {
+                        files.push(FilePiece {
+                            at: reply.len,
+                            fd,
+                            offset,
+                            length,
+                        });
+                        Ok(())
+                    }
+                    DataSource::Read { offset, length } => {
+                        disk.read_at(reply.extend(length as usize), offset)
+                    }
+                })
+            } else {
+                reply.push(&conn.header(req, flags, chunk::OFFSET_HOLE, 12));
+                reply.push(&o.to_be_bytes());
+                reply.push(&(l as u32).to_be_bytes());
+                Ok(())
+            }
+        };
     let end = req.offset + req.len;
     let mut at = req.offset;
     let walked = if df {
@@ -674,7 +735,7 @@ fn read(conn: &Conn, req: &Request, reply: &mut ReplyBuf) {
                 Some(p) => {
                     let done = *p;
                     *p = (r.offset, r.length, data);
-                    put(reply, done, false)?;
+                    put(reply, &mut files, done, false)?;
                 }
                 None => pending = Some((r.offset, r.length, data)),
             }
@@ -682,14 +743,14 @@ fn read(conn: &Conn, req: &Request, reply: &mut ReplyBuf) {
         })
     };
     let result = walked.and_then(|()| match pending {
-        Some(p) if at == end => put(reply, p, true),
+        Some(p) if at == end => put(reply, &mut files, p, true),
         _ => Err(vdisk::Error::new(
             ErrorKind::InvalidDisk,
             format!("the allocation map ends at {at}, the read at {end}"),
         )),
     });
     match result {
-        Ok(()) => conn.send(reply.as_slice()),
+        Ok(()) => conn.send_with_files(reply.as_slice(), &files),
         Err(e) => conn.fail(req, errno_of(&e, false), &e.to_string()),
     }
 }

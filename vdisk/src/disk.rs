@@ -2,6 +2,7 @@
 //! this range live?", splits the caller's buffer along the answers, reads coalesced
 //! file ranges and falls through to parents for unallocated ranges.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -124,6 +125,61 @@ impl OpenOptions {
     /// Opens the disk.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Disk> {
         Disk::open_with(path.as_ref(), self)
+    }
+}
+
+/// Where one piece of a read comes from (see [`Disk::for_each_source`]).
+#[derive(Clone, Copy, Debug)]
+pub enum DataSource<'a> {
+    /// `length` bytes of the host file `fd` at byte `offset`: exactly what the
+    /// guest reads there.
+    File {
+        /// The file (an extent's, open as long as the disk is).
+        fd: BorrowedFd<'a>,
+        /// Byte offset in the file.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+    },
+    /// `length` guest bytes at guest `offset` that are not plain file bytes
+    /// (compressed grains, zeros, storage that is not a host file, a file that
+    /// ends early): read them with [`Disk::read_at`].
+    Read {
+        /// Guest byte offset.
+        offset: u64,
+        /// Bytes.
+        length: u64,
+    },
+}
+
+impl<'a> DataSource<'a> {
+    /// Appends `next` if it continues this piece (the same file, or guest reads,
+    /// back to back); else hands it back.
+    fn join(&mut self, next: DataSource<'a>) -> Option<DataSource<'a>> {
+        match (self, next) {
+            (
+                DataSource::File { fd, offset, length },
+                DataSource::File {
+                    fd: f2,
+                    offset: o2,
+                    length: l2,
+                },
+            ) if fd.as_raw_fd() == f2.as_raw_fd() && *offset + *length == o2 => {
+                *length += l2;
+                None
+            }
+            (
+                DataSource::Read { offset, length },
+                DataSource::Read {
+                    offset: o2,
+                    length: l2,
+                },
+            ) if *offset + *length == o2 => {
+                *length += l2;
+                None
+            }
+            (_, next) => Some(next),
+        }
     }
 }
 
@@ -417,6 +473,91 @@ impl Disk {
                 }
             }
             pos += n;
+        }
+        Ok(())
+    }
+
+    /// Where the bytes of `[offset, offset+len)` come from, in order: pieces of
+    /// host files that hold exactly what the guest reads (a sender can move them
+    /// with `sendfile`, never reading them), and pieces to read with
+    /// [`Disk::read_at`]. Neighbouring pieces of one kind are joined. The
+    /// descriptors are the disk's own, valid while it is borrowed; a concurrent
+    /// write to the same range may or may not be seen, as with `read_at`.
+    pub fn for_each_source<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(DataSource<'a>) -> Result<()>,
+    ) -> Result<()> {
+        let in_range = usize::try_from(len)
+            .map_err(|_| Error::new(ErrorKind::OutOfRange, format!("{len} bytes at once")))?;
+        self.check_range(offset, in_range)?;
+        let mut pending: Option<DataSource<'a>> = None;
+        self.sources_chain(0, offset, len, &mut |piece| {
+            match &mut pending {
+                Some(p) => {
+                    if let Some(next) = p.join(piece) {
+                        f(std::mem::replace(p, next))?;
+                    }
+                }
+                None => pending = Some(piece),
+            }
+            Ok(())
+        })?;
+        match pending {
+            Some(p) => f(p),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Disk::for_each_source`] from link `level` downwards (the walk of
+    /// `read_chain`).
+    fn sources_chain<'a>(
+        &'a self,
+        level: usize,
+        offset: u64,
+        len: u64,
+        out: &mut dyn FnMut(DataSource<'a>) -> Result<()>,
+    ) -> Result<()> {
+        let Some(link) = self.links.get(level) else {
+            return out(DataSource::Read {
+                offset,
+                length: len,
+            });
+        };
+        let inside = link.capacity().saturating_sub(offset).min(len);
+        let mut pos = 0u64;
+        while pos < inside {
+            let (ext, mapping, n) = link.map(offset + pos, inside - pos)?;
+            let guest = DataSource::Read {
+                offset: offset + pos,
+                length: n,
+            };
+            match mapping {
+                ExtentMapping::Data { file_offset } => {
+                    let piece = match link.extents()[ext].extent.data_file(file_offset, n) {
+                        Some(fd) => DataSource::File {
+                            fd,
+                            offset: file_offset,
+                            length: n,
+                        },
+                        None => guest,
+                    };
+                    out(piece)?;
+                }
+                ExtentMapping::Compressed { .. } | ExtentMapping::Zero => out(guest)?,
+                ExtentMapping::Unallocated => {
+                    self.sources_chain(level + 1, offset + pos, n, out)?
+                }
+            }
+            pos += n;
+        }
+        // A parent smaller than its child reads as zeros past its end.
+        if inside < len {
+            out(DataSource::Read {
+                offset: offset + inside,
+                length: len - inside,
+            })?;
         }
         Ok(())
     }

@@ -42,7 +42,9 @@ pub mod replace;
 pub mod storage;
 pub mod virtual_disk;
 
-pub use disk::{Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, RangeKind};
+pub use disk::{
+    DataSource, Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, RangeKind,
+};
 pub use disk_type::DiskType;
 pub use error::{Error, ErrorKind, Result};
 pub use geometry::{AdapterType, Geometry};

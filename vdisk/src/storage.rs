@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +26,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes written data durable.
     fn sync(&self) -> io::Result<()>;
+
+    /// The host file descriptor underneath, where there is one: senders that move
+    /// file bytes without reading them (`sendfile`) use it. `None` for storage that
+    /// is not a host file.
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 
     /// Reads exactly `buf.len()` bytes at `offset`; a short file is an
     /// `UnexpectedEof` error.
@@ -341,6 +349,10 @@ impl Storage for FileStorage {
         } else {
             Ok(())
         }
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
     }
 }
 

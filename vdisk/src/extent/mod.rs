@@ -8,6 +8,8 @@ pub mod sesparse;
 pub mod sparse;
 pub mod stream;
 
+use std::os::fd::BorrowedFd;
+
 use crate::error::{Error, ErrorKind, Result};
 pub use flat::FlatExtent;
 pub use sesparse::SeSparseExtent;
@@ -97,6 +99,22 @@ impl Extent {
                 "streamOptimized extents hold only compressed grains",
             )),
         }
+    }
+
+    /// The host file that holds `len` bytes at `file_offset` (an
+    /// [`ExtentMapping::Data`] answer), for a sender that moves them without reading
+    /// them (`sendfile`). `None` where the extent is not a host file, or its file
+    /// does not reach the end of the range: then [`Extent::read_data`] gives the
+    /// bytes, or the error.
+    pub fn data_file(&self, file_offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
+        let (fd, file_len) = match self {
+            Extent::Flat(f) => (f.fd()?, f.file_len().ok()?),
+            Extent::Sparse(s) => (s.fd()?, s.file_len().ok()?),
+            Extent::SeSparse(s) => (s.fd()?, s.file_len().ok()?),
+            Extent::Zero { .. } | Extent::Stream(_) => return None,
+        };
+        let end = file_offset.checked_add(len)?;
+        (end <= file_len).then_some(fd)
     }
 
     /// Reads part of a compressed grain (from a [`ExtentMapping::Compressed`] answer).

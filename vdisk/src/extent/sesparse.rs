@@ -842,6 +842,11 @@ impl SeSparseExtent {
         Ok((mapping, covered))
     }
 
+    /// The host file descriptor of the extent's file, if it is one.
+    pub(crate) fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.storage.fd()
+    }
+
     /// Reads file bytes at `file_offset` (as given by [`SeSparseExtent::map`]).
     pub fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         self.storage

@@ -520,6 +520,11 @@ impl SparseExtent {
         Ok((mapping, covered))
     }
 
+    /// The host file descriptor of the extent's file, if it is one.
+    pub(crate) fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.storage.fd()
+    }
+
     /// Reads file bytes at `file_offset` (as given by [`SparseExtent::map`]).
     pub fn read_data(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         self.storage
