@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use vdisk::{OpenOptions, RangeKind, VirtualDisk};
 
+use crate::async_pool::Span;
 use crate::errors::{
     VIX_ASYNC, VIX_E_BUFFER_TOOSMALL, VIX_E_DISK_OUTOFRANGE, VIX_E_INVALID_ARG,
     VIX_E_OUT_OF_MEMORY, VIX_OK,
@@ -321,15 +322,24 @@ fn submit(name: &'static str, diskHandle: VixDiskLibHandle, req: Request, write:
         let buf = SendPtr(req.buffer);
         let (start, count, callback) = (req.start, req.count, req.callback);
         let worker = h.clone();
-        h.submit(Box::new(move || {
-            let result = crate::guard(name, || op(&worker, start, count, buf.0).map(|()| VIX_OK));
-            if let Some(cb) = callback {
-                // SAFETY: the client's completion callback and its data pointer,
-                // called once, as VDDK does.
-                unsafe { cb(data.0 as *mut c_void, result) };
-            }
-            worker.complete_one();
-        }))?;
+        let span = Span {
+            start: start.saturating_mul(SECTOR),
+            end: start.saturating_add(count).saturating_mul(SECTOR),
+            write,
+        };
+        h.submit(
+            span,
+            Box::new(move || {
+                let result =
+                    crate::guard(name, || op(&worker, start, count, buf.0).map(|()| VIX_OK));
+                if let Some(cb) = callback {
+                    // SAFETY: the client's completion callback and its data pointer,
+                    // called once, as VDDK does.
+                    unsafe { cb(data.0 as *mut c_void, result) };
+                }
+                worker.complete_one();
+            }),
+        )?;
         Ok(VIX_ASYNC)
     })
 }

@@ -15,6 +15,7 @@ pub mod api_cbt;
 pub mod api_io;
 pub mod api_lib;
 pub mod api_ops;
+mod async_pool;
 pub mod errors;
 pub mod ext;
 pub mod log;

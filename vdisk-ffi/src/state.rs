@@ -7,13 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::thread::JoinHandle;
 
 use vdisk::{Disk, OpenOptions, VirtualDisk};
 use vdisk_nbd::client::{ClientOptions, Endpoint, RemoteDisk};
 
+use crate::async_pool::{IoPool, Job, Span};
 use crate::errors::{
     VIX_E_DISK_INVALID_CONNECTION, VIX_E_FAIL, VIX_E_INVALID_ARG, VIX_E_NOT_SUPPORTED,
 };
@@ -70,16 +69,6 @@ pub struct RemoteServer {
     pub name: String,
 }
 
-/// Work queued on a handle's I/O thread.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The asynchronous I/O thread of a handle, started on first use.
-#[derive(Default)]
-struct Worker {
-    sender: Option<Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
-}
-
 /// An open disk.
 pub struct DiskHandle {
     /// The path it was opened with.
@@ -96,7 +85,8 @@ pub struct DiskHandle {
     pub disk: RwLock<Option<Disk>>,
     /// The remote disk of a handle opened through a remote connection.
     pub remote: Option<RemoteHandle>,
-    worker: Mutex<Worker>,
+    /// The threads of its asynchronous requests (local disks).
+    pool: IoPool,
     /// Asynchronous operations queued and not yet completed.
     pending: Mutex<u64>,
     drained: Condvar,
@@ -130,7 +120,7 @@ impl DiskHandle {
             options,
             disk: RwLock::new(Some(disk)),
             remote: None,
-            worker: Mutex::new(Worker::default()),
+            pool: IoPool::default(),
             pending: Mutex::new(0),
             drained: Condvar::new(),
         }
@@ -150,7 +140,7 @@ impl DiskHandle {
             options: OpenOptions::new(),
             disk: RwLock::new(None),
             remote: Some(remote),
-            worker: Mutex::new(Worker::default()),
+            pool: IoPool::default(),
             pending: Mutex::new(0),
             drained: Condvar::new(),
         }
@@ -194,29 +184,15 @@ impl DiskHandle {
         }
     }
 
-    /// Queues `job` on the handle's I/O thread.
-    pub fn submit(self: &Arc<Self>, job: Job) -> Result<(), FfiError> {
-        let mut w = lock(&self.worker);
-        if w.sender.is_none() {
-            let (tx, rx) = channel::<Job>();
-            let thread = std::thread::Builder::new()
-                .name("vixdisklib-io".into())
-                .spawn(move || {
-                    for job in rx {
-                        job();
-                    }
-                })
-                .map_err(|e| {
-                    FfiError::new(VIX_E_FAIL, format!("cannot start the I/O thread: {e}"))
-                })?;
-            w.sender = Some(tx);
-            w.thread = Some(thread);
-        }
+    /// Queues `job`, which touches `span`, on the handle's I/O threads.
+    pub fn submit(&self, span: Span, job: Job) -> Result<(), FfiError> {
         *lock(&self.pending) += 1;
-        let sent = w.sender.as_ref().map(|s| s.send(job));
-        if !matches!(sent, Some(Ok(()))) {
+        if let Err(e) = self.pool.submit(span, job) {
             self.complete_one();
-            return Err(FfiError::new(VIX_E_FAIL, "the I/O thread is gone"));
+            return Err(FfiError::new(
+                VIX_E_FAIL,
+                format!("cannot start an I/O thread: {e}"),
+            ));
         }
         Ok(())
     }
@@ -243,17 +219,10 @@ impl DiskHandle {
         }
     }
 
-    /// Waits for queued work and stops the I/O thread.
+    /// Waits for queued work and stops the I/O threads.
     pub fn stop_worker(&self) {
         self.wait();
-        let (sender, thread) = {
-            let mut w = lock(&self.worker);
-            (w.sender.take(), w.thread.take())
-        };
-        drop(sender);
-        if let Some(t) = thread {
-            let _ = t.join();
-        }
+        self.pool.stop();
     }
 }
 
