@@ -749,16 +749,21 @@ pub fn ranges_of_map_json(json: &str, keep: impl Fn(bool, bool, bool) -> bool) -
     merge_ranges(ranges)
 }
 
-/// The merged ranges with `"data": true` of a map JSON array (see
+/// The merged ranges with `"data": true` and `"zero": false` of a map JSON array (see
 /// [`ranges_of_map_json`]).
+///
+/// A run that reads as zeros is not data, whatever its `data` flag: qemu-img says
+/// `"data": true, "zero": true` for the holes of a flat extent's file, which we
+/// map as zeros (no data: convert and backups skip them).
 pub fn data_ranges_of_map_json(json: &str) -> Vec<(u64, u64)> {
-    ranges_of_map_json(json, |_, _, data| data)
+    ranges_of_map_json(json, |_, zero, data| data && !zero)
 }
 
-/// The merged ranges that are present but read as zeros (zeroed grains) of a map
-/// JSON array (see [`ranges_of_map_json`]).
+/// The merged ranges that are present but read as zeros (zeroed grains, holes of
+/// flat extents, whatever the `data` flag says: see [`data_ranges_of_map_json`]) of
+/// a map JSON array (see [`ranges_of_map_json`]).
 pub fn zero_ranges_of_map_json(json: &str) -> Vec<(u64, u64)> {
-    ranges_of_map_json(json, |present, zero, data| present && zero && !data)
+    ranges_of_map_json(json, |present, zero, _| present && zero)
 }
 
 /// The JSON allocation map of `disk` printed by `qemu-img map --output=json`.

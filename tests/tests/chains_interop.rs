@@ -116,8 +116,10 @@ fn apply(content: &mut [u8], writes: &[QWrite]) {
 type MapRun = (u64, u64, u64, bool, bool, bool);
 
 /// The runs of a `qemu-img map --output=json`-style array, adjacent runs with the
-/// same depth and flags merged (qemu splits runs where host offsets jump; for data
-/// its `zero` flag follows host holes of flat files, so it is not compared).
+/// same depth and flags merged (qemu splits runs where host offsets jump). A run
+/// that reads as zeros counts as zero, not data: qemu says `"data": true, "zero":
+/// true` for the holes of a flat extent's file, we say `"data": false, "zero":
+/// true` (a hole holds no data: map, convert and backups skip it).
 fn map_runs(json: &str) -> Vec<MapRun> {
     let v: serde_json::Value =
         serde_json::from_str(json).unwrap_or_else(|e| panic!("map is not JSON ({e}):\n{json}"));
@@ -125,14 +127,14 @@ fn map_runs(json: &str) -> Vec<MapRun> {
     for r in v.as_array().expect("map is not an array") {
         let b = |k: &str| r[k].as_bool().unwrap_or_else(|| panic!("no {k} in {r}"));
         let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("no {k} in {r}"));
-        let data = b("data");
+        let zero = b("zero");
         let run = (
             n("start"),
             n("length"),
             n("depth"),
             b("present"),
-            data,
-            b("zero") && !data,
+            b("data") && !zero,
+            zero,
         );
         match out.last_mut() {
             Some(l)

@@ -616,3 +616,74 @@ fn info_of_a_disk_with_one_bad_grain_table_entry_says_what_it_knows() {
     assert_eq!(json["allocatedBytes"], 0);
     assert_eq!(json["warnings"], serde_json::json!([]));
 }
+
+/// An empty 8 TB disk costs what its data costs (nothing), not what its size is:
+/// `info` reports 0 allocated bytes and no warning (8 TB is within what VMware
+/// supports for hosted disks; 9 TB draws one), `map --json` is one unallocated run,
+/// and a convert to streamOptimized copies nothing and makes a small file - each in
+/// under 128 MiB of memory (the grain directory of 8 TB alone is 1 MiB; its 512
+/// MiB of preallocated, never-written grain tables are holes that are not read).
+#[test]
+fn an_empty_8_tb_disk_costs_its_data_not_its_size() {
+    const LIMIT_KIB: u64 = 128 << 10;
+    let dir = tempdir();
+    let disk = dir.path().join("e8t.vmdk");
+    let made = vdiskmanager(&["-c", "-s", "8TB", "-t", "0", "-q", path_str(&disk)]);
+    assert!(
+        !stderr_text(&made).contains("warning"),
+        "{}",
+        stderr_text(&made)
+    );
+    let out = dir.path().join("info.json");
+    let rss = peak_rss_kib(&["info", "--json", path_str(&disk)], &out);
+    let info: serde_json::Value =
+        serde_json::from_reader(std::fs::File::open(&out).unwrap()).unwrap();
+    assert_eq!(info["capacitySectors"].as_u64(), Some(8 << 31), "{info}");
+    assert_eq!(info["allocatedBytes"].as_u64(), Some(0), "{info}");
+    assert_eq!(info["warnings"].as_array().map(Vec::len), Some(0), "{info}");
+    println!("info of an empty 8 TB disk: peak RSS {rss} KiB");
+    assert!(rss < LIMIT_KIB, "info peaked at {rss} KiB");
+    let out = dir.path().join("map.json");
+    let rss = peak_rss_kib(&["map", "--json", path_str(&disk)], &out);
+    let map: Vec<MapEntry> = serde_json::from_reader(std::fs::File::open(&out).unwrap()).unwrap();
+    assert_eq!(map.len(), 1);
+    assert_eq!(
+        (map[0].start, map[0].length, map[0].data, map[0].zero),
+        (0, 8 << 40, false, true)
+    );
+    println!("map of an empty 8 TB disk: peak RSS {rss} KiB");
+    assert!(rss < LIMIT_KIB, "map peaked at {rss} KiB");
+    let stream = dir.path().join("s.vmdk");
+    let out = dir.path().join("convert.out");
+    let rss = peak_rss_kib(
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "vmdk",
+            "-O",
+            "vmdk",
+            "-t",
+            "5",
+            path_str(&disk),
+            path_str(&stream),
+        ],
+        &out,
+    );
+    let size = std::fs::metadata(&stream).unwrap().len();
+    println!("convert of an empty 8 TB disk to streamOptimized: {size} bytes, peak RSS {rss} KiB");
+    assert!(rss < LIMIT_KIB, "convert peaked at {rss} KiB");
+    assert!(
+        size < 64 << 20,
+        "an empty 8 TB streamOptimized disk takes {size} bytes"
+    );
+    vdisk_interop::assert_qemu_check_clean(&stream, "empty 8 TB streamOptimized");
+    // 9 TB is more than VMware supports for monolithicSparse: a warning, not a refusal.
+    let big = dir.path().join("e9t.vmdk");
+    let made = vdiskmanager(&["-c", "-s", "9TB", "-t", "0", "-q", path_str(&big)]);
+    assert!(
+        stderr_text(&made).contains("more than VMware supports"),
+        "{}",
+        stderr_text(&made)
+    );
+}

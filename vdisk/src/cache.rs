@@ -3,6 +3,29 @@
 //! written back in crash-consistent order by their owner.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// The hash of a directory index: one multiplication (Fibonacci hashing). The map
+/// walk asks the cache about every table of a disk it passes (262,144 for an
+/// empty 8 TB disk); SipHash was a quarter of that walk's time.
+#[derive(Default)]
+struct IndexHasher(u64);
+
+impl Hasher for IndexHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0 ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
 
 /// One cached grain table.
 #[derive(Debug)]
@@ -18,7 +41,7 @@ pub struct CachedTable {
 #[derive(Debug)]
 pub struct GtCache {
     capacity: usize,
-    tables: HashMap<u64, CachedTable>,
+    tables: HashMap<u64, CachedTable, BuildHasherDefault<IndexHasher>>,
     tick: u64,
 }
 
@@ -27,7 +50,7 @@ impl GtCache {
     pub fn new(capacity: usize) -> GtCache {
         GtCache {
             capacity: capacity.max(1),
-            tables: HashMap::new(),
+            tables: HashMap::default(),
             tick: 0,
         }
     }
@@ -47,7 +70,7 @@ impl GtCache {
 
     /// Whether the table is cached.
     pub fn contains(&self, index: u64) -> bool {
-        self.tables.contains_key(&index)
+        !self.tables.is_empty() && self.tables.contains_key(&index)
     }
 
     /// Removes and returns the least recently used table if the cache is full, so

@@ -15,6 +15,7 @@ use crate::geometry::Geometry;
 use crate::ids;
 use crate::limits::{MAX_CHAIN_DEPTH, SECTOR_SIZE};
 use crate::link::{Link, LinkOpen};
+use crate::ops::convert::is_zero;
 
 /// How to open a disk.
 #[derive(Clone, Debug)]
@@ -572,9 +573,58 @@ impl Disk {
             ));
         }
         self.check_range(offset, data.len())?;
-        if data.is_empty() {
+        // Zeros where the disk reads zeros already are not written: a VDDK client
+        // copying a sparse disk writes its holes as zeros (nbdkit's vddk plugin
+        // turns every zero request into a write), and each would allocate a grain.
+        // Checked a grain at a time, stopping at the first non-zero byte.
+        let grain = self.grain_bytes().max(SECTOR_SIZE);
+        let end = offset + data.len() as u64;
+        let piece_end = |at: u64| ((at / grain + 1) * grain).min(end);
+        let zeros =
+            |from: u64, to: u64| is_zero(&data[(from - offset) as usize..(to - offset) as usize]);
+        let mut pending = offset; // start of what is still to be written
+        let mut at = offset;
+        while at < end {
+            let zeros_from = at;
+            while at < end && zeros(at, piece_end(at)) {
+                at = piece_end(at);
+            }
+            if at == zeros_from {
+                at = piece_end(at);
+                continue;
+            }
+            // [zeros_from, at) is all zeros: write only what holds data now.
+            let mut holding = Vec::new();
+            self.for_each_range(zeros_from, at - zeros_from, |r| {
+                if r.kind == RangeKind::Data {
+                    holding.push((r.offset, r.offset + r.length));
+                }
+                Ok(())
+            })?;
+            let mut skip_from = zeros_from;
+            for (s, e) in holding {
+                if s > skip_from {
+                    self.write_piece(data, offset, pending, skip_from)?;
+                    pending = s;
+                }
+                skip_from = e;
+            }
+            if at > skip_from {
+                self.write_piece(data, offset, pending, skip_from)?;
+                pending = at;
+            }
+        }
+        self.write_piece(data, offset, pending, end)
+    }
+
+    /// Writes `[from, to)` of `data` (which starts at guest `offset`) to the top
+    /// link, renewing the CID on the first write and marking changed blocks.
+    fn write_piece(&self, data: &[u8], offset: u64, from: u64, to: u64) -> Result<()> {
+        if to <= from {
             return Ok(());
         }
+        let data = &data[(from - offset) as usize..(to - offset) as usize];
+        let offset = from;
         let top = &self.links[0];
         if !self.cid_renewed.swap(true, Ordering::SeqCst) {
             if let Err(e) = top.renew_cid() {
@@ -777,9 +827,34 @@ impl Disk {
         let len = inside;
         let mut pos = 0u64;
         while pos < len {
-            let (_, mapping, n) = link.map(offset + pos, len - pos)?;
+            let (ext, mapping, n) = link.map(offset + pos, len - pos)?;
             let kind = match mapping {
-                ExtentMapping::Data { .. } | ExtentMapping::Compressed { .. } => RangeKind::Data,
+                ExtentMapping::Data { file_offset } => {
+                    // Holes of a flat extent's file are zeros, not data.
+                    let mut at = offset + pos;
+                    link.extents()[ext].extent.for_each_file_piece(
+                        file_offset,
+                        n,
+                        |data, length| {
+                            let kind = if data {
+                                RangeKind::Data
+                            } else {
+                                RangeKind::Zero
+                            };
+                            out.push(MapRange {
+                                offset: at,
+                                length,
+                                kind,
+                                depth: level,
+                            })?;
+                            at += length;
+                            Ok(())
+                        },
+                    )?;
+                    pos += n;
+                    continue;
+                }
+                ExtentMapping::Compressed { .. } => RangeKind::Data,
                 ExtentMapping::Zero => RangeKind::Zero,
                 ExtentMapping::Unallocated => {
                     self.map_chain(level + 1, offset + pos, n, out)?;
@@ -869,11 +944,15 @@ impl Disk {
             .ddb("ddb.thinProvisioned")
             .is_some_and(|v| v.trim() == "1");
         let create = d.create_type();
+        let disk_type = create
+            .as_ref()
+            .and_then(|t| DiskType::from_create_type(t, thin));
+        if let Some(w) = disk_type.and_then(|t| t.capacity_warning(self.capacity)) {
+            warnings.push(w);
+        }
         Ok(DiskInfo {
             capacity: self.capacity,
-            disk_type: create
-                .as_ref()
-                .and_then(|t| DiskType::from_create_type(t, thin)),
+            disk_type,
             create_type: create.map(|t| t.as_str().to_string()).unwrap_or_default(),
             adapter_type: d.ddb("ddb.adapterType").map(str::to_string),
             hw_version: d

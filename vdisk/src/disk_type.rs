@@ -115,6 +115,35 @@ impl DiskType {
         }
     }
 
+    /// The largest capacity VMware's products support for the type: 62 TB for
+    /// ESX disks (VMFS 5 and 6) and seSparse, 2 TB for vmfsSparse (COWD), 8 TB
+    /// for the hosted types. Larger disks work here (up to
+    /// [`crate::limits::MAX_CAPACITY_SECTORS`]); VMware's tools may refuse them.
+    pub fn supported_capacity(self) -> u64 {
+        const TIB: u64 = 1 << 40;
+        match self {
+            DiskType::Vmfs | DiskType::VmfsThin | DiskType::SeSparse => 62 * TIB,
+            DiskType::VmfsSparse => 2 * TIB,
+            DiskType::MonolithicSparse
+            | DiskType::TwoGbMaxExtentSparse
+            | DiskType::MonolithicFlat
+            | DiskType::TwoGbMaxExtentFlat
+            | DiskType::StreamOptimized => 8 * TIB,
+        }
+    }
+
+    /// A warning when `capacity` is beyond [`DiskType::supported_capacity`].
+    pub fn capacity_warning(self, capacity: u64) -> Option<String> {
+        let max = self.supported_capacity();
+        (capacity > max).then(|| {
+            format!(
+                "{capacity} bytes is more than VMware supports for {self} disks ({} TiB): \
+                 VMware's tools may refuse it",
+                max >> 40
+            )
+        })
+    }
+
     /// Whether disks of this type grow as data is written (sparse).
     pub fn is_sparse(self) -> bool {
         matches!(

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
+
 use crate::error::{Error, ErrorKind, Result};
 
 /// Positional access to one file.
@@ -26,6 +29,19 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes written data durable.
     fn sync(&self) -> io::Result<()>;
+
+    /// The first byte at or after `offset` that may hold data, as the file system
+    /// knows it (`SEEK_DATA`); `None` when only a hole follows, to the end of the
+    /// file. Storage that cannot tell answers `offset`: anything may be data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok(Some(offset))
+    }
+
+    /// The first byte at or after `offset` that is in a hole (`SEEK_HOLE`; the end
+    /// of the file counts as one). Storage that cannot tell answers its length.
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        Ok(self.len()?.max(offset))
+    }
 
     /// The host file descriptor underneath, where there is one: senders that move
     /// file bytes without reading them (`sendfile`) use it. `None` for storage that
@@ -353,6 +369,71 @@ impl Storage for FileStorage {
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.file.as_fd())
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        match seek_to(&self.file, offset, Whence::SeekData) {
+            Ok(at) => Ok(Some(at.unwrap_or(offset))),
+            // No data at or after `offset`.
+            Err(Errno::ENXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        match seek_to(&self.file, offset, Whence::SeekHole) {
+            Ok(Some(at)) => Ok(at),
+            Ok(None) => self.len().map(|l| l.max(offset)),
+            // `offset` is at or past the end: a hole.
+            Err(Errno::ENXIO) => Ok(offset),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Calls `f(start, len)` for each range of `[offset, offset+len)` of `storage` that
+/// the file system does not report as a hole (`SEEK_DATA`/`SEEK_HOLE`), in order: a
+/// hole costs a system call, not a read. Where it cannot tell, the whole range.
+pub fn for_each_data(
+    storage: &dyn Storage,
+    offset: u64,
+    len: u64,
+    mut f: impl FnMut(u64, u64) -> Result<()>,
+) -> Result<()> {
+    let end = offset.saturating_add(len);
+    let what = |e| Error::io("cannot find the data of a file (SEEK_DATA)", e);
+    let mut at = offset;
+    while at < end {
+        let Some(data) = storage.next_data(at).map_err(what)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        // A file system that answers before `at` is not believed: one step on.
+        let data = data.max(at);
+        let hole = storage.next_hole(data).map_err(what)?.min(end);
+        if hole <= data {
+            f(data, end - data)?;
+            break;
+        }
+        f(data, hole - data)?;
+        at = hole;
+    }
+    Ok(())
+}
+
+/// `lseek` with `SEEK_DATA` or `SEEK_HOLE` from `offset`; `Ok(None)` where the
+/// file system or file cannot answer (then everything counts as data). Moves the
+/// file position, which positional I/O never uses.
+fn seek_to(file: &File, offset: u64, whence: Whence) -> Result<Option<u64>, Errno> {
+    let Ok(from) = i64::try_from(offset) else {
+        return Ok(None);
+    };
+    match lseek(file, from, whence) {
+        Ok(at) => Ok(u64::try_from(at).ok()),
+        Err(Errno::EINVAL | Errno::EOPNOTSUPP) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

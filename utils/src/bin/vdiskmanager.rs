@@ -379,6 +379,9 @@ fn run_vmware(a: VmwareArgs) -> CliResult {
         hw_version: a.hw_version,
     };
     create(&disk, &opts).map_err(err)?;
+    if let Some(w) = disk_type.capacity_warning(size) {
+        eprintln!("vdiskmanager: warning: {w}");
+    }
     if !a.quiet {
         outln!(
             "Virtual disk creation successful: {} ({disk_type}, {})",

@@ -67,6 +67,11 @@ impl FlatExtent {
         )
     }
 
+    /// The extent's file.
+    pub(crate) fn storage(&self) -> &dyn Storage {
+        &self.storage
+    }
+
     /// The host file descriptor of the extent's file, if it is one.
     pub(crate) fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.storage.fd()

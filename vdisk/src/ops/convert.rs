@@ -101,10 +101,10 @@ impl Source<'_> {
         mut f: impl FnMut(u64, u64),
     ) -> Result<()> {
         match self {
-            Source::Raw(..) => {
-                f(offset, len);
+            Source::Raw(s, _) => crate::storage::for_each_data(s, offset, len, |start, n| {
+                f(start, n);
                 Ok(())
-            }
+            }),
             Source::Disk(d) => d.for_each_range(offset, len, |r| {
                 if r.kind == RangeKind::Data {
                     f(r.offset, r.length);

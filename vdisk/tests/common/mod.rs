@@ -75,3 +75,20 @@ pub fn assert_same(got: &[u8], want: &[u8], offset: u64, ctx: &str) {
         );
     }
 }
+
+/// A new monolithicSparse disk of `capacity` bytes named `name` in `dir`, open for
+/// writing; and its path.
+pub fn new_sparse(
+    dir: &std::path::Path,
+    name: &str,
+    capacity: u64,
+) -> (std::path::PathBuf, vdisk::Disk) {
+    let p = dir.join(name);
+    vdisk::create(
+        &p,
+        &vdisk::CreateOptions::new(vdisk::DiskType::MonolithicSparse, capacity),
+    )
+    .unwrap();
+    let d = vdisk::OpenOptions::new().write(true).open(&p).unwrap();
+    (p, d)
+}

@@ -60,8 +60,13 @@ struct State {
     /// Grains being allocated by a writer right now (their data is in flight).
     inflight: HashSet<u64>,
     /// Sorted first sectors of every grain table (primary and redundant); no grain may
-    /// overlap one.
-    gt_starts: Vec<u32>,
+    /// overlap one. Built from the directories when a grain is first checked
+    /// against them (an empty disk never needs it: 2 MiB and a sort for 8 TB).
+    gt_starts: Option<Vec<u32>>,
+    /// Bytes `[start, end)` of the file known to be a hole (what `SEEK_DATA` said
+    /// last): a grain table inside it reads as all unallocated without being read.
+    /// Emptied whenever a grain table is written.
+    hole: (u64, u64),
 }
 
 /// A hosted sparse extent file.
@@ -243,8 +248,7 @@ impl SparseExtent {
         }
         let gd = read_directory(&*storage, header.gd_offset, num_gdes, "grain directory")?;
         validate_directory(&gd, gt_sectors, file_sectors, &protected, "grain directory")?;
-        let mut gt_starts: Vec<u32> = gd.iter().copied().filter(|&e| e != 0).collect();
-        check_disjoint_tables(&mut gt_starts, gt_sectors, "grain directory")?;
+        check_tables_disjoint(&[&gd], gt_sectors, "grain directory")?;
 
         let mut rgd = None;
         if rgd_end.is_some() {
@@ -262,16 +266,11 @@ impl SparseExtent {
                     &protected,
                     "redundant grain directory",
                 )?;
-                let mut all: Vec<u32> = table.iter().copied().filter(|&e| e != 0).collect();
-                all.extend_from_slice(&gt_starts);
-                check_disjoint_tables(&mut all, gt_sectors, "redundant grain directory")?;
-                Ok::<_, Error>((table, all))
+                check_tables_disjoint(&[&table, &gd], gt_sectors, "redundant grain directory")?;
+                Ok::<_, Error>(table)
             })();
             match loaded {
-                Ok((table, all)) => {
-                    rgd = Some(table);
-                    gt_starts = all;
-                }
+                Ok(table) => rgd = Some(table),
                 Err(e) => rgd_problem = Some(e),
             }
         }
@@ -311,11 +310,12 @@ impl SparseExtent {
                 rgd,
                 gd_dirty: false,
                 cache: GtCache::new(cache_tables),
+                hole: (0, 0),
                 next_free,
                 file_len,
                 data_unsynced: false,
                 inflight: HashSet::new(),
-                gt_starts,
+                gt_starts: None,
             }),
             allocated: Condvar::new(),
         })
@@ -411,7 +411,9 @@ impl SparseExtent {
         Ok(())
     }
 
-    fn write_table(&self, st: &State, index: u64, entries: &[u32]) -> Result<()> {
+    fn write_table(&self, st: &mut State, index: u64, entries: &[u32]) -> Result<()> {
+        // The table may lie in the hole known so far: it no longer is one.
+        st.hole = (0, 0);
         let bytes = u32s_le(entries, self.gt_bytes as usize);
         let mut targets = vec![st.gd[index as usize]];
         if let Some(rgd) = &st.rgd {
@@ -430,10 +432,40 @@ impl SparseExtent {
         Ok(())
     }
 
+    /// Whether grain table `index` is known to be all unallocated without reading
+    /// it: no directory entry, or a table that lies wholly in a hole of the file
+    /// (a freshly created disk's preallocated tables: an empty 8 TB disk has 512
+    /// MiB of them). One `SEEK_DATA` answers for every table up to the next data.
+    fn table_is_empty(&self, st: &mut State, index: u64) -> bool {
+        let gde = st.gd[index as usize];
+        if gde == 0 {
+            return true;
+        }
+        if st.cache.contains(index) {
+            return false;
+        }
+        let start = u64::from(gde) * SECTOR_SIZE;
+        let end = start + self.gt_bytes;
+        if st.hole.0 <= start && end <= st.hole.1 {
+            return true;
+        }
+        match self.storage.next_data(start) {
+            Ok(None) => {
+                st.hole = (start, u64::MAX);
+                true
+            }
+            Ok(Some(data)) if data >= end => {
+                st.hole = (start, data);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Classifies the grain `grain` (index within the extent).
     fn grain_state(&self, st: &mut State, grain: u64) -> Result<GrainState> {
         let index = grain / self.gtes_per_gt;
-        if !self.ensure_table(st, index)? {
+        if self.table_is_empty(st, index) || !self.ensure_table(st, index)? {
             return Ok(GrainState::Unallocated);
         }
         let entry = match st.cache.get(index) {
@@ -459,7 +491,7 @@ impl SparseExtent {
                 let sectors = needed.div_ceil(SECTOR_SIZE);
                 let what = overlaps(&self.protected, sector, sector + sectors).or_else(|| {
                     overlaps_table(
-                        &st.gt_starts,
+                        table_starts(st),
                         self.gt_bytes.div_ceil(SECTOR_SIZE),
                         sector,
                         sector + sectors,
@@ -486,30 +518,53 @@ impl SparseExtent {
         let end = offset + len.min(self.capacity_bytes - offset);
         let first_grain = offset / g;
         let first = self.grain_state(&mut st, first_grain)?;
-        let mut covered = ((first_grain + 1) * g).min(end) - offset;
+        let end_grain = end.div_ceil(g);
         let mut grain = first_grain + 1;
-        while offset + covered < end {
-            // Skip whole unallocated tables quickly.
-            let next = if first == GrainState::Unallocated
-                && grain.is_multiple_of(self.gtes_per_gt)
-                && st.gd[(grain / self.gtes_per_gt) as usize] == 0
-            {
-                covered = ((grain + self.gtes_per_gt) * g).min(end) - offset;
-                grain += self.gtes_per_gt;
+        // Data is followed grain by grain (each entry is checked); a run of
+        // unallocated or zeroed grains a table at a time: skipped whole where the
+        // table is known empty, else scanned as a slice of its entries.
+        let same_entry = match first {
+            GrainState::Unallocated => Some(GTE_UNALLOCATED),
+            GrainState::Zero => Some(GTE_ZEROED),
+            GrainState::Data(_) => None,
+        };
+        while grain < end_grain {
+            let Some(want) = same_entry else {
+                let next = self.grain_state(&mut st, grain)?;
+                match (first, next) {
+                    (GrainState::Data(a), GrainState::Data(b))
+                        if b == a + (grain - first_grain) * g =>
+                    {
+                        grain += 1;
+                        continue;
+                    }
+                    _ => break,
+                }
+            };
+            let index = grain / self.gtes_per_gt;
+            let table_end = ((index + 1) * self.gtes_per_gt).min(end_grain);
+            if self.table_is_empty(&mut st, index) || !self.ensure_table(&mut st, index)? {
+                if want != GTE_UNALLOCATED {
+                    break;
+                }
+                grain = table_end;
                 continue;
-            } else {
-                self.grain_state(&mut st, grain)?
-            };
-            let same = match (first, next) {
-                (GrainState::Data(a), GrainState::Data(b)) => b == a + (grain - first_grain) * g,
-                (x, y) => x == y,
-            };
-            if !same {
-                break;
             }
-            covered = ((grain + 1) * g).min(end) - offset;
-            grain += 1;
+            let base = index * self.gtes_per_gt;
+            let Some(table) = st.cache.get(index) else {
+                break;
+            };
+            let from = (grain - base) as usize;
+            let to = (table_end - base) as usize;
+            match table.entries[from..to].iter().position(|&e| e != want) {
+                Some(differs) => {
+                    grain += differs as u64;
+                    break;
+                }
+                None => grain = table_end,
+            }
         }
+        let covered = (grain * g).min(end) - offset;
         let mapping = match first {
             GrainState::Unallocated => ExtentMapping::Unallocated,
             GrainState::Zero => ExtentMapping::Zero,
@@ -697,11 +752,15 @@ impl SparseExtent {
             Ok(s as u32)
         };
         let gt = place(st)?;
-        insert_sorted(&mut st.gt_starts, gt);
+        if let Some(starts) = st.gt_starts.as_mut() {
+            insert_sorted(starts, gt);
+        }
         st.gd[index as usize] = gt;
         if st.rgd.is_some() {
             let rgt = place(st)?;
-            insert_sorted(&mut st.gt_starts, rgt);
+            if let Some(starts) = st.gt_starts.as_mut() {
+                insert_sorted(starts, rgt);
+            }
             if let Some(rgd) = st.rgd.as_mut() {
                 rgd[index as usize] = rgt;
             }
@@ -732,7 +791,7 @@ impl SparseExtent {
                     }
                     None => continue,
                 };
-                self.write_table(&st, index, &entries)?;
+                self.write_table(&mut st, index, &entries)?;
             }
             self.sync_data(&mut st)?;
         }
@@ -868,6 +927,60 @@ fn validate_directory(
         }
     }
     Ok(())
+}
+
+/// The first sectors of every grain table the directories name, sorted (built on
+/// first use, kept up to date as tables are allocated).
+fn table_starts(st: &mut State) -> &[u32] {
+    let State {
+        gt_starts, gd, rgd, ..
+    } = st;
+    gt_starts.get_or_insert_with(|| {
+        let mut v: Vec<u32> = gd
+            .iter()
+            .chain(rgd.iter().flatten())
+            .copied()
+            .filter(|&e| e != 0)
+            .collect();
+        v.sort_unstable();
+        v
+    })
+}
+
+/// Fails if two of the grain tables the directories `dirs` name overlap (or are
+/// shared). Directories whose tables ascend, as every producer lays them out,
+/// are checked in one pass each without sorting or copying them.
+fn check_tables_disjoint(dirs: &[&[u32]], gt_sectors: u64, what: &str) -> Result<()> {
+    let spans: Option<Vec<(u64, u64)>> =
+        dirs.iter().map(|d| ascending_span(d, gt_sectors)).collect();
+    if let Some(mut spans) = spans {
+        spans.retain(|&(s, e)| s < e);
+        spans.sort_unstable();
+        if spans.windows(2).all(|w| w[0].1 <= w[1].0) {
+            return Ok(());
+        }
+    }
+    let mut all: Vec<u32> = dirs
+        .iter()
+        .flat_map(|d| d.iter().copied())
+        .filter(|&e| e != 0)
+        .collect();
+    check_disjoint_tables(&mut all, gt_sectors, what)
+}
+
+/// If the tables `dir` names (zeros skipped) ascend without overlapping: the
+/// sectors they span together, `[first, last end)` (empty if none).
+fn ascending_span(dir: &[u32], gt_sectors: u64) -> Option<(u64, u64)> {
+    let mut span: Option<(u64, u64)> = None;
+    for &e in dir.iter().filter(|&&e| e != 0) {
+        let start = u64::from(e);
+        span = match span {
+            None => Some((start, start + gt_sectors)),
+            Some((first, end)) if start >= end => Some((first, start + gt_sectors)),
+            Some(_) => return None,
+        };
+    }
+    Some(span.unwrap_or((0, 0)))
 }
 
 /// Sorts table start sectors and fails if two tables overlap (or are shared).
