@@ -8,6 +8,7 @@
 //!   offset) near the end of the file, possibly followed by padding or trailing bytes,
 //! * no usable directory at all: the grain map is rebuilt by walking the markers.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -569,15 +570,35 @@ fn max_compressed_bytes(grain_bytes: u64) -> u64 {
 /// number of bytes produced. Output beyond `out.len()` is an error.
 pub fn inflate(input: &[u8], out: &mut [u8]) -> std::result::Result<usize, String> {
     let attempt = |zlib: bool, out: &mut [u8]| -> std::result::Result<usize, String> {
-        let mut d = Decompress::new(zlib);
-        match d.decompress(input, out, FlushDecompress::Finish) {
-            Ok(Status::StreamEnd) => Ok(d.total_out() as usize),
-            Ok(_) if d.total_out() as usize == out.len() => {
-                Err("decompressed data is larger than a grain".to_string())
+        with_decompressor(zlib, |d| {
+            match d.decompress(input, out, FlushDecompress::Finish) {
+                Ok(Status::StreamEnd) => Ok(d.total_out() as usize),
+                Ok(_) if d.total_out() as usize == out.len() => {
+                    Err("decompressed data is larger than a grain".to_string())
+                }
+                Ok(_) => Err("compressed data ends early".to_string()),
+                Err(e) => Err(e.to_string()),
             }
-            Ok(_) => Err("compressed data ends early".to_string()),
-            Err(e) => Err(e.to_string()),
-        }
+        })
     };
     attempt(true, out).or_else(|zlib_err| attempt(false, out).map_err(|_| zlib_err))
+}
+
+thread_local! {
+    /// Each thread's inflaters (zlib, raw deflate), reset between grains: a new
+    /// one allocates its window and tables for every grain.
+    static DECOMPRESSORS: RefCell<[Option<Decompress>; 2]> = RefCell::new(Default::default());
+}
+
+/// Runs `f` with this thread's inflater (zlib or raw deflate), fresh for a new
+/// stream.
+fn with_decompressor<R>(zlib: bool, f: impl FnOnce(&mut Decompress) -> R) -> R {
+    DECOMPRESSORS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut all) => {
+            let d = all[usize::from(zlib)].get_or_insert_with(|| Decompress::new(zlib));
+            d.reset(zlib);
+            f(d)
+        }
+        Err(_) => f(&mut Decompress::new(zlib)),
+    })
 }

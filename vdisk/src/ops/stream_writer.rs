@@ -5,6 +5,7 @@
 //! directory, the footer marker and footer (the header with the real directory
 //! offset), and the end-of-stream marker.
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
@@ -42,10 +43,11 @@ pub fn compress_grain(data: &[u8], level: u32) -> Result<Vec<u8>> {
     } else {
         level
     };
-    let mut c = Compress::new(Compression::new(level.min(9)), true);
     // Room for deflate's worst case (stored blocks: 5 bytes per 64 KiB) and more.
     let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 64);
-    match c.compress_vec(data, &mut out, FlushCompress::Finish) {
+    match with_compressor(level, |c| {
+        c.compress_vec(data, &mut out, FlushCompress::Finish)
+    }) {
         Ok(Status::StreamEnd) => Ok(out),
         Ok(_) => Err(Error::new(
             ErrorKind::Fail,
@@ -58,11 +60,34 @@ pub fn compress_grain(data: &[u8], level: u32) -> Result<Vec<u8>> {
     }
 }
 
+thread_local! {
+    /// Each thread's compressors, one per level, reset between grains: a new one
+    /// allocates and clears some 300 KiB of zlib state, per 64 KiB grain.
+    static COMPRESSORS: RefCell<[Option<Compress>; 10]> = RefCell::new(Default::default());
+}
+
+/// Runs `f` with this thread's zlib compressor of `level` (0-9), fresh for a new
+/// stream.
+fn with_compressor<R>(level: u32, f: impl FnOnce(&mut Compress) -> R) -> R {
+    let level = level.min(9);
+    COMPRESSORS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut all) => {
+            let c = all[level as usize]
+                .get_or_insert_with(|| Compress::new(Compression::new(level), true));
+            c.reset();
+            f(c)
+        }
+        // Re-entered (never, today): a compressor of its own.
+        Err(_) => f(&mut Compress::new(Compression::new(level), true)),
+    })
+}
+
 /// Whether `sample` shrinks by more than 2% at zlib level 1.
 fn compresses(sample: &[u8]) -> bool {
-    let mut c = Compress::new(Compression::new(1), true);
     let mut out = Vec::with_capacity(2 * sample.len() + 64);
-    match c.compress_vec(sample, &mut out, FlushCompress::Finish) {
+    match with_compressor(1, |c| {
+        c.compress_vec(sample, &mut out, FlushCompress::Finish)
+    }) {
         Ok(Status::StreamEnd) => out.len() < sample.len() - sample.len() / 50,
         _ => false,
     }
