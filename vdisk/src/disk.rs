@@ -15,7 +15,7 @@ use crate::geometry::Geometry;
 use crate::ids;
 use crate::limits::{MAX_CHAIN_DEPTH, SECTOR_SIZE};
 use crate::link::{Link, LinkOpen};
-use crate::ops::convert::is_zero;
+use crate::zeros::is_zero;
 
 /// How to open a disk.
 #[derive(Clone, Debug)]

@@ -41,6 +41,7 @@ pub mod paths;
 pub mod replace;
 pub mod storage;
 pub mod virtual_disk;
+pub mod zeros;
 
 pub use disk::{
     DataSource, Disk, DiskInfo, ExtentInfo, LinkInfo, MapRange, OpenOptions, RangeKind,

@@ -207,12 +207,7 @@ impl Sink {
     }
 }
 
-/// Whether `block` is all zeros (vectorisable: no early exit inside 256-byte runs).
-pub fn is_zero(block: &[u8]) -> bool {
-    block
-        .chunks(256)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
+pub use crate::zeros::is_zero;
 
 /// Converts `src` (of format `src_format`) into a new `dst`. Only ranges holding
 /// data are read, and blocks of zeros are not written. The destination is built

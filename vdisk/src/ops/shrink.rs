@@ -21,7 +21,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::extent::sparse::offline::{SparseFile, GTE_ZEROED};
 use crate::limits::SECTOR_SIZE;
 use crate::ops::closed::{ClosedKind, ClosedLink};
-use crate::ops::convert::{is_zero, Progress};
+use crate::ops::convert::Progress;
+use crate::zeros::is_zero;
 
 /// What a shrink did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
