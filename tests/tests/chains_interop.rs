@@ -412,6 +412,7 @@ fn our_chains_read_identically_in_qemu() {
             &[
                 DiskType::VmfsSparse,
                 DiskType::MonolithicSparse,
+                DiskType::SeSparse,
                 DiskType::VmfsSparse,
             ],
         ),
@@ -447,6 +448,13 @@ fn our_chains_read_identically_in_qemu() {
             }
             write_both(&c, &raw, &our_writes(&mut rng, cap, 32, &hot));
             assert_qemu_identical(&raw, "raw", &c, "vmdk", &ctx);
+            if matches!(
+                t,
+                DiskType::MonolithicSparse | DiskType::TwoGbMaxExtentSparse
+            ) {
+                // Zeros over the parent's data made it a zeroed-grain (version 2) file.
+                assert_qemu_check_clean(&c, &ctx);
+            }
             assert_maps_agree(&c, &ctx);
             assert_eq!(qemu_chain_len(&c), i + 2, "{ctx}: qemu chain length");
             top = c;

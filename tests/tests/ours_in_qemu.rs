@@ -402,3 +402,76 @@ fn raw_source_with_partial_last_sector_converts_padded_with_zeros() {
         assert_same_bytes(&format!("type {t}: ours"), &read_all_ours(&dst), &expected);
     }
 }
+
+/// Whole grains of zeros written over a parent's data are marked zeroed in the child
+/// (hosted sparse: entry 1 in a file that becomes version 2, as qemu's `zeroed_grain=on`
+/// makes them; seSparse: type 2 entries). qemu reads them as zeros that hide the
+/// parent, maps them as zero in the child, and finds the sparse file clean.
+#[test]
+fn zeros_over_a_parents_data_are_zeroed_grains_in_qemu() {
+    use vdisk::ops::child::create_child;
+    use vdisk::{create, CreateOptions, DiskType, OpenOptions};
+    for t in [DiskType::MonolithicSparse, DiskType::SeSparse] {
+        let tmp = tempdir();
+        let base = tmp.path().join("base.vmdk");
+        create(
+            &base,
+            &CreateOptions::new(DiskType::MonolithicSparse, 8 * MIB),
+        )
+        .unwrap();
+        let d = OpenOptions::new().write(true).open(&base).unwrap();
+        d.write_at(&pattern(9, 6 * MIB as usize), MIB).unwrap();
+        d.close().unwrap();
+        let child = tmp.path().join("base-000001.vmdk");
+        create_child(&base, &child, t).unwrap();
+        let d = OpenOptions::new().write(true).open(&child).unwrap();
+        d.write_at(&vec![0u8; 2 * MIB as usize], 2 * MIB).unwrap();
+        d.write_zeroes(5 * MIB, MIB, false).unwrap();
+        d.close().unwrap();
+        let mut want = vec![0u8; 8 * MIB as usize];
+        want[MIB as usize..7 * MIB as usize].copy_from_slice(&pattern(9, 6 * MIB as usize));
+        want[2 * MIB as usize..4 * MIB as usize].fill(0);
+        want[5 * MIB as usize..6 * MIB as usize].fill(0);
+        let what = format!("{t:?} child");
+        assert_same_bytes(&what, &qemu_raw(&child), &want);
+        assert_same_bytes(&format!("{what} (ours)"), &read_all_ours(&child), &want);
+        let map = vdisk_interop::qemu_map_json(&child);
+        let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+        for (from, to) in [(2 * MIB, 4 * MIB), (5 * MIB, 6 * MIB)] {
+            let covered: u64 = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["depth"] == 0 && r["zero"] == true && r["data"] == false)
+                .map(|r| {
+                    let s = r["start"].as_u64().unwrap();
+                    let e = s + r["length"].as_u64().unwrap();
+                    e.min(to).saturating_sub(s.max(from))
+                })
+                .sum();
+            assert_eq!(
+                covered,
+                to - from,
+                "{what}: qemu's map of {from}..{to}: {map}"
+            );
+        }
+        if t == DiskType::MonolithicSparse {
+            let mut h = [0u8; 12];
+            File::open(&child)
+                .unwrap()
+                .read_exact_at(&mut h, 0)
+                .unwrap();
+            assert_eq!(
+                h[4..12],
+                [2, 0, 0, 0, 7, 0, 0, 0],
+                "{what}: version and flags"
+            );
+            let out = run("qemu-img", &["check", "-f", "vmdk", path_str(&child)]);
+            assert!(
+                stdout_text(&out).contains("No errors were found"),
+                "{what}: {}",
+                stdout_text(&out)
+            );
+        }
+    }
+}

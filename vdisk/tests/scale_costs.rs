@@ -216,17 +216,91 @@ fn zeros_written_where_the_disk_reads_zeros_allocate_nothing() {
     assert!(back == image);
 }
 
+/// Bytes of every file of the link whose descriptor is `child.vmdk` in `dir`.
+fn child_file_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("child"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+/// Zeros written over a parent's data hide it, and whole grains of them are marked
+/// zeroed (hosted sparse: entry 1 in a file that becomes version 2; seSparse: type 2
+/// entries) rather than stored; COWD has no such entry and stores them. A partial
+/// grain of zeros is still completed from the parent.
 #[test]
-fn zeros_over_a_parents_data_are_written_in_the_child() {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, d) = new_sparse(dir.path(), "base.vmdk", 8 * MIB);
-    d.write_at(&[7u8; 2 * MIB as usize], MIB).unwrap();
-    drop(d);
-    let child = dir.path().join("child.vmdk");
-    create_child(&base, &child, DiskType::MonolithicSparse).unwrap();
-    let d = OpenOptions::new().write(true).open(&child).unwrap();
-    d.write_at(&vec![0u8; 4 * MIB as usize], 0).unwrap();
-    let mut b = vec![1u8; 4 * MIB as usize];
-    d.read_at(&mut b, 0).unwrap();
-    assert!(b.iter().all(|&x| x == 0), "the parent's data shows through");
+fn zeros_over_a_parents_data_are_marked_not_stored() {
+    for (ty, marks) in [
+        (DiskType::MonolithicSparse, true),
+        (DiskType::SeSparse, true),
+        (DiskType::VmfsSparse, false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, d) = new_sparse(dir.path(), "base.vmdk", 8 * MIB);
+        d.write_at(&[7u8; 4 * MIB as usize], MIB).unwrap();
+        drop(d);
+        let child = dir.path().join("child.vmdk");
+        create_child(&base, &child, ty).unwrap();
+        let before = child_file_bytes(dir.path());
+        let d = OpenOptions::new().write(true).open(&child).unwrap();
+        // 2 MiB of whole grains of zeros through write_at, 1 MiB through
+        // write_zeroes, and 1000 zero bytes inside a grain.
+        d.write_at(&vec![0u8; 2 * MIB as usize], MIB).unwrap();
+        d.write_zeroes(3 * MIB, MIB, false).unwrap();
+        d.write_at(&[0u8; 1000], 4 * MIB + 100).unwrap();
+        d.close().unwrap();
+        let d = Disk::open(&child).unwrap();
+        let mut b = vec![1u8; 8 * MIB as usize];
+        d.read_at(&mut b, 0).unwrap();
+        let mut want = vec![0u8; 8 * MIB as usize];
+        want[4 * MIB as usize..5 * MIB as usize].fill(7);
+        want[4 * MIB as usize + 100..4 * MIB as usize + 1100].fill(0);
+        assert!(b == want, "{ty:?}: does not read as written");
+        let grown = child_file_bytes(dir.path()) - before;
+        if marks {
+            assert!(
+                grown < 256 * KIB,
+                "{ty:?}: 3 MiB of zeros grew the child by {grown} bytes"
+            );
+            // The child answers for the whole grains as zeros, not as data.
+            let child_says: Vec<_> = d
+                .allocation_map(0, d.capacity())
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.depth == 0)
+                .map(|r| (r.offset, r.length, r.kind))
+                .collect();
+            let g = d.grain_bytes();
+            assert!(
+                child_says
+                    .iter()
+                    .any(|&(o, l, k)| k == RangeKind::Zero && o <= MIB && o + l >= 4 * MIB),
+                "{ty:?}: {child_says:?}"
+            );
+            // The parent's last MiB shows through, but for the grain written partly.
+            let in_child: u64 = child_says
+                .iter()
+                .filter(|r| r.2 == RangeKind::Data)
+                .map(|r| r.1)
+                .sum();
+            assert_eq!(in_child, g, "{ty:?}: only the partial grain is data");
+        } else {
+            assert!(grown >= 3 * MIB, "{ty:?}: grew by only {grown} bytes");
+        }
+        if ty == DiskType::MonolithicSparse {
+            let mut h = [0u8; 12];
+            File::open(&child)
+                .unwrap()
+                .read_exact_at(&mut h, 0)
+                .unwrap();
+            assert_eq!(&h[4..8], &2u32.to_le_bytes(), "version");
+            assert_eq!(
+                u32::from_le_bytes(h[8..12].try_into().unwrap()) & 4,
+                4,
+                "zeroed-grain flag"
+            );
+        }
+    }
 }

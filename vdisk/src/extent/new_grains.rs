@@ -61,3 +61,15 @@ pub(crate) fn write_new_grains(
     write(&buf)?;
     Ok((take, claim.file_offset + grain))
 }
+
+/// How many whole grains of zeros `data` (written at byte `off` of the extent) starts
+/// with: grains a format can mark zeroed instead of allocating. The check stops at
+/// the first non-zero byte, so data costs next to nothing.
+pub(crate) fn leading_zero_grains(off: u64, data: &[u8], grain: u64) -> u64 {
+    if !off.is_multiple_of(grain) {
+        return 0;
+    }
+    data.chunks_exact(grain as usize)
+        .take_while(|g| crate::zeros::is_zero(g))
+        .count() as u64
+}

@@ -69,7 +69,8 @@
 //!   are not recorded there. qemu ignores both; whether ESXi accepts a file written here
 //!   (or reuses slots it believes free) is untested - treat written files as files for
 //!   this library and qemu, not for ESXi.
-//! * Space reclamation, unmap, writing type 1/2 (zero) entries: writes always allocate.
+//! * Space reclamation and unmap: a grain once allocated stays allocated. (Whole grains
+//!   of zeros written where the grain has no data become type 2 "zero" entries.)
 //! * There is no "open for writing" mark ([`SeSparseExtent::begin_write`] does nothing):
 //!   the only candidate, `replay_journal`, makes qemu (and this module) refuse the file.
 //! * `free_gt_number` is read as "next unused grain table index" (inferred from its
@@ -79,7 +80,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::extent::new_grains::{write_new_grains, NewGrains};
+use crate::extent::new_grains::{leading_zero_grains, write_new_grains, NewGrains};
 use crate::extent::{BelowFn, ExtentMapping};
 use crate::limits::{GT_CACHE_BYTES, MAX_SESPARSE_CAPACITY_SECTORS, SECTOR_SIZE};
 use crate::storage::{FileStorage, Storage};
@@ -662,6 +663,21 @@ impl SeSparseExtent {
         })
     }
 
+    /// Waits (releasing the lock) until no writer is allocating grain `grain`.
+    fn wait_for_grain<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        grain: u64,
+    ) -> Result<MutexGuard<'a, State>> {
+        while st.inflight.contains(&grain) {
+            st = self
+                .allocated
+                .wait(st)
+                .map_err(|_| Error::new(ErrorKind::Fail, "extent state poisoned"))?;
+        }
+        Ok(st)
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
         self.state.lock().map_err(|_| {
             Error::new(
@@ -888,6 +904,16 @@ impl SeSparseExtent {
                     ))
                 }
                 ExtentMapping::Zero | ExtentMapping::Unallocated => {
+                    let zeros = leading_zero_grains(off, &rest[..run], g);
+                    let marked = match mapping {
+                        _ if zeros == 0 => 0,
+                        ExtentMapping::Zero => zeros,
+                        _ => self.mark_zero(off / g, zeros)?,
+                    };
+                    if marked > 0 {
+                        pos += (marked * g) as usize;
+                        continue;
+                    }
                     let Some(claim) = self.claim(off, run as u64)? else {
                         continue; // allocated by another writer meanwhile
                     };
@@ -920,6 +946,37 @@ impl SeSparseExtent {
         Ok(())
     }
 
+    /// Gives up to `n` grains from `first` type 2 ("zero") entries where they have no
+    /// data, writing no grain: zeros over a parent's data cost a table entry. Returns
+    /// how many from `first` (0 if the first grain has data by now).
+    fn mark_zero(&self, first: u64, n: u64) -> Result<u64> {
+        let mut st = self.lock()?;
+        st = self.wait_for_grain(st, first)?;
+        let mut done = 0;
+        while done < n {
+            let grain = first + done;
+            if (done > 0 && st.inflight.contains(&grain))
+                || matches!(self.grain_state(&mut st, grain)?, GrainState::Data(_))
+            {
+                break;
+            }
+            let index = grain / GTES_PER_GT;
+            if !self.ensure_table(&mut st, index)? {
+                self.allocate_table(&mut st, index)?;
+            }
+            let Some(t) = st.cache.get(index) else {
+                return Err(Error::new(
+                    ErrorKind::Fail,
+                    "grain table vanished from the cache",
+                ));
+            };
+            t.entries[(grain % GTES_PER_GT) as usize] = GTE_ZERO << GTE_TYPE_SHIFT;
+            t.dirty = true;
+            done += 1;
+        }
+        Ok(done)
+    }
+
     /// Claims the unallocated (or zero) grains at the start of `[off, off+len)` for
     /// this writer and reserves grain slots for them. Waits while another writer is
     /// allocating the first grain; returns `None` if that grain has data by now. No
@@ -928,12 +985,7 @@ impl SeSparseExtent {
         let g = GRAIN_BYTES;
         let first = off / g;
         let mut st = self.lock()?;
-        while st.inflight.contains(&first) {
-            st = self
-                .allocated
-                .wait(st)
-                .map_err(|_| Error::new(ErrorKind::Fail, "extent state poisoned"))?;
-        }
+        st = self.wait_for_grain(st, first)?;
         let state = self.grain_state(&mut st, first)?;
         if let GrainState::Data(_) = state {
             return Ok(None);

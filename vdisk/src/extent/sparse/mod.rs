@@ -17,13 +17,14 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::cache::GtCache;
 use crate::error::{Error, ErrorKind, Result};
-use crate::extent::new_grains::{write_new_grains, NewGrains};
+use crate::extent::new_grains::{leading_zero_grains, write_new_grains, NewGrains};
 use crate::extent::{BelowFn, ExtentMapping};
 use crate::limits::{GT_CACHE_BYTES, MAX_SPARSE_FILE_SECTORS, SECTOR_SIZE};
 use crate::storage::{FileStorage, Storage};
 use cowd::{has_cowd_magic, CowdHeader, COWD_HEADER_SIZE};
 
 pub use embedded::{read_descriptor_area, write_descriptor_area};
+use header::FLAG_ZEROED_GTE;
 pub use header::{SparseHeader, GD_AT_END, HEADER_SIZE};
 
 /// A grain table entry value with a meaning of its own.
@@ -336,6 +337,21 @@ impl SparseExtent {
             .map_err(|e| Error::io("cannot mark the extent open for writing", e))
     }
 
+    /// Waits (releasing the lock) until no writer is allocating grain `grain`.
+    fn wait_for_grain<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        grain: u64,
+    ) -> Result<MutexGuard<'a, State>> {
+        while st.inflight.contains(&grain) {
+            st = self
+                .allocated
+                .wait(st)
+                .map_err(|_| Error::new(ErrorKind::Fail, "extent state poisoned"))?;
+        }
+        Ok(st)
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
         self.state.lock().map_err(|_| {
             Error::new(
@@ -619,6 +635,16 @@ impl SparseExtent {
                     ))
                 }
                 ExtentMapping::Zero | ExtentMapping::Unallocated => {
+                    let zeros = leading_zero_grains(off, &rest[..run], g);
+                    let marked = match mapping {
+                        _ if zeros == 0 => 0,
+                        ExtentMapping::Zero => zeros,
+                        _ => self.mark_zeroed(off / g, zeros)?,
+                    };
+                    if marked > 0 {
+                        pos += (marked * g) as usize;
+                        continue;
+                    }
                     let Some(claim) = self.claim(off, run as u64)? else {
                         continue; // allocated by another writer meanwhile
                     };
@@ -650,6 +676,60 @@ impl SparseExtent {
         Ok(())
     }
 
+    /// Marks up to `n` grains from `first` zeroed (entry 1: zeros that hide the
+    /// parent) where they have no data, writing no grain: zeros over a parent's data
+    /// cost a table entry. Returns how many were marked from `first`: 0 if the file
+    /// cannot hold zeroed entries (COWD, version 3) or the first grain has data by
+    /// now. A version 1 file becomes version 2 with the zeroed-grain flag, as qemu's
+    /// `zeroed_grain=on` makes them (VMware and qemu read them; VirtualBox and
+    /// libvmdk do not); the header says so on disk before any zeroed entry can.
+    fn mark_zeroed(&self, first: u64, n: u64) -> Result<u64> {
+        if !self.zeroed_gte {
+            return Ok(0);
+        }
+        let mut st = self.lock()?;
+        if !st.header.zeroed_gte_enabled() {
+            if st.header.version != 1 {
+                return Ok(0);
+            }
+            st.header.version = 2;
+            st.header.flags |= FLAG_ZEROED_GTE;
+            if let Err(e) = self.write_header(&mut st) {
+                st.header.version = 1;
+                st.header.flags &= !FLAG_ZEROED_GTE;
+                return Err(e);
+            }
+            tracing::info!(
+                "{}: now a version 2 (zeroed-grain) sparse extent: zeros over the parent's data are marked, not stored",
+                self.name
+            );
+        }
+        st = self.wait_for_grain(st, first)?;
+        let mut done = 0;
+        while done < n {
+            let grain = first + done;
+            if (done > 0 && st.inflight.contains(&grain))
+                || matches!(self.grain_state(&mut st, grain)?, GrainState::Data(_))
+            {
+                break;
+            }
+            let index = grain / self.gtes_per_gt;
+            if !self.ensure_table(&mut st, index)? {
+                self.allocate_table(&mut st, index)?;
+            }
+            let Some(t) = st.cache.get(index) else {
+                return Err(Error::new(
+                    ErrorKind::Fail,
+                    "grain table vanished from the cache",
+                ));
+            };
+            t.entries[(grain % self.gtes_per_gt) as usize] = GTE_ZEROED;
+            t.dirty = true;
+            done += 1;
+        }
+        Ok(done)
+    }
+
     /// Claims the unallocated (or zeroed) grains at the start of `[off, off+len)` for
     /// this writer and reserves file space for them. Waits while another writer is
     /// allocating the first grain; returns `None` if that grain has data by now.
@@ -658,12 +738,7 @@ impl SparseExtent {
         let g = self.grain_bytes;
         let first = off / g;
         let mut st = self.lock()?;
-        while st.inflight.contains(&first) {
-            st = self
-                .allocated
-                .wait(st)
-                .map_err(|_| Error::new(ErrorKind::Fail, "extent state poisoned"))?;
-        }
+        st = self.wait_for_grain(st, first)?;
         let state = self.grain_state(&mut st, first)?;
         if let GrainState::Data(_) = state {
             return Ok(None);
