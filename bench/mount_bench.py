@@ -7,7 +7,8 @@ monolithicSparse and streamOptimized (made with vdiskmanager in target/bench), e
 tool mounts the disk, and `dd bs=1M` reads the whole disk image file; the page cache
 is dropped before every timed read (so both read through their FUSE servers), runs
 are interleaved, and the median times and their ratio (vmdkmount time / ours) are
-printed. Needs root (FUSE, drop_caches).
+printed, with the physical limit: the image file itself read by `dd`, cold, in the
+same rounds. Needs root (FUSE, drop_caches).
 
 usage: mount_bench.py [--rounds N] [--kinds random,text] [--formats monolithicSparse,streamOptimized] [--verbose]
 """
@@ -85,10 +86,13 @@ def main():
                     timed_read(ours_f)
                     timed_read(theirs_f)
                     plain_f = os.path.join(plain_dir, "flat")
-                    to, tt, tp = [], [], []
+                    to, tt, tp, tf = [], [], [], []
                     for _ in range(a.rounds):
                         to.append(timed_read(ours_f))
                         tt.append(timed_read(theirs_f))
+                        # The physical limit: the image file itself, read cold with
+                        # no FUSE and no format in between.
+                        tf.append(timed_read(disk))
                         if a.ab:
                             tp.append(timed_read(plain_f))
                 finally:
@@ -97,7 +101,12 @@ def main():
                         subprocess.run([vmount, "-d", plain_dir])
                     subprocess.run(["fusermount3", "-u", theirs_dir])
             if a.verbose:
-                print("  ours:", " ".join(f"{x:.2f}" for x in to), " vmdkmount:", " ".join(f"{x:.2f}" for x in tt))
+                print("  ours:", " ".join(f"{x:.2f}" for x in to), " vmdkmount:", " ".join(f"{x:.2f}" for x in tt),
+                      " image file:", " ".join(f"{x:.2f}" for x in tf))
+            mf = statistics.median(tf)
+            size_mib = os.path.getsize(disk) / 2**20
+            print(f"  limit: dd of the image file itself ({size_mib:.0f} MiB) {mf:.2f} s; "
+                  f"ours takes {statistics.median(to) / mf:.2f}x that, vmdkmount {statistics.median(tt) / mf:.2f}x")
             if a.ab:
                 print(f"  ours without read-ahead: median {statistics.median(tp):.2f} s"
                       + (": " + " ".join(f"{x:.2f}" for x in tp) if a.verbose else ""))
