@@ -27,11 +27,12 @@ impl Hasher for IndexHasher {
     }
 }
 
-/// One cached grain table.
+/// One cached grain table (entries `u32` for hosted sparse and COWD, `u64` for
+/// seSparse).
 #[derive(Debug)]
-pub struct CachedTable {
+pub struct CachedTable<E = u32> {
     /// The table's entries (sector numbers, or special values of the format).
-    pub entries: Vec<u32>,
+    pub entries: Vec<E>,
     /// Whether the entries differ from what is on disk.
     pub dirty: bool,
     last_used: u64,
@@ -39,15 +40,15 @@ pub struct CachedTable {
 
 /// A bounded LRU cache of grain tables.
 #[derive(Debug)]
-pub struct GtCache {
+pub struct GtCache<E = u32> {
     capacity: usize,
-    tables: HashMap<u64, CachedTable, BuildHasherDefault<IndexHasher>>,
+    tables: HashMap<u64, CachedTable<E>, BuildHasherDefault<IndexHasher>>,
     tick: u64,
 }
 
-impl GtCache {
+impl<E> GtCache<E> {
     /// A cache holding at most `capacity` tables (at least one).
-    pub fn new(capacity: usize) -> GtCache {
+    pub fn new(capacity: usize) -> GtCache<E> {
         GtCache {
             capacity: capacity.max(1),
             tables: HashMap::default(),
@@ -61,7 +62,7 @@ impl GtCache {
     }
 
     /// The table at directory index `index`, if cached (marks it recently used).
-    pub fn get(&mut self, index: u64) -> Option<&mut CachedTable> {
+    pub fn get(&mut self, index: u64) -> Option<&mut CachedTable<E>> {
         let t = self.touch();
         let table = self.tables.get_mut(&index)?;
         table.last_used = t;
@@ -75,7 +76,7 @@ impl GtCache {
 
     /// Removes and returns the least recently used table if the cache is full, so
     /// that the caller can write it back (if dirty) before inserting another.
-    pub fn evict_if_full(&mut self) -> Option<(u64, CachedTable)> {
+    pub fn evict_if_full(&mut self) -> Option<(u64, CachedTable<E>)> {
         if self.tables.len() < self.capacity {
             return None;
         }
@@ -84,7 +85,7 @@ impl GtCache {
     }
 
     /// Inserts a table; call [`GtCache::evict_if_full`] first.
-    pub fn insert(&mut self, index: u64, entries: Vec<u32>, dirty: bool) -> &mut CachedTable {
+    pub fn insert(&mut self, index: u64, entries: Vec<E>, dirty: bool) -> &mut CachedTable<E> {
         let last_used = self.touch();
         self.tables.insert(
             index,
@@ -110,11 +111,6 @@ impl GtCache {
         v.sort_unstable();
         v
     }
-
-    /// Drops every cached table (used after the file was rewritten behind the cache).
-    pub fn clear(&mut self) {
-        self.tables.clear();
-    }
 }
 
 #[cfg(test)]
@@ -123,7 +119,7 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_used() {
-        let mut c = GtCache::new(2);
+        let mut c: GtCache = GtCache::new(2);
         c.insert(1, vec![1], false);
         c.insert(2, vec![2], true);
         c.get(1);
@@ -136,7 +132,7 @@ mod tests {
 
     #[test]
     fn dirty_indexes_are_sorted() {
-        let mut c = GtCache::new(8);
+        let mut c: GtCache = GtCache::new(8);
         c.insert(5, vec![], true);
         c.insert(1, vec![], true);
         c.insert(3, vec![], false);

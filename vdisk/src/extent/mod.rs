@@ -3,7 +3,7 @@
 //! live?" with an [`ExtentMapping`], reads file bytes where told, and writes.
 
 pub mod flat;
-mod new_grains;
+pub mod grains;
 pub mod sesparse;
 pub mod sparse;
 pub mod stream;
