@@ -80,14 +80,8 @@ pub extern "C" fn VixDiskLib_Close(diskHandle: VixDiskLibHandle) -> VixError {
 }
 
 fn adapter_code(name: Option<&str>) -> VixDiskLibAdapterType {
-    match name.map(str::to_ascii_lowercase).as_deref() {
-        Some("ide") => VIXDISKLIB_ADAPTER_IDE,
-        Some("buslogic") => VIXDISKLIB_ADAPTER_SCSI_BUSLOGIC,
-        Some("lsilogic" | "lsisas1068" | "pvscsi" | "legacyesx") => {
-            VIXDISKLIB_ADAPTER_SCSI_LSILOGIC
-        }
-        _ => VIXDISKLIB_ADAPTER_UNKNOWN,
-    }
+    name.and_then(|n| n.parse::<vdisk::AdapterType>().ok())
+        .map_or(VIXDISKLIB_ADAPTER_UNKNOWN, vdisk::AdapterType::vddk_code)
 }
 
 fn geometry(g: Option<vdisk::Geometry>) -> VixDiskLibGeometry {

@@ -14,36 +14,11 @@ use crate::types::*;
 use crate::{c_path, guard, ok, FfiError, Progress};
 
 fn disk_type(t: VixDiskLibDiskType) -> Result<DiskType, FfiError> {
-    Ok(match t {
-        VIXDISKLIB_DISK_MONOLITHIC_SPARSE => DiskType::MonolithicSparse,
-        VIXDISKLIB_DISK_MONOLITHIC_FLAT => DiskType::MonolithicFlat,
-        VIXDISKLIB_DISK_SPLIT_SPARSE => DiskType::TwoGbMaxExtentSparse,
-        VIXDISKLIB_DISK_SPLIT_FLAT => DiskType::TwoGbMaxExtentFlat,
-        VIXDISKLIB_DISK_VMFS_FLAT => DiskType::Vmfs,
-        VIXDISKLIB_DISK_STREAM_OPTIMIZED => DiskType::StreamOptimized,
-        VIXDISKLIB_DISK_VMFS_THIN => DiskType::VmfsThin,
-        VIXDISKLIB_DISK_VMFS_SPARSE => DiskType::VmfsSparse,
-        other => {
-            return Err(FfiError::new(
-                VIX_E_INVALID_ARG,
-                format!("unknown disk type {other}"),
-            ))
-        }
-    })
+    Ok(DiskType::from_vddk_code(t)?)
 }
 
 fn adapter(a: VixDiskLibAdapterType) -> Result<AdapterType, FfiError> {
-    Ok(match a {
-        VIXDISKLIB_ADAPTER_IDE => AdapterType::Ide,
-        VIXDISKLIB_ADAPTER_SCSI_BUSLOGIC => AdapterType::BusLogic,
-        VIXDISKLIB_ADAPTER_SCSI_LSILOGIC => AdapterType::LsiLogic,
-        other => {
-            return Err(FfiError::new(
-                VIX_E_INVALID_ARG,
-                format!("unknown adapter type {other}"),
-            ))
-        }
-    })
+    Ok(AdapterType::from_vddk_code(a)?)
 }
 
 /// Reads a caller's create parameters.

@@ -1057,9 +1057,6 @@ impl Disk {
             .cid()
             .unwrap_or(ids::CID_NO_PARENT))
     }
-
-    /// Bytes per sector (always 512).
-    pub const SECTOR_SIZE: u64 = SECTOR_SIZE;
 }
 
 /// Runs handed on as they are found, each first merged into the one before it when

@@ -50,9 +50,23 @@ impl DiskType {
         })
     }
 
-    /// VDDK's `VixDiskLibDiskType` number.
-    pub fn vddk_code(self) -> u32 {
-        match self {
+    /// Every disk type.
+    pub const ALL: [DiskType; 9] = [
+        DiskType::MonolithicSparse,
+        DiskType::TwoGbMaxExtentSparse,
+        DiskType::MonolithicFlat,
+        DiskType::TwoGbMaxExtentFlat,
+        DiskType::Vmfs,
+        DiskType::VmfsThin,
+        DiskType::StreamOptimized,
+        DiskType::VmfsSparse,
+        DiskType::SeSparse,
+    ];
+
+    /// VDDK's `VixDiskLibDiskType` number; `None` for seSparse, which VDDK's
+    /// enumeration has no value for (VDDK makes seSparse children itself, on ESXi).
+    pub fn vddk_code(self) -> Option<u32> {
+        Some(match self {
             DiskType::MonolithicSparse => 1,
             DiskType::MonolithicFlat => 2,
             DiskType::TwoGbMaxExtentSparse => 3,
@@ -61,8 +75,21 @@ impl DiskType {
             DiskType::StreamOptimized => 6,
             DiskType::VmfsThin => 7,
             DiskType::VmfsSparse => 8,
-            DiskType::SeSparse => 9,
-        }
+            DiskType::SeSparse => return None,
+        })
+    }
+
+    /// The type of VDDK's `VixDiskLibDiskType` number `n`.
+    pub fn from_vddk_code(n: u32) -> Result<DiskType, Error> {
+        DiskType::ALL
+            .into_iter()
+            .find(|t| t.vddk_code() == Some(n))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("unknown disk type {n} (VDDK's types are 1 to 8)"),
+                )
+            })
     }
 
     /// The `createType` written into the descriptor. Thin ESX disks are written as
@@ -190,5 +217,30 @@ impl FromStr for DiskType {
                     format!("unknown disk type {s:?}"),
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vddk_codes_round_trip_and_unknown_ones_are_refused() {
+        for t in DiskType::ALL {
+            match t.vddk_code() {
+                Some(n) => assert_eq!(DiskType::from_vddk_code(n).unwrap(), t),
+                None => assert_eq!(t, DiskType::SeSparse),
+            }
+        }
+        let codes: Vec<u32> = DiskType::ALL.iter().filter_map(|t| t.vddk_code()).collect();
+        assert_eq!(codes.len(), 8);
+        for n in [0, 9, 256, u32::MAX] {
+            let e = DiskType::from_vddk_code(n).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+            assert!(
+                e.to_string().contains(&format!("unknown disk type {n}")),
+                "{e}"
+            );
+        }
     }
 }

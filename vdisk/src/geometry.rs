@@ -51,6 +51,34 @@ impl AdapterType {
     pub fn is_ide(self) -> bool {
         self == AdapterType::Ide
     }
+
+    /// VDDK's `VixDiskLibAdapterType` number: 1 IDE, 2 BusLogic, 3 LSI Logic. VDDK
+    /// has no number for the other SCSI controllers and reports them as LSI Logic.
+    pub fn vddk_code(self) -> u32 {
+        match self {
+            AdapterType::Ide => 1,
+            AdapterType::BusLogic => 2,
+            AdapterType::LsiLogic
+            | AdapterType::LsiSas
+            | AdapterType::Pvscsi
+            | AdapterType::LegacyEsx => 3,
+        }
+    }
+
+    /// The adapter of VDDK's `VixDiskLibAdapterType` number `n` (1 to 3).
+    pub fn from_vddk_code(n: u32) -> Result<AdapterType, Error> {
+        Ok(match n {
+            1 => AdapterType::Ide,
+            2 => AdapterType::BusLogic,
+            3 => AdapterType::LsiLogic,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("unknown adapter type {n} (VDDK's adapters are 1 to 3)"),
+                ))
+            }
+        })
+    }
 }
 
 impl fmt::Display for AdapterType {
@@ -110,6 +138,24 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vddk_adapter_codes_round_trip_and_other_scsi_reads_as_lsilogic() {
+        for n in 1..=3 {
+            assert_eq!(AdapterType::from_vddk_code(n).unwrap().vddk_code(), n);
+        }
+        for name in ["lsisas1068", "pvscsi", "legacyESX", "LSILOGIC"] {
+            assert_eq!(
+                name.parse::<AdapterType>().unwrap().vddk_code(),
+                3,
+                "{name}"
+            );
+        }
+        for n in [0, 4, 256] {
+            let e = AdapterType::from_vddk_code(n).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        }
+    }
 
     #[test]
     fn esxi_small_lsilogic_disk_gets_64_heads_32_sectors() {
